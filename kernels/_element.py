@@ -1,0 +1,131 @@
+"""Per-element logic shared by the CPU and CUDA kernels.
+
+Every kernel in this folder is two loops around the same few scalar
+functions: a Numba CPU loop (``prange`` over samples) and a Numba CUDA loop
+(grid-stride over rows and columns). The scalar functions are written once,
+here, as plain Python, and compiled for each target by :func:`element_functions`:
+
+* ``target="cpu"``: ``numba.njit`` functions, called from ``njit`` loops;
+* ``target="cuda"``: ``numba.cuda.jit(device=True)`` functions. On a real
+  device the two products of a blend go through libdevice's ``fmul_rn`` and
+  ``fadd_rn`` so NVVM cannot contract them into an FMA: the CUDA result then
+  rounds exactly like the CPU one (plain IEEE multiply, then add), which keeps
+  uint8 outputs equal across backends. The CUDA simulator's libdevice is a
+  stub, so under the simulator plain Python arithmetic (already IEEE) is used.
+
+All arithmetic is float32 (``float32(...)`` casts are explicit so Numba never
+widens to float64 behind our back); lam is the weight of the primary sample
+(SEMANTICS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numba
+from numba import float32, int64
+
+# 2**23: adding then subtracting it rounds a float32 in [0, 2**23) to the
+# nearest integer, ties to even, using the FPU's own rounding mode. Exact,
+# branch-free and vectorisable; it needs IEEE semantics (no fastmath).
+_ROUND_MAGIC = 8388608.0
+
+
+def _plain_mul(x, y):
+    return x * y
+
+
+def _plain_add(x, y):
+    return x + y
+
+
+def _build(jit, fmul, fadd):
+    """Compile the scalar functions with ``jit`` and the given float32 mul/add."""
+
+    @jit
+    def blend_value(a, b, lam):
+        """lam * a + (1 - lam) * b in float32; exactly a when a == b or lam == 1."""
+        fa = float32(a)
+        fb = float32(b)
+        if fa == fb:
+            return fa
+        return fadd(fmul(lam, fa), fmul(float32(1.0) - lam, fb))
+
+    @jit
+    def quantize_uint8(v):
+        """Clamp to [0, 255] and round to nearest, ties to even (as float32)."""
+        v = min(max(v, float32(0.0)), float32(255.0))
+        return (v + float32(_ROUND_MAGIC)) - float32(_ROUND_MAGIC)
+
+    @jit
+    def box_contains(y, col, y0, y1, c0, c1):
+        """Whether (row y, column col) lies in [y0, y1) x [c0, c1)."""
+        return y0 <= y and y < y1 and c0 <= col and col < c1
+
+    @jit
+    def target_value(k, y_i, y_j, lam, off, on):
+        """Soft target of class k: lam * onehot_s(y_i) + (1 - lam) * onehot_s(y_j)."""
+        if y_i == y_j:
+            weight = float32(1.0) if k == y_i else float32(0.0)
+        elif k == y_i:
+            weight = lam
+        elif k == y_j:
+            weight = float32(1.0) - lam
+        else:
+            weight = float32(0.0)
+        return off + (on - off) * weight
+
+    @jit
+    def order_key(bits):
+        """Map float32 bits (given as an unsigned integer) to an int64 that
+        sorts like the float: negative floats reversed below positive ones.
+        Exact for every finite value, -0.0 sorting just below +0.0."""
+        b = int64(bits)
+        if b >= 2147483648:
+            return int64(4294967295) - b
+        return b + int64(2147483648)
+
+    @jit
+    def ramp_value(rank, num_low, num_high):
+        """Mask value of the element of a given rank (0 = largest grey value).
+
+        Ranks below num_low take the primary (1), ranks from num_high on the
+        partner (0); the ranks in between get a linear ramp from 1 down to 0,
+        both ends included, like ``linspace(1, 0, num_high - num_low)``.
+        """
+        if rank < num_low:
+            return float32(1.0)
+        if rank >= num_high:
+            return float32(0.0)
+        width = num_high - num_low
+        if width == 1:
+            return float32(1.0)
+        return float32(1.0 - (rank - num_low) / (width - 1.0))
+
+    return SimpleNamespace(
+        blend_value=blend_value,
+        quantize_uint8=quantize_uint8,
+        box_contains=box_contains,
+        target_value=target_value,
+        order_key=order_key,
+        ramp_value=ramp_value,
+    )
+
+
+@functools.cache
+def element_functions(target: str) -> SimpleNamespace:
+    """The shared scalar functions compiled for ``target`` ("cpu" or "cuda")."""
+    if target == "cpu":
+        jit = numba.njit(inline="always")
+        return _build(jit, jit(_plain_mul), jit(_plain_add))
+    if target == "cuda":
+        from numba import cuda
+
+        jit = cuda.jit(device=True, inline=True)
+        if numba.config.ENABLE_CUDASIM:
+            return _build(jit, jit(_plain_mul), jit(_plain_add))
+        from numba.cuda import libdevice
+
+        return _build(jit, libdevice.fmul_rn, libdevice.fadd_rn)
+    raise ValueError(f"target must be 'cpu' or 'cuda', got {target!r}")

@@ -1,0 +1,133 @@
+"""Host-side plumbing shared by every kernel file: views, checks, launches.
+
+Images of either layout are handled as 3-D row views ``(B, R, L)``:
+
+* NCHW ``(B, C, H, W)`` -> ``(B, C*H, W)``: row r is image row ``r % H``,
+  column k is pixel ``k``;
+* NHWC ``(B, H, W, C)`` -> ``(B, H, W*C)``: row r is image row ``r`` (which
+  equals ``r % H``), column k is pixel ``k // C``;
+* dense maps ``(B, H, W)`` -> themselves (one channel, NCHW-like).
+
+So for every layout the image row is ``r % H`` and the pixel column is
+``k // cstride`` with ``cstride`` = C for NHWC and 1 otherwise. Kernels loop
+over rows and columns and never need the layout itself.
+
+CUDA kernels are compiled lazily (decorating with ``cuda.jit`` is free, the
+first launch compiles for the device's architecture), so importing a kernel
+file needs no GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
+LAYOUTS = ("NCHW", "NHWC")
+
+# CUDA launch shape: 256 threads along a row; rows spread over grid.y.
+THREADS_PER_BLOCK = 256
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A (B, R, L) view of an image batch plus what maps rows/columns to pixels."""
+
+    rows: object  # array (B, R, L), same memory as the input
+    height: int  # H: image row of row r is r % height
+    cstride: int  # pixel column of column k is k // cstride
+
+
+def spatial_shape(shape, layout: str) -> tuple[int, int]:
+    """(H, W) of an image batch shape in ``layout`` ("NCHW", "NHWC" or "NHW")."""
+    if layout == "NCHW":
+        return shape[2], shape[3]
+    if layout == "NHWC":
+        return shape[1], shape[2]
+    if layout == "NHW":
+        return shape[1], shape[2]
+    raise ValueError(f"layout must be 'NCHW', 'NHWC' or 'NHW', got {layout!r}")
+
+
+def row_view(x, layout: str) -> RowView:
+    """Reshape a C-contiguous batch into the kernels' (B, R, L) row view."""
+    if layout == "NCHW":
+        b, c, h, w = x.shape
+        return RowView(x.reshape(b, c * h, w), h, 1)
+    if layout == "NHWC":
+        b, h, w, c = x.shape
+        return RowView(x.reshape(b, h, w * c), h, c)
+    if layout == "NHW":
+        return RowView(x, x.shape[1], 1)
+    raise ValueError(f"layout must be 'NCHW', 'NHWC' or 'NHW', got {layout!r}")
+
+
+def check_image_dtype(dtype, name: str = "images") -> None:
+    """TypeError unless dtype is one of the image dtypes the kernels support."""
+    if np.dtype(dtype) not in IMAGE_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype uint8, float16 or float32, got {np.dtype(dtype)}"
+        )
+
+
+def row_grid(n_rows: int, row_length: int) -> tuple[tuple[int, int], int]:
+    """(grid, block) for the row/column grid-stride loops of the CUDA kernels."""
+    blocks_x = max(1, min(-(-row_length // THREADS_PER_BLOCK), 32))
+    blocks_y = max(1, min(n_rows, MAX_GRID_Y))
+    return (blocks_x, blocks_y), THREADS_PER_BLOCK
+
+
+class LazyCudaKernel:
+    """A CUDA kernel compiled on first launch from a plain Python function.
+
+    ``pyfunc`` stays available for ``numba.cuda.compile_ptx`` (PTX tests) and
+    the simulator.
+    """
+
+    def __init__(self, pyfunc):
+        self.pyfunc = pyfunc
+        self._kernel = None
+
+    @property
+    def kernel(self):
+        if self._kernel is None:
+            from numba import cuda
+
+            self._kernel = cuda.jit(self.pyfunc)
+        return self._kernel
+
+    def launch_rows(self, n_rows: int, row_length: int, stream, *args) -> None:
+        """Launch over ``n_rows`` rows of ``row_length`` columns on ``stream``."""
+        if n_rows == 0:
+            return
+        grid, block = row_grid(n_rows, row_length)
+        if stream is None:
+            self.kernel[grid, block](*args)
+        else:
+            self.kernel[grid, block, stream](*args)
+
+
+def as_index_array(indices) -> np.ndarray:
+    """Sample indices as a contiguous int64 array."""
+    return np.ascontiguousarray(indices, dtype=np.int64)
+
+
+def float16_via_float32(cpu_func):
+    """Run a CPU kernel on float16 data by widening to float32 and back.
+
+    Numba's CPU target has no float16 type. Widening is exact and the final
+    cast rounds to nearest even, which is what the CUDA kernels' float32 ->
+    float16 store does, so the results agree.
+    """
+
+    def run(x, *args, out):
+        if x.dtype == np.float16:
+            wide_out = out.astype(np.float32)
+            cpu_func(x.astype(np.float32), *args, out=wide_out)
+            out[...] = wide_out.astype(np.float16)
+            return out
+        return cpu_func(x, *args, out=out)
+
+    return run

@@ -1,0 +1,109 @@
+"""CutMix box paste (Yun et al., "CutMix: Regularization Strategy to Train
+Strong Classifiers with Localizable Features", ICCV 2019).
+
+For every selected sample i with partner j = pair[i] and box
+``(y0, y1, x0, x1)`` = box[i] (half-open, in pixels):
+
+    out[i][y, x] = x[j][y, x]   if y0 <= y < y1 and x0 <= x < x1
+                   x[i][y, x]   otherwise
+
+Pure selection: no arithmetic, so any dtype works (images, and the integer
+segmentation maps that must be pasted, never blended) and every backend is
+bit-exact. Arrays are the (B, R, L) row views of kernels._launch: the image
+row of row r is ``r % height``, the pixel of column k is ``k // cstride``, so
+the box's columns are ``[x0 * cstride, x1 * cstride)`` in row-view units.
+
+Three versions: :func:`reference` (NumPy, on 4-D/3-D arrays with explicit
+layout), :func:`cpu` (Numba, parallel over samples), :func:`cuda`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda as _cuda_api, njit, prange
+
+from kernels._element import element_functions
+from kernels._launch import LazyCudaKernel, as_index_array, spatial_shape
+
+_box_contains_cpu = element_functions("cpu").box_contains
+
+
+def reference(x: np.ndarray, pair, box, layout: str, samples=None) -> np.ndarray:
+    """NumPy CutMix of the listed samples of a batch in ``layout``."""
+    samples = range(len(x)) if samples is None else samples
+    out = x.copy()
+    for i in samples:
+        y0, y1, x0, x1 = (int(v) for v in box[i])
+        j = int(pair[i])
+        if layout == "NCHW":
+            out[i, :, y0:y1, x0:x1] = x[j, :, y0:y1, x0:x1]
+        else:  # NHWC and NHW: spatial axes first
+            out[i, y0:y1, x0:x1] = x[j, y0:y1, x0:x1]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _paste_rows_cpu(x, pair, box, samples, height, cstride, out):
+    n_rows = x.shape[1]
+    n_cols = x.shape[2]
+    for s in prange(samples.size):
+        i = samples[s]
+        j = pair[i]
+        y0 = box[i, 0]
+        y1 = box[i, 1]
+        c0 = box[i, 2] * cstride
+        c1 = box[i, 3] * cstride
+        for r in range(n_rows):
+            y = r % height
+            for k in range(n_cols):
+                if _box_contains_cpu(y, k, y0, y1, c0, c1):
+                    out[i, r, k] = x[j, r, k]
+                else:
+                    out[i, r, k] = x[i, r, k]
+
+
+def cpu(x, pair, box, samples, height: int, cstride: int, *, out):
+    """Paste the listed samples' boxes from their partners, on the CPU."""
+    _paste_rows_cpu(x, pair, box, as_index_array(samples), height, cstride, out)
+    return out
+
+
+_box_contains_gpu = element_functions("cuda").box_contains
+
+
+def _paste_rows_cuda(x, pair, box, samples, height, cstride, out):
+    n_rows = x.shape[1]
+    n_cols = x.shape[2]
+    total_rows = samples.size * n_rows
+    col_start = _cuda_api.blockIdx.x * _cuda_api.blockDim.x + _cuda_api.threadIdx.x
+    col_step = _cuda_api.blockDim.x * _cuda_api.gridDim.x
+    for row in range(_cuda_api.blockIdx.y, total_rows, _cuda_api.gridDim.y):
+        s = row // n_rows
+        r = row - s * n_rows
+        i = samples[s]
+        j = pair[i]
+        y = r % height
+        y0 = box[i, 0]
+        y1 = box[i, 1]
+        c0 = box[i, 2] * cstride
+        c1 = box[i, 3] * cstride
+        for k in range(col_start, n_cols, col_step):
+            if _box_contains_gpu(y, k, y0, y1, c0, c1):
+                out[i, r, k] = x[j, r, k]
+            else:
+                out[i, r, k] = x[i, r, k]
+
+
+cuda_kernel = LazyCudaKernel(_paste_rows_cuda)
+
+
+def cuda(x, pair, box, samples, height: int, cstride: int, *, out, stream=None):
+    """Paste on the GPU: device arrays (B, R, L), int64 pair/samples, int64 box (B, 4)."""
+    cuda_kernel.launch_rows(
+        samples.shape[0] * x.shape[1], x.shape[2], stream,
+        x, pair, box, samples, height, cstride, out,
+    )
+    return out
+
+
+__all__ = ["reference", "cpu", "cuda", "cuda_kernel", "spatial_shape"]

@@ -1,0 +1,122 @@
+"""FMix mask mixing (Harris et al., "FMix: Enhancing Mixed Sample Data
+Augmentation", 2020; anchor: ecs-vlc/FMix).
+
+For every selected sample i with partner j = pair[i] and mask m = mask[i]
+of shape (H, W), values in [0, 1], 1 meaning "primary":
+
+    images:  out[i][y, x] = m * x[i][y, x] + (1 - m) * x[j][y, x]   (float32)
+    paste:   out[i][y, x] = x[i][y, x] if m >= 0.5 else x[j][y, x]
+
+Images use the MixUp blend of kernels._element, so a hard (0/1) mask takes
+every pixel exactly from one of the two inputs and a soft mask blends the
+ramp; uint8 rounds ties to even. ``paste=True`` is for dense targets
+(segmentation maps): pure selection, any dtype, never blended.
+
+Arrays are the (B, R, L) row views of kernels._launch (image row r % height,
+pixel k // cstride). Three versions: :func:`reference`, :func:`cpu`,
+:func:`cuda`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda as _cuda_api, njit, prange
+
+from kernels._element import element_functions
+from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32
+
+_cpu = element_functions("cpu")
+_blend_value_cpu = _cpu.blend_value
+_quantize_cpu = _cpu.quantize_uint8
+
+
+def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
+              paste: bool = False) -> np.ndarray:
+    """NumPy mask mix of the listed samples of a batch in ``layout``."""
+    samples = np.arange(len(x)) if samples is None else np.asarray(samples)
+    out = x.copy()
+    m = np.asarray(mask, np.float32)[samples]
+    m = m[:, None] if layout == "NCHW" else (m[..., None] if layout == "NHWC" else m)
+    a = x[samples]
+    b = x[np.asarray(pair)[samples]]
+    if paste:
+        out[samples] = np.where(m >= 0.5, a, b)
+        return out
+    af = a.astype(np.float32)
+    bf = b.astype(np.float32)
+    mixed = np.where(af == bf, af, m * af + (np.float32(1) - m) * bf).astype(np.float32)
+    if x.dtype == np.uint8:
+        mixed = np.rint(np.clip(mixed, 0, 255))
+    out[samples] = mixed.astype(x.dtype)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _mask_rows_cpu(x, pair, mask, samples, height, cstride, quantize, paste, out):
+    n_rows = x.shape[1]
+    n_cols = x.shape[2]
+    for s in prange(samples.size):
+        i = samples[s]
+        j = pair[i]
+        for r in range(n_rows):
+            y = r % height
+            for k in range(n_cols):
+                m = mask[i, y, k // cstride]
+                if paste:
+                    out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
+                else:
+                    v = _blend_value_cpu(x[i, r, k], x[j, r, k], m)
+                    if quantize:
+                        v = _quantize_cpu(v)
+                    out[i, r, k] = v
+
+
+def _cpu_any_dtype(x, pair, mask, samples, height, cstride, paste=False, *, out):
+    _mask_rows_cpu(x, pair, mask, as_index_array(samples), height, cstride,
+                   x.dtype == np.uint8, paste, out)
+    return out
+
+
+cpu = float16_via_float32(_cpu_any_dtype)
+cpu.__doc__ = "Mix the listed samples through their float32 masks (B, H, W), on the CPU."
+
+
+_gpu = element_functions("cuda")
+_blend_value_gpu = _gpu.blend_value
+_quantize_gpu = _gpu.quantize_uint8
+
+
+def _mask_rows_cuda(x, pair, mask, samples, height, cstride, quantize, paste, out):
+    n_rows = x.shape[1]
+    n_cols = x.shape[2]
+    total_rows = samples.size * n_rows
+    col_start = _cuda_api.blockIdx.x * _cuda_api.blockDim.x + _cuda_api.threadIdx.x
+    col_step = _cuda_api.blockDim.x * _cuda_api.gridDim.x
+    for row in range(_cuda_api.blockIdx.y, total_rows, _cuda_api.gridDim.y):
+        s = row // n_rows
+        r = row - s * n_rows
+        i = samples[s]
+        j = pair[i]
+        y = r % height
+        for k in range(col_start, n_cols, col_step):
+            m = mask[i, y, k // cstride]
+            if paste:
+                out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
+            else:
+                v = _blend_value_gpu(x[i, r, k], x[j, r, k], m)
+                if quantize:
+                    v = _quantize_gpu(v)
+                out[i, r, k] = v
+
+
+cuda_kernel = LazyCudaKernel(_mask_rows_cuda)
+
+
+def cuda(x, pair, mask, samples, height: int, cstride: int, paste: bool = False, *,
+         out, stream=None):
+    """Mask mix on the GPU: device arrays (B, R, L), float32 mask (B, H, W)."""
+    cuda_kernel.launch_rows(
+        samples.shape[0] * x.shape[1], x.shape[2], stream,
+        x, pair, mask, samples, height, cstride, x.dtype == np.uint8, paste, out,
+    )
+    return out

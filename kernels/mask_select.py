@@ -1,0 +1,234 @@
+"""FMix threshold selection: grey image -> mask by rank (SEMANTICS.md "FMix").
+
+For each sample, rank the N grey values from largest (rank 0) to smallest,
+ties broken by lower flat index. With ``num_low <= num_high``:
+
+    mask = 1                                  for rank <  num_low
+    mask = linspace(1, 0, num_high - num_low) for num_low <= rank < num_high
+    mask = 0                                  for rank >= num_high
+
+A hard mask is ``num_low == num_high == k``: exactly the k largest values
+take the primary. This is FMix's ``binarise_mask`` (Harris et al. 2020,
+ecs-vlc/FMix) without its full argsort: only a selection is needed.
+
+Values are compared through :func:`order_key` (float32 bits -> an integer
+that sorts like the float), so every backend ranks identically, -0.0 and
++0.0 included.
+
+* :func:`reference` - NumPy, a stable argsort of the keys (the oracle);
+* :func:`cpu` - Numba, per sample: introselect (``np.partition``) for the
+  thresholds, then a stable sort of the ramp band only (empty for hard masks);
+* :func:`cuda` - Numba CUDA, hard masks: one block per sample, an 8-bit-digit
+  radix select of the k-th largest key (four passes of a 256-bin shared
+  histogram), then an in-order block scan that takes the tied elements of
+  lowest index. Soft masks on the GPU rank with a sort (see gpumix.fmix).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda as _cuda_api, float32, int32, int64, njit, prange
+
+from kernels._element import element_functions
+
+_cpu = element_functions("cpu")
+_order_key_cpu = _cpu.order_key
+_ramp_value_cpu = _cpu.ramp_value
+
+
+def _keys_reference(grey: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(grey, np.float32).view(np.uint32).astype(np.int64)
+    return np.where(bits >= 2**31, 2**32 - 1 - bits, bits + 2**31)
+
+
+def reference(grey: np.ndarray, num_low, num_high) -> np.ndarray:
+    """NumPy masks (B, N) float32 from grey values (B, N) and rank bounds (B,)."""
+    keys = _keys_reference(grey)
+    masks = np.zeros(keys.shape, np.float32)
+    for i, row in enumerate(keys):
+        order = np.argsort(-row, kind="stable")  # rank -> flat index
+        lo, hi = int(num_low[i]), int(num_high[i])
+        masks[i, order[:lo]] = 1.0
+        if hi > lo:
+            masks[i, order[lo:hi]] = np.linspace(1.0, 0.0, hi - lo) if hi - lo > 1 else 1.0
+    return masks
+
+
+@njit(cache=True)
+def _mark_top(keys, k, marked):
+    """marked[e] = rank(e) < k, ranks by key descending then index ascending."""
+    n = keys.size
+    if k <= 0:
+        marked[:] = False
+        return
+    if k >= n:
+        marked[:] = True
+        return
+    threshold = np.partition(keys, n - k)[n - k]  # the k-th largest key
+    above = 0
+    for e in range(n):
+        if keys[e] > threshold:
+            above += 1
+    ties_left = k - above
+    for e in range(n):
+        key = keys[e]
+        if key > threshold:
+            marked[e] = True
+        elif key == threshold and ties_left > 0:
+            marked[e] = True
+            ties_left -= 1
+        else:
+            marked[e] = False
+
+
+@njit(parallel=True, cache=True)
+def _select_cpu(bits, num_low, num_high, out):
+    n_samples, n = bits.shape
+    for i in prange(n_samples):
+        keys = np.empty(n, np.int64)
+        for e in range(n):
+            keys[e] = _order_key_cpu(bits[i, e])
+        lo = num_low[i]
+        hi = num_high[i]
+        in_high = np.empty(n, np.bool_)
+        _mark_top(keys, hi, in_high)
+        if hi == lo:
+            for e in range(n):
+                out[i, e] = float32(1.0) if in_high[e] else float32(0.0)
+            continue
+        in_low = np.empty(n, np.bool_)
+        _mark_top(keys, lo, in_low)
+        band = np.empty(hi - lo, np.int64)
+        m = 0
+        for e in range(n):
+            if in_low[e]:
+                out[i, e] = float32(1.0)
+            elif in_high[e]:
+                band[m] = e
+                m += 1
+            else:
+                out[i, e] = float32(0.0)
+        band_order = np.argsort(-keys[band], kind="mergesort")  # stable: index order on ties
+        for position in range(band.size):
+            out[i, band[band_order[position]]] = _ramp_value_cpu(lo + position, lo, hi)
+
+
+def cpu(grey: np.ndarray, num_low, num_high, *, out=None) -> np.ndarray:
+    """Masks (B, N) float32 from float32 grey values (B, N), on the CPU."""
+    grey = np.ascontiguousarray(grey, np.float32)
+    if out is None:
+        out = np.empty(grey.shape, np.float32)
+    _select_cpu(grey.view(np.uint32), np.asarray(num_low, np.int64),
+                np.asarray(num_high, np.int64), out)
+    return out
+
+
+_order_key_gpu = element_functions("cuda").order_key
+_HIST_BINS = 256
+SELECT_THREADS = 256  # block size; shared scan buffer is sized for it
+
+
+def _select_hard_cuda(bits, num_top, out):
+    """One block per sample (grid-stride over samples): rank < num_top -> 1."""
+    hist = _cuda_api.shared.array(_HIST_BINS, int32)
+    scan = _cuda_api.shared.array(SELECT_THREADS, int32)
+    state = _cuda_api.shared.array(3, int64)  # threshold key, ties to take, ties taken
+    tid = _cuda_api.threadIdx.x
+    n_threads = _cuda_api.blockDim.x
+    n_samples = bits.shape[0]
+    n = bits.shape[1]
+    for i in range(_cuda_api.blockIdx.x, n_samples, _cuda_api.gridDim.x):
+        k = num_top[i]
+        if k <= 0 or k >= n:
+            fill = float32(1.0) if k >= n else float32(0.0)
+            for e in range(tid, n, n_threads):
+                out[i, e] = fill
+            continue
+        # Radix select of the k-th largest key, 8 bits per pass, top digit first.
+        prefix = int64(0)
+        prefix_mask = int64(0)
+        remaining = int64(k)
+        for level in range(4):
+            shift = 24 - 8 * level
+            for d in range(tid, _HIST_BINS, n_threads):
+                hist[d] = 0
+            _cuda_api.syncthreads()
+            for e in range(tid, n, n_threads):
+                key = _order_key_gpu(bits[i, e])
+                if (key & prefix_mask) == prefix:
+                    _cuda_api.atomic.add(hist, (key >> shift) & 255, 1)
+            _cuda_api.syncthreads()
+            if tid == 0:
+                above = int64(0)
+                for d in range(_HIST_BINS - 1, -1, -1):
+                    count = int64(hist[d])
+                    if above + count >= remaining:
+                        state[0] = prefix | (int64(d) << shift)
+                        state[1] = remaining - above
+                        break
+                    above += count
+            _cuda_api.syncthreads()
+            prefix = state[0]
+            remaining = state[1]
+            prefix_mask = prefix_mask | (int64(255) << shift)
+            _cuda_api.syncthreads()
+        threshold = prefix
+        ties_to_take = remaining
+        if tid == 0:
+            state[2] = 0
+        _cuda_api.syncthreads()
+        # Write in index order, chunk by chunk; a block scan numbers the ties.
+        for base in range(0, n, n_threads):
+            e = base + tid
+            key = int64(-1)
+            tie = 0
+            if e < n:
+                key = _order_key_gpu(bits[i, e])
+                if key == threshold:
+                    tie = 1
+            scan[tid] = tie
+            _cuda_api.syncthreads()
+            offset = 1
+            while offset < n_threads:
+                add = scan[tid - offset] if tid >= offset else 0
+                _cuda_api.syncthreads()
+                scan[tid] += add
+                _cuda_api.syncthreads()
+                offset *= 2
+            tie_number = state[2] + scan[tid] - tie  # ties before e, in index order
+            if e < n:
+                take = key > threshold or (tie == 1 and tie_number < ties_to_take)
+                out[i, e] = float32(1.0) if take else float32(0.0)
+            _cuda_api.syncthreads()
+            if tid == n_threads - 1:
+                state[2] += scan[tid]
+            _cuda_api.syncthreads()
+
+
+class _SelectKernel:
+    pyfunc = staticmethod(_select_hard_cuda)
+    _kernel = None
+
+    @property
+    def kernel(self):
+        if self._kernel is None:
+            type(self)._kernel = _cuda_api.jit(self.pyfunc)
+        return self._kernel
+
+
+cuda_kernel = _SelectKernel()
+
+
+def cuda(bits, num_top, *, out, stream=None, threads: int = SELECT_THREADS):
+    """Hard masks on the GPU: ``bits`` is the uint32 view of float32 grey (B, N)."""
+    if not 1 <= threads <= SELECT_THREADS:
+        raise ValueError(f"threads must be in [1, {SELECT_THREADS}], got {threads}")
+    n_samples = bits.shape[0]
+    if n_samples == 0:
+        return out
+    grid = min(n_samples, 65535)
+    if stream is None:
+        cuda_kernel.kernel[grid, threads](bits, num_top, out)
+    else:
+        cuda_kernel.kernel[grid, threads, stream](bits, num_top, out)
+    return out
