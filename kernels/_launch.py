@@ -64,12 +64,21 @@ def row_view(x, layout: str) -> RowView:
     raise ValueError(f"layout must be 'NCHW', 'NHWC' or 'NHW', got {layout!r}")
 
 
+def numpy_dtype(dtype) -> np.dtype | None:
+    """NumPy dtype of a NumPy, CuPy or torch dtype (None if NumPy has no such type)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        try:
+            return np.dtype(str(dtype).removeprefix("torch."))
+        except TypeError:
+            return None
+
+
 def check_image_dtype(dtype, name: str = "images") -> None:
     """TypeError unless dtype is one of the image dtypes the kernels support."""
-    if np.dtype(dtype) not in IMAGE_DTYPES:
-        raise TypeError(
-            f"{name} must have dtype uint8, float16 or float32, got {np.dtype(dtype)}"
-        )
+    if numpy_dtype(dtype) not in IMAGE_DTYPES:
+        raise TypeError(f"{name} must have dtype uint8, float16 or float32, got {dtype}")
 
 
 def row_grid(n_rows: int, row_length: int) -> tuple[tuple[int, int], int]:

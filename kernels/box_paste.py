@@ -64,6 +64,10 @@ def _paste_rows_cpu(x, pair, box, samples, height, cstride, out):
 
 def cpu(x, pair, box, samples, height: int, cstride: int, *, out):
     """Paste the listed samples' boxes from their partners, on the CPU."""
+    if x.dtype == np.float16:  # Numba's CPU target has no float16: move the bits instead
+        x, out_bits = x.view(np.uint16), out.view(np.uint16)
+        _paste_rows_cpu(x, pair, box, as_index_array(samples), height, cstride, out_bits)
+        return out
     _paste_rows_cpu(x, pair, box, as_index_array(samples), height, cstride, out)
     return out
 

@@ -1,0 +1,221 @@
+"""Apply MixParams to arrays: one entry point per output, backend chosen by
+the array (NumPy -> Numba CPU kernels; anything with
+``__cuda_array_interface__`` such as CuPy arrays or CUDA torch tensors ->
+Numba CUDA kernels, on the stream given, with no copy to the host).
+
+    mix_images(images, params, layout)   MixUp / CutMix / FMix per sample
+    mix_dense(dense, params, layout)     the same boxes/masks, pasted only
+    soft_targets(labels, params, K, s)   float32 (B, K)
+    reference_mix_images / reference_mix_dense / reference_soft_targets
+                                         the NumPy oracle, from kernels/*
+
+Samples are grouped by method and each group is one kernel launch: CutMix
+and unmixed samples share the box kernel (an unmixed sample has an empty box,
+so it is copied exactly), MixUp uses the blend kernel, FMix the mask kernel.
+Kernels never write their input, so ``out`` may be ``images`` only through a
+temporary (in place costs one extra buffer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpumix.config import CUTMIX, FMIX, MIXUP, NONE
+from gpumix.params import MixParams
+from kernels import blend, box_paste, mask_mix, soft_targets as targets_kernel
+from kernels._launch import check_image_dtype, numpy_dtype, row_view, spatial_shape
+
+VALID_CHANNELS = (1, 3, 4)
+
+
+def is_cuda_array(x) -> bool:
+    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
+
+
+def check_images(images, layout: str, name: str = "images") -> tuple[int, int]:
+    """Validate an image batch; returns (H, W)."""
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    check_image_dtype(images.dtype, name)
+    if len(images.shape) != 4:
+        raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(images.shape)}")
+    channels = images.shape[1] if layout == "NCHW" else images.shape[3]
+    if channels not in VALID_CHANNELS:
+        raise ValueError(
+            f"{name} has {channels} channels in layout {layout} (shape {tuple(images.shape)}); "
+            f"expected 1, 3 or 4 - is the layout right?")
+    if images.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one sample, got shape {tuple(images.shape)}")
+    return spatial_shape(images.shape, layout)
+
+
+def check_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
+    """Integer class labels (B,) in [0, num_classes), as int64."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    if labels.shape != (batch_size,):
+        raise ValueError(f"labels must have shape ({batch_size},), got {labels.shape}")
+    if batch_size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise ValueError(f"labels must be in [0, {num_classes}) (num_classes={num_classes}), "
+                         f"got {bad}")
+    return labels.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------- reference
+def reference_mix_images(images: np.ndarray, params: MixParams, layout: str) -> np.ndarray:
+    """NumPy oracle: each kernel's reference on its samples."""
+    out = images.copy()
+    cut = np.flatnonzero(params.method == CUTMIX)
+    mixup = np.flatnonzero(params.method == MIXUP)
+    fm = np.flatnonzero(params.method == FMIX)
+    if cut.size:
+        out[cut] = box_paste.reference(images, params.pair, params.box, layout, cut)[cut]
+    if mixup.size:
+        out[mixup] = blend.reference(images, params.pair, params.lam, mixup)[mixup]
+    if fm.size:
+        out[fm] = mask_mix.reference(images, params.pair, params.mask, layout, fm)[fm]
+    return out
+
+
+def reference_mix_dense(dense: np.ndarray, params: MixParams, layout: str = "NHW") -> np.ndarray:
+    _refuse_mixup_on_dense(params)
+    out = dense.copy()
+    cut = np.flatnonzero(params.method == CUTMIX)
+    fm = np.flatnonzero(params.method == FMIX)
+    if cut.size:
+        out[cut] = box_paste.reference(dense, params.pair, params.box, layout, cut)[cut]
+    if fm.size:
+        out[fm] = mask_mix.reference(dense, params.pair, params.mask, layout, fm, paste=True)[fm]
+    return out
+
+
+def reference_soft_targets(labels, params: MixParams, num_classes: int, smoothing: float):
+    return targets_kernel.reference(labels, params.pair, params.lam, num_classes, smoothing)
+
+
+# ------------------------------------------------------------------ kernels
+def _refuse_mixup_on_dense(params: MixParams) -> None:
+    if np.any(params.method == MIXUP):
+        raise ValueError("MixUp cannot be applied to dense targets (segmentation maps): "
+                         "their values would be blended; use CutMix or FMix, or mix "
+                         "per-pixel soft targets yourself")
+
+
+def _box_samples(params: MixParams) -> np.ndarray:
+    return np.flatnonzero((params.method == CUTMIX) | (params.method == NONE)).astype(np.int64)
+
+
+def _run_cpu(x, params: MixParams, layout: str, out, paste: bool):
+    view = row_view(np.ascontiguousarray(x), layout)
+    out_rows = row_view(out, layout).rows
+    box_samples = _box_samples(params)
+    if box_samples.size:
+        box_paste.cpu(view.rows, params.pair, params.box, box_samples, view.height,
+                      view.cstride, out=out_rows)
+    mixup = params.samples(MIXUP)
+    if mixup.size:
+        blend.cpu(view.rows, params.pair, params.lam, mixup, out=out_rows)
+    fm = params.samples(FMIX)
+    if fm.size:
+        mask_mix.cpu(view.rows, params.pair, np.ascontiguousarray(params.mask, np.float32), fm,
+                     view.height, view.cstride, paste, out=out_rows)
+    return out
+
+
+def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
+    from numba import cuda
+
+    def device(a, dtype=None):
+        if is_cuda_array(a):
+            return cuda.as_cuda_array(a)
+        return cuda.to_device(np.ascontiguousarray(a, dtype=dtype), stream=stream or 0)
+
+    view = row_view(cuda.as_cuda_array(x), layout)
+    out_rows = row_view(cuda.as_cuda_array(out), layout).rows
+    pair = device(params.pair, np.int64)
+    box_samples = _box_samples(params)
+    if box_samples.size:
+        box_paste.cuda(view.rows, pair, device(params.box, np.int64), device(box_samples),
+                       view.height, view.cstride, out=out_rows, stream=stream)
+    mixup = params.samples(MIXUP)
+    if mixup.size:
+        blend.cuda(view.rows, pair, device(params.lam, np.float32), device(mixup),
+                   out=out_rows, stream=stream)
+    fm = params.samples(FMIX)
+    if fm.size:
+        mask_mix.cuda(view.rows, pair, device(params.mask, np.float32), device(fm),
+                      view.height, view.cstride, paste, out=out_rows, stream=stream)
+    return out
+
+
+def _empty_like(x):
+    if is_cuda_array(x):
+        import cupy as cp
+
+        return cp.empty(tuple(x.shape), dtype=numpy_dtype(x.dtype))
+    return np.empty(x.shape, x.dtype)
+
+
+def _apply(x, params: MixParams, layout: str, out, paste: bool, stream):
+    in_place = out is x
+    target = _empty_like(x) if (out is None or in_place) else out
+    if tuple(target.shape) != tuple(x.shape) or numpy_dtype(target.dtype) != numpy_dtype(x.dtype):
+        raise ValueError(f"out must match the input's shape {tuple(x.shape)} and dtype "
+                         f"{x.dtype}, got {tuple(target.shape)} {target.dtype}")
+    if is_cuda_array(x):
+        _run_cuda(x, params, layout, target, paste, stream)
+    else:
+        _run_cpu(x, params, layout, target, paste)
+    if in_place:
+        x[...] = target
+        return x
+    return target
+
+
+def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, stream=None):
+    """Mix an image batch (uint8/float16/float32, NCHW or NHWC) with ``params``.
+
+    Returns ``out`` (a new array by default; pass ``out=images`` to write in
+    place). CUDA arrays are mixed on ``stream`` (a numba stream; None = default).
+    """
+    h, w = check_images(images, layout)
+    params.check(images.shape[0], (h, w))
+    return _apply(images, params, layout, out, paste=False, stream=stream)
+
+
+def mix_dense(dense, params: MixParams, layout: str = "NHW", *, out=None, stream=None):
+    """Apply the same boxes/masks to dense targets (B, H, W) or (B, 1, H, W): pasted."""
+    _refuse_mixup_on_dense(params)
+    if layout not in ("NHW", "NCHW", "NHWC") or len(dense.shape) != len(layout):
+        raise ValueError(f"dense must be {len(layout)}-D for layout {layout!r}, "
+                         f"got shape {tuple(dense.shape)}")
+    params.check(dense.shape[0], spatial_shape(dense.shape, layout))
+    return _apply(dense, params, layout, out, paste=True, stream=stream)
+
+
+def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float = 0.0, *,
+                 out=None, stream=None):
+    """Float32 soft targets (B, K) for integer labels (B,)."""
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if is_cuda_array(labels):
+        import cupy as cp
+        from numba import cuda
+
+        labels_dev = cp.asarray(labels).astype(cp.int64)
+        low, high = int(labels_dev.min()), int(labels_dev.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must be in [0, {num_classes}), got {low if low < 0 else high}")
+        if out is None:
+            out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
+        targets_kernel.cuda(cuda.as_cuda_array(labels_dev),
+                            cuda.to_device(params.pair, stream=stream or 0),
+                            cuda.to_device(params.lam, stream=stream or 0), num_classes,
+                            smoothing, out=cuda.as_cuda_array(out), stream=stream)
+        return out
+    labels = check_labels(labels, params.batch_size, num_classes)
+    return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)

@@ -1,0 +1,285 @@
+"""Sample, then apply: the random draws and the parameters derived from them.
+
+Sampling is two pure steps, so any backend (NumPy here, DALI's random
+operators inside a pipeline) can supply the draws and everything after is
+shared and replayable:
+
+    draws  = draw(config, batch_size, spatial_shape, rng)      # all randomness
+    params = params_from_draws(config, spatial_shape, draws)   # deterministic
+
+``MixParams`` is what every backend consumes (NumPy reference, CPU kernels,
+CUDA kernels, DALI operators, the torch module):
+
+    pair    (B,)      int64    partner of each primary
+    lam     (B,)      float32  weight of the primary in the target (realised
+                               pixel fraction for CutMix/FMix)
+    method  (B,)      int8     NONE/MIXUP/CUTMIX/FMIX (gpumix.config)
+    box     (B, 4)    int64    CutMix box (y0, y1, x0, x1), half-open
+    mask    (B, H, W) float32  FMix mask (1 = primary), or None when no FMix
+
+Draws are per "unit": one unit per batch in mode "batch" (broadcast to every
+sample), one per sample in mode "elem". Seeding: pass a
+``numpy.random.Generator`` or a ``torch.Generator`` (which seeds a NumPy
+generator from one draw, so it is still the single source per call site).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpumix import fmix
+from gpumix.config import CUTMIX, FMIX, MIXUP, NONE, MixConfig
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """Per-sample mixing parameters; see the module docstring."""
+
+    pair: np.ndarray
+    lam: np.ndarray
+    method: np.ndarray
+    box: np.ndarray
+    mask: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.pair.shape[0])
+
+    def samples(self, method: int) -> np.ndarray:
+        """Indices of the samples mixed with ``method`` (int64)."""
+        return np.flatnonzero(self.method == method).astype(np.int64)
+
+    def check(self, batch_size: int, spatial_shape: tuple[int, int]) -> None:
+        """ValueError unless these params fit a batch of that size and shape."""
+        b = batch_size
+        expected = {"pair": (b,), "lam": (b,), "method": (b,), "box": (b, 4)}
+        for name, shape in expected.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"params.{name} must have shape {shape}, got {got}")
+        if b and (self.pair.min() < 0 or self.pair.max() >= b):
+            raise ValueError(f"params.pair must index the batch [0, {b}), got {self.pair}")
+        if np.any(self.method == FMIX):
+            if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
+                got = None if self.mask is None else tuple(self.mask.shape)
+                raise ValueError(f"params.mask must have shape {(b, *spatial_shape)}, got {got}")
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Every random number one call needs, per unit (see module docstring)."""
+
+    apply_u: np.ndarray            # (n,) uniform [0, 1): mix iff < prob
+    method_u: np.ndarray           # (n,) uniform [0, 1): picks the method
+    lam_mixup: np.ndarray          # (n,) Beta(mixup_alpha, mixup_alpha)
+    lam_cutmix: np.ndarray         # (n,) Beta(cutmix_alpha, ...) or Uniform(minmax)
+    lam_fmix: np.ndarray           # (n,) Beta(fmix_alpha, ...) or Beta(a + 1, a)
+    box_u: np.ndarray              # (n, 2) uniform [0, 1): box position (y, x)
+    round_up_u: np.ndarray         # (n,) uniform [0, 1): FMix k = ceil iff < 0.5
+    normals: np.ndarray | None     # (n, *frequency_shape, 2) N(0, 1), FMix only
+    permutation: np.ndarray | None = field(default=None)  # (B,) pairing="permutation"
+
+
+def as_numpy_generator(rng) -> np.random.Generator:
+    """A NumPy Generator from a NumPy Generator, a torch.Generator, an int seed or None."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(rng, torch.Generator):
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=rng, device=rng.device).item())
+        return np.random.default_rng(seed)
+    raise TypeError(f"rng must be a numpy.random.Generator, torch.Generator, int or None; "
+                    f"got {type(rng).__name__}")
+
+
+def derangement(batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniform random permutation with no fixed points (identity when B == 1)."""
+    if batch_size < 2:
+        return np.arange(batch_size, dtype=np.int64)
+    index = np.arange(batch_size)
+    while True:  # acceptance probability -> 1/e, so ~2.7 tries on average
+        perm = rng.permutation(batch_size)
+        if not np.any(perm == index):
+            return perm.astype(np.int64)
+
+
+def _beta(rng, alpha: float, n: int) -> np.ndarray:
+    return rng.beta(alpha, alpha, n) if alpha > 0 else np.ones(n)
+
+
+def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
+    """All random numbers for one batch, from one seeded generator."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = as_numpy_generator(rng)
+    n = 1 if config.mode == "batch" else batch_size
+    if config.cutmix_minmax is not None:
+        lo, hi = config.cutmix_minmax
+        lam_cutmix = rng.uniform(lo, hi, n)
+    else:
+        lam_cutmix = _beta(rng, config.cutmix_alpha, n)
+    fmix_on = config.enabled[2]
+    a = config.fmix_alpha
+    lam_fmix = (rng.beta(a + 1, a, n) if config.reformulate else rng.beta(a, a, n)) if fmix_on \
+        else np.ones(n)
+    normals = None
+    if fmix_on:
+        freq = fmix.frequency_shape(spatial_shape, config.reference_compatible)
+        normals = rng.standard_normal((n, *freq, 2), dtype=np.float32)
+    permutation = derangement(batch_size, rng) if config.pairing == "permutation" else None
+    return Draws(
+        apply_u=rng.random(n),
+        method_u=rng.random(n),
+        lam_mixup=_beta(rng, config.mixup_alpha, n),
+        lam_cutmix=lam_cutmix,
+        lam_fmix=lam_fmix,
+        box_u=rng.random((n, 2)),
+        round_up_u=rng.random(n),
+        normals=normals,
+        permutation=permutation,
+    )
+
+
+def pairing(config: MixConfig, batch_size: int, permutation=None) -> np.ndarray:
+    """Partner index of every primary: flip (timm), roll (torchvision), permutation."""
+    index = np.arange(batch_size, dtype=np.int64)
+    if config.pairing == "flip":
+        return index[::-1].copy()
+    if config.pairing == "roll":
+        return (index - 1) % batch_size
+    if permutation is None:
+        raise ValueError("pairing='permutation' needs draws.permutation")
+    return np.asarray(permutation, np.int64)
+
+
+def choose_methods(config: MixConfig, apply_u, method_u) -> np.ndarray:
+    """Method per unit: NONE unless apply_u < prob, then by cumulative weights."""
+    cumulative = np.cumsum(config.method_probabilities())
+    chosen = MIXUP + np.searchsorted(cumulative, method_u, side="right")
+    mixing = (np.asarray(apply_u) < config.prob) & (cumulative[-1] > 0)
+    return np.where(mixing, np.minimum(chosen, FMIX), NONE).astype(np.int8)
+
+
+def _box_axis(size: int, cut: np.ndarray, u: np.ndarray, placement: str):
+    """(start, stop) of the box along one axis of length ``size``."""
+    if placement == "clip":
+        centre = np.minimum((u * size).astype(np.int64), size - 1)
+        return (np.clip(centre - cut // 2, 0, size), np.clip(centre + (cut + 1) // 2, 0, size))
+    if placement == "inside":
+        start = np.minimum((u * (size - cut + 1)).astype(np.int64), size - cut)
+        return start, start + cut
+    # "uniform": origin over every position whose box still overlaps the image,
+    # so each pixel is covered with the same probability.
+    positions = np.maximum(size + cut - 1, 1)
+    origin = np.minimum((u * positions).astype(np.int64), positions - 1) - (cut - 1)
+    start = np.clip(origin, 0, size)
+    stop = np.clip(origin + cut, 0, size)
+    return np.where(cut > 0, start, 0), np.where(cut > 0, stop, 0)
+
+
+def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip") -> np.ndarray:
+    """Boxes (n, 4) = (y0, y1, x0, x1) for sampled lam and positions in [0, 1).
+
+    r = sqrt(1 - lam), cut_h = int(H r), cut_w = int(W r) (H and W apart).
+    "clip": centre on every row/column, box [c - cut // 2, c + (cut + 1) // 2)
+    clipped, as timm's ``rand_bbox`` (whose box is exactly ``cut`` long
+    before clipping); "inside": the box fits the image; "uniform": every pixel
+    equally likely to be covered (composer's uniform sampling).
+    """
+    h, w = spatial_shape
+    ratio = np.sqrt(1.0 - np.asarray(lam, np.float64))
+    cut_h = (h * ratio).astype(np.int64)
+    cut_w = (w * ratio).astype(np.int64)
+    y0, y1 = _box_axis(h, cut_h, box_u[:, 0], placement)
+    x0, x1 = _box_axis(w, cut_w, box_u[:, 1], placement)
+    return np.stack([y0, y1, x0, x1], axis=1).astype(np.int64)
+
+
+def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
+    """Fraction of pixels outside the box (the primary's share)."""
+    h, w = spatial_shape
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    return 1.0 - area / float(h * w)
+
+
+def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size: int,
+                      fmix_masks=None) -> MixParams:
+    """Derive MixParams from draws; pure and deterministic.
+
+    ``fmix_masks(grey_normals_units, lo, hi) -> masks`` may replace the CPU
+    mask computation (the CUDA path passes one); by default NumPy's FFT and
+    the Numba selection kernel run here.
+    """
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    units = draws.apply_u.shape[0]
+    method = choose_methods(config, draws.apply_u, draws.method_u)
+    lam = np.ones(units, np.float64)
+    lam = np.where(method == MIXUP, draws.lam_mixup, lam)
+
+    box = np.zeros((units, 4), np.int64)
+    is_cut = method == CUTMIX
+    if is_cut.any():
+        sampled = draws.lam_cutmix
+        box = np.where(is_cut[:, None], cutmix_boxes(sampled, draws.box_u, spatial_shape,
+                                                     config.box_placement), 0)
+        realised = box_lam(box, spatial_shape) if config.correct_lam else sampled
+        lam = np.where(is_cut, realised, lam)
+
+    mask = None
+    is_fmix = method == FMIX
+    if is_fmix.any():
+        n_pix = fmix.n_pixels(spatial_shape)
+        k, lo, hi = fmix.rank_bounds(draws.lam_fmix, n_pix, draws.round_up_u < 0.5,
+                                     config.max_soft)
+        used = np.flatnonzero(is_fmix)
+        if fmix_masks is None:
+            grey = fmix.grey_images(draws.normals[used], spatial_shape, config.decay_power,
+                                    reference_compatible=config.reference_compatible)
+            unit_masks = fmix.masks_from_grey(grey, lo[used], hi[used])
+        else:
+            unit_masks = fmix_masks(draws.normals[used], lo[used], hi[used])
+        xp = _array_module(unit_masks)
+        mask = xp.zeros((units, *spatial_shape), xp.float32)
+        mask[used] = unit_masks
+        fmix_lam = _to_numpy(fmix.soft_lam(mask)) if config.max_soft > 0 else k / n_pix
+        lam = np.where(is_fmix, fmix_lam, lam)
+
+    if units != batch_size:  # mode "batch": one unit for every sample
+        method = np.repeat(method, batch_size)
+        lam = np.repeat(lam, batch_size)
+        box = np.repeat(box, batch_size, axis=0)
+        if mask is not None:
+            mask = _array_module(mask).repeat(mask, batch_size, axis=0)
+    return MixParams(
+        pair=pairing(config, batch_size, draws.permutation),
+        lam=lam.astype(np.float32),
+        method=method.astype(np.int8),
+        box=box,
+        mask=mask,
+    )
+
+
+def _array_module(a):
+    """NumPy, or CuPy for CuPy arrays (masks made on the GPU)."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _to_numpy(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def sample(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> MixParams:
+    """Draw and derive the parameters for one batch (NumPy, CPU masks)."""
+    draws = draw(config, batch_size, spatial_shape, rng)
+    return params_from_draws(config, spatial_shape, draws, batch_size)

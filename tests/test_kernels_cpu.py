@@ -1,0 +1,97 @@
+"""CPU kernels (through gpumix.mixing) against the NumPy references of kernels/*.
+
+Same params into both; uint8 and masks must be equal, float within 1 ulp of
+float32 (in practice the CPU kernels are bit-exact)."""
+
+import numpy as np
+import pytest
+
+import gpumix
+from gpumix import mixing
+from kernels import mask_select, soft_targets
+
+DTYPES = [np.uint8, np.float16, np.float32]
+LAYOUTS = ["NCHW", "NHWC"]
+SHAPES = [(1, 3, 1, 1), (5, 3, 7, 11), (4, 1, 13, 6), (3, 4, 9, 9), (6, 3, 32, 24)]
+CONFIGS = {
+    "mixup": dict(mixup_alpha=0.8),
+    "cutmix": dict(mixup_alpha=0.0, cutmix_alpha=1.0),
+    "fmix": dict(mixup_alpha=0.0, fmix_alpha=1.0),
+    "fmix_soft": dict(mixup_alpha=0.0, fmix_alpha=1.0, max_soft=0.2),
+    "all": dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, prob=0.8),
+}
+
+
+def make_images(rng, shape, dtype, layout):
+    x = rng.integers(0, 256, shape).astype(dtype) if dtype == np.uint8 else \
+        (rng.random(shape) * 4 - 2).astype(dtype)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
+
+
+def assert_close(actual, expected):
+    if actual.dtype == np.uint8:
+        np.testing.assert_array_equal(actual, expected)
+    else:
+        np.testing.assert_array_max_ulp(actual.astype(np.float32), expected.astype(np.float32), 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_mix_images_matches_reference(dtype, layout, shape, name, mode):
+    rng = np.random.default_rng(hash((name, mode, shape)) % 2**32)
+    x = make_images(rng, shape, dtype, layout)
+    config = gpumix.MixConfig(mode=mode, pairing="permutation", num_classes=3, **CONFIGS[name])
+    spatial = (shape[2], shape[3])
+    params = gpumix.sample(config, shape[0], spatial, rng)
+    assert_close(gpumix.mix_images(x, params, layout), mixing.reference_mix_images(x, params, layout))
+
+
+@pytest.mark.parametrize("dense_dtype", [np.int64, np.uint8, np.float32])
+@pytest.mark.parametrize("name", ["cutmix", "fmix", "fmix_soft"])
+def test_dense_maps_are_pasted_like_the_reference(dense_dtype, name):
+    rng = np.random.default_rng(3)
+    config = gpumix.MixConfig(mode="elem", **CONFIGS[name])
+    params = gpumix.sample(config, 6, (10, 13), rng)
+    dense = rng.integers(0, 200, (6, 10, 13)).astype(dense_dtype)
+    mixed = gpumix.mix_dense(dense, params)
+    np.testing.assert_array_equal(mixed, mixing.reference_mix_dense(dense, params))
+    # pasted, never blended: every value comes from the primary or the partner
+    partner = dense[params.pair]
+    assert np.all((mixed == dense) | (mixed == partner))
+
+
+def test_in_place_equals_out_of_place():
+    rng = np.random.default_rng(4)
+    x = make_images(rng, (8, 3, 16, 12), np.uint8, "NCHW")
+    params = gpumix.sample(gpumix.MixConfig(mode="elem", **CONFIGS["all"]), 8, (16, 12), rng)
+    expected = mixing.reference_mix_images(x, params, "NCHW")
+    result = gpumix.mix_images(x, params, "NCHW", out=x)
+    assert result is x
+    np.testing.assert_array_equal(x, expected)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_soft_targets_kernel_matches_reference(smoothing):
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 7, 33)
+    pair = rng.permutation(33)
+    lam = rng.random(33).astype(np.float32)
+    lam[:3] = [0.0, 1.0, 0.5]
+    got = soft_targets.cpu(labels, pair, lam, 7, smoothing)
+    np.testing.assert_array_max_ulp(got, soft_targets.reference(labels, pair, lam, 7, smoothing), 1)
+
+
+def test_selection_kernel_matches_stable_argsort_reference():
+    rng = np.random.default_rng(6)
+    grey = rng.standard_normal((8, 97)).astype(np.float32)
+    grey[0] = 0.5                     # all tied: lowest indices win
+    grey[1, ::3] = 0.0
+    grey[1, 1::7] = -0.0              # -0.0 ranks just below +0.0
+    grey[2] = np.round(grey[2], 1)    # many ties
+    low = np.array([0, 10, 30, 97, 5, 40, 1, 96])
+    high = np.array([0, 10, 50, 97, 90, 41, 1, 97])
+    np.testing.assert_array_equal(mask_select.cpu(grey, low, high),
+                                  mask_select.reference(grey, low, high))

@@ -1,0 +1,81 @@
+"""Every CUDA kernel compiles to PTX for sm_80 and sm_90 (NVRTC/NVVM from
+numba-cuda[cu13]; no GPU needed), for every dtype it supports, and, when the
+system ptxas is installed, assembles to SASS; its register/spill report is
+printed (run with -s to see it).
+
+Also checks that the blend arithmetic is not contracted into FMA on the GPU
+(it goes through libdevice's fmul_rn / fadd_rn), which is what keeps uint8
+MixUp outputs equal between the CPU and CUDA backends."""
+
+import re
+import shutil
+import subprocess
+
+import numba
+import pytest
+from numba import cuda
+from numba.core import types
+
+from kernels import blend, box_paste, mask_mix, mask_select, soft_targets
+
+assert not numba.config.ENABLE_CUDASIM
+
+IMAGE_TYPES = {"uint8": types.uint8, "float16": types.float16, "float32": types.float32}
+I64 = types.Array(types.int64, 1, "C")
+F32 = types.Array(types.float32, 1, "C")
+
+
+def rows(dtype):
+    return types.Array(dtype, 3, "C")
+
+
+def signatures():
+    for name, t in IMAGE_TYPES.items():
+        yield f"blend-{name}", blend.cuda_kernel.pyfunc, (
+            rows(t), I64, F32, I64, types.boolean, rows(t))
+        yield f"box_paste-{name}", box_paste.cuda_kernel.pyfunc, (
+            rows(t), I64, types.Array(types.int64, 2, "C"), I64, types.int64, types.int64, rows(t))
+        yield f"mask_mix-{name}", mask_mix.cuda_kernel.pyfunc, (
+            rows(t), I64, types.Array(types.float32, 3, "C"), I64, types.int64, types.int64,
+            types.boolean, types.boolean, rows(t))
+    yield "box_paste-int64-dense", box_paste.cuda_kernel.pyfunc, (
+        rows(types.int64), I64, types.Array(types.int64, 2, "C"), I64, types.int64, types.int64,
+        rows(types.int64))
+    yield "soft_targets", soft_targets.cuda_kernel.pyfunc, (
+        I64, I64, F32, types.float32, types.float32, types.Array(types.float32, 2, "C"))
+    yield "mask_select", mask_select.cuda_kernel.pyfunc, (
+        types.Array(types.uint32, 2, "C"), I64, types.Array(types.float32, 2, "C"))
+
+
+CASES = list(signatures())
+
+
+def assemble(ptx: str, arch: str, tmp_path) -> str:
+    source = tmp_path / "kernel.ptx"
+    source.write_text(ptx)
+    result = subprocess.run(["ptxas", f"-arch={arch}", "-v", str(source), "-o",
+                             str(tmp_path / "kernel.cubin")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+@pytest.mark.parametrize("name,pyfunc,signature", CASES, ids=[c[0] for c in CASES])
+def test_kernel_compiles_to_ptx(name, pyfunc, signature, cc, tmp_path):
+    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=cc)
+    assert ".entry" in ptx
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    if shutil.which("ptxas"):
+        report = assemble(ptx, f"sm_{cc[0]}{cc[1]}", tmp_path)
+        registers = re.search(r"Used (\d+) registers", report)
+        assert registers, report
+        print(f"{name} sm_{cc[0]}{cc[1]}: {registers.group(0)}; "
+              f"{'no spills' if ' 0 bytes spill stores' in report else report}")
+
+
+@pytest.mark.parametrize("name", ["blend-uint8", "blend-float32", "mask_mix-uint8"])
+def test_blend_products_are_not_fused(name):
+    _, pyfunc, signature = next(c for c in CASES if c[0] == name)
+    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0))
+    assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+    assert "fma.rn.f32" not in ptx
