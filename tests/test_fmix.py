@@ -1,0 +1,94 @@
+"""FMix masks: the published code's maths (reference_compatible), the paper's
+isotropic default, exact k, soft ramps, and 1-D/3-D shapes."""
+
+import numpy as np
+import pytest
+
+import gpumix
+from gpumix import fmix
+from gpumix.config import FMIX
+
+
+def published_grey(normals_one, shape, decay_power):
+    """The maths of ecs-vlc/FMix make_low_freq_image for one 2-D mask, written
+    out independently (float64, as the published code runs): frequency grid
+    with its odd-width extra column, the height-axis complex slice, irfftn."""
+    h, w = shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.fftfreq(w)[: w // 2 + (2 if w % 2 else 1)]
+    freqs = np.sqrt(fx * fx + fy * fy)
+    scale = 1.0 / np.maximum(freqs, 1.0 / max(w, h)) ** decay_power
+    spectrum = scale[None, :, :, None] * normals_one[None].astype(np.float64)  # (1, H, Wf, 2)
+    complex_spectrum = spectrum[:, 0] + 1j * spectrum[:, 1]
+    return np.real(np.fft.irfftn(complex_spectrum, (h, w), axes=(-2, -1)))[0]
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (24, 31), (17, 40)])
+def test_reference_compatible_grey_matches_published_maths(shape):
+    rng = np.random.default_rng(0)
+    freq = fmix.frequency_shape(shape, reference_compatible=True)
+    normals = rng.standard_normal((3, *freq, 2)).astype(np.float32)
+    ours = fmix.grey_images(normals, shape, 3.0, reference_compatible=True)
+    for i in range(3):
+        theirs = published_grey(normals[i], shape, 3.0)
+        np.testing.assert_allclose(ours[i], theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
+        # and the binarised masks agree (argsort of the published maths)
+        k = int(0.4 * ours[i].size)
+        published_mask = np.zeros(ours[i].size)
+        published_mask[np.argsort(-theirs.ravel(), kind="stable")[:k]] = 1
+        ours_mask = fmix.masks_from_grey(ours[i][None], [k], [k])[0].ravel()
+        assert np.mean(ours_mask != published_mask) < 1e-3  # float32 vs float64 near-ties
+
+
+def horizontal_energy_outside_0_and_1(grey):
+    spectrum = np.abs(np.fft.fft2(grey - grey.mean())) ** 2
+    kx = np.abs(np.fft.fftfreq(grey.shape[1]) * grey.shape[1])
+    return spectrum[:, kx > 1.5].sum() / spectrum.sum()
+
+
+def test_published_masks_are_banded_and_default_masks_are_isotropic():
+    rng = np.random.default_rng(1)
+    shape = (64, 64)
+    banded = fmix.grey_images(rng.standard_normal((4, *fmix.frequency_shape(shape, True), 2)),
+                              shape, 3.0, reference_compatible=True)
+    paper = fmix.grey_images(rng.standard_normal((4, *fmix.frequency_shape(shape), 2)),
+                             shape, 3.0)
+    for g in banded:
+        assert horizontal_energy_outside_0_and_1(g) < 1e-8
+    for g in paper:
+        assert horizontal_energy_outside_0_and_1(g) > 1e-3
+    # isotropic on average: energy along kx and ky is balanced
+    spectra = np.mean([np.abs(np.fft.fft2(g)) ** 2 for g in paper], axis=0)
+    assert 0.2 < spectra[0, 2:8].sum() / spectra[2:8, 0].sum() < 5
+
+
+@pytest.mark.parametrize("shape", [(50,), (12, 9), (5, 6, 7)])
+def test_masks_in_one_two_and_three_dimensions_have_exactly_k_ones(shape):
+    rng = np.random.default_rng(2)
+    normals = rng.standard_normal((4, *fmix.frequency_shape(shape), 2))
+    grey = fmix.grey_images(normals, shape, 3.0)
+    assert grey.shape == (4, *shape)
+    k, lo, hi = fmix.rank_bounds(rng.random(4), int(np.prod(shape)), rng.random(4) < 0.5, 0.0)
+    masks = fmix.masks_from_grey(grey, lo, hi)
+    np.testing.assert_array_equal(masks.reshape(4, -1).sum(axis=1), k)
+
+
+def test_hard_mask_lam_is_k_over_n_and_k_rounds_both_ways():
+    config = gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0, mode="elem")
+    ks = set()
+    for seed in range(30):
+        params = gpumix.sample(config, 8, (7, 9), np.random.default_rng(seed))
+        for i in range(8):
+            k = int(params.mask[i].sum())
+            assert params.lam[i] == np.float32(k / 63)
+            ks.add(k - params.lam[i] * 63)
+    assert params.method.tolist() == [FMIX] * 8
+
+
+def test_soft_masks_ramp_and_lam_is_their_mean():
+    config = gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0, mode="elem", max_soft=0.2)
+    params = gpumix.sample(config, 16, (20, 20), np.random.default_rng(3))
+    for m, lam in zip(params.mask, params.lam):
+        assert m.min() >= 0 and m.max() <= 1
+        assert lam == pytest.approx(m.mean(), abs=1e-6)
+    assert np.any((params.mask > 0) & (params.mask < 1))
