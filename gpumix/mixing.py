@@ -12,8 +12,8 @@ Numba CUDA kernels, on the stream given, with no copy to the host).
 Samples are grouped by method and each group is one kernel launch: CutMix
 and unmixed samples share the box kernel (an unmixed sample has an empty box,
 so it is copied exactly), MixUp uses the blend kernel, FMix the mask kernel.
-Kernels never write their input, so ``out`` may be ``images`` only through a
-temporary (in place costs one extra buffer).
+Kernels never write their input: in place (``out is images``) the kernels read
+a snapshot (one copy, into ``scratch`` when given) and write ``images``.
 """
 
 from __future__ import annotations
@@ -158,31 +158,36 @@ def _empty_like(x):
     return np.empty(x.shape, x.dtype)
 
 
-def _apply(x, params: MixParams, layout: str, out, paste: bool, stream):
-    in_place = out is x
-    target = _empty_like(x) if (out is None or in_place) else out
+def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=None):
+    if out is x:  # in place: kernels read a snapshot, so partners are never half-written
+        source = _empty_like(x) if scratch is None else scratch
+        source[...] = x
+        target = x
+    else:
+        source = x
+        target = _empty_like(x) if out is None else out
     if tuple(target.shape) != tuple(x.shape) or numpy_dtype(target.dtype) != numpy_dtype(x.dtype):
         raise ValueError(f"out must match the input's shape {tuple(x.shape)} and dtype "
                          f"{x.dtype}, got {tuple(target.shape)} {target.dtype}")
     if is_cuda_array(x):
-        _run_cuda(x, params, layout, target, paste, stream)
+        _run_cuda(source, params, layout, target, paste, stream)
     else:
-        _run_cpu(x, params, layout, target, paste)
-    if in_place:
-        x[...] = target
-        return x
+        _run_cpu(source, params, layout, target, paste)
     return target
 
 
-def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, stream=None):
+def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, stream=None,
+               scratch=None):
     """Mix an image batch (uint8/float16/float32, NCHW or NHWC) with ``params``.
 
     Returns ``out`` (a new array by default; pass ``out=images`` to write in
-    place). CUDA arrays are mixed on ``stream`` (a numba stream; None = default).
+    place, optionally with a reusable ``scratch`` array of the same shape and
+    dtype for the snapshot). CUDA arrays are mixed on ``stream`` (a numba
+    stream; None = default).
     """
     h, w = check_images(images, layout)
     params.check(images.shape[0], (h, w))
-    return _apply(images, params, layout, out, paste=False, stream=stream)
+    return _apply(images, params, layout, out, paste=False, stream=stream, scratch=scratch)
 
 
 def mix_dense(dense, params: MixParams, layout: str = "NHW", *, out=None, stream=None):

@@ -79,6 +79,7 @@ class Mixup:
         self.rng = as_numpy_generator(generator if generator is not None else seed)
         self.mixup_enabled = True  # timm's switch for turning mixing off late in training
         self.last_params = None
+        self._scratch = None  # reused snapshot buffer for in-place CPU mixing
 
     def sample_params(self, batch_size: int, spatial_shape, device=None):
         """Draw this call's parameters (masks on ``device`` when it is CUDA)."""
@@ -114,11 +115,17 @@ class Mixup:
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
         source = view.numpy()
-        mixing.mix_images(source, params, layout,
-                          out=source if self.inplace else out_view.numpy())
+        mixing.mix_images(source, params, layout, out=source if self.inplace else out_view.numpy(),
+                          scratch=self._scratch_like(source) if self.inplace else None)
         targets = mixing.soft_targets(target.numpy(), params, self.config.num_classes,
                                       self.config.label_smoothing)
         return out, torch.from_numpy(targets)
+
+    def _scratch_like(self, array: np.ndarray) -> np.ndarray:
+        scratch = self._scratch
+        if scratch is None or scratch.shape != array.shape or scratch.dtype != array.dtype:
+            scratch = self._scratch = np.empty_like(array)
+        return scratch
 
     def _call_cuda(self, x, view, layout, target, params):
         stream = _cuda_stream()
