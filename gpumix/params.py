@@ -210,9 +210,11 @@ def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
 
 
 def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size: int,
-                      fmix_masks=None) -> MixParams:
+                      fmix_masks=None, pair=None) -> MixParams:
     """Derive MixParams from draws; pure and deterministic.
 
+    ``pair`` overrides the pairing derived from config and draws (the DALI
+    step passes the pairing restricted to the real samples of a padded batch).
     ``fmix_masks(grey_normals_units, lo, hi) -> masks`` may replace the CPU
     mask computation (the CUDA path passes one); by default NumPy's FFT and
     the Numba selection kernel run here.
@@ -258,7 +260,8 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         if mask is not None:
             mask = _array_module(mask).repeat(mask, batch_size, axis=0)
     return MixParams(
-        pair=pairing(config, batch_size, draws.permutation),
+        pair=pairing(config, batch_size, draws.permutation) if pair is None
+        else np.asarray(pair, np.int64),
         lam=lam.astype(np.float32),
         method=method.astype(np.int8),
         box=box,

@@ -1,0 +1,248 @@
+"""gpumix inside NVIDIA DALI pipelines: ``images, targets = gpumix.dali.mix(...)``.
+
+Call :func:`mix` inside your own ``@pipeline_def`` on the decoded/cropped
+batch (HWC uint8, or CHW float after ``crop_mirror_normalize``) and the
+labels; it returns the mixed images (same layout and dtype) and float32 soft
+targets ``(K,)`` per sample, optionally the params too.
+
+Randomness. Every random number comes from DALI's own random operators
+(``random.uniform``, ``random.beta``, ``random.normal`` for FMix spectra,
+``batch_permutation``), seeded by the pipeline, so DALI's checkpointing
+restores the stream bit for bit and each pipeline seed is its own stream.
+They are exactly the fields of :class:`gpumix.params.Draws`; everything after
+them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
+path runs. In mode "batch" the first sample's draws serve the whole batch.
+
+Mechanism (one small class, :class:`_MixStep`, so it can be swapped):
+
+* CPU pipelines (``device_id=None``): one ``python_function`` with
+  ``batch_processing=True`` per batch. It stacks the batch, derives params and
+  runs the Numba CPU kernels (parallel over samples, ``nogil``), and NumPy's
+  FFT for FMix masks. Per sample, DALI's CPU ``numba_function`` would avoid
+  the Python call, but mixing needs the whole batch (partners) and FMix needs
+  an FFT, which no ``numba_function`` can call; the Python cost is one call per
+  batch (measured in benchmarks/, small beside decoding).
+* GPU pipelines: the same step with ``device="gpu"``: DALI hands CuPy arrays,
+  the CUDA kernels run on CuPy's current stream (the one DALI sets for the
+  operator), FMix masks come from cupy.fft + the CUDA selection kernel; no
+  image data goes to the host. The draws are small and go to the GPU stage
+  with ``.gpu()``. DALI's GPU ``numba_function`` launches one kernel per
+  sample and needs uniform shapes, and cannot call an FFT, so it was not
+  chosen; this choice awaits a GPU measurement (README, "GPU").
+
+Partial batches. DALI runs every iteration at full batch size; the reader
+pads the epoch's last batch (``pad_last_batch=True``) by repeating its last
+sample, and the iterator trims it. Pass ``source_info`` (``fn.get_property(
+encoded, key="source_info")``) and :func:`mix` treats the trailing repeats as
+padding: they pair with themselves, and the real samples pair only among
+themselves (the permutation restricted to them, :func:`restrict_pairing`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpumix import fmix, mixing
+from gpumix.config import MixConfig
+from gpumix.params import Draws, pairing, params_from_draws
+
+PARAM_NAMES = ("pair", "lam", "method", "box")
+_DRAW_FIELDS = ("apply_u", "method_u", "lam_mixup", "lam_cutmix", "lam_fmix", "box_u",
+                "round_up_u")
+
+
+def restrict_pairing(pair: np.ndarray, n_valid: int) -> np.ndarray:
+    """Pairing of the first ``n_valid`` samples induced by ``pair`` (a permutation).
+
+    A valid sample's partner is the first valid sample met by following
+    ``pair`` (cycles contracted onto the valid set). Samples left as fixed
+    points are then re-paired: two or more rotate among themselves, a single
+    one is spliced into another cycle; padding (index >= n_valid) pairs with
+    itself. With every sample valid this returns ``pair`` unchanged.
+    """
+    b = pair.shape[0]
+    result = np.arange(b, dtype=np.int64)
+    if n_valid <= 1:
+        return result
+    for i in range(n_valid):
+        j = int(pair[i])
+        while j >= n_valid:
+            j = int(pair[j])
+        result[i] = j
+    fixed = [i for i in range(n_valid) if result[i] == i]
+    if len(fixed) >= 2:
+        for a, b_ in zip(fixed, fixed[1:] + fixed[:1]):
+            result[a] = b_
+    elif len(fixed) == 1:
+        f = fixed[0]
+        j = next(i for i in range(n_valid) if i != f)
+        result[f] = result[j]
+        result[j] = f
+    return result
+
+
+def _host(value) -> np.ndarray:
+    """A NumPy copy of a per-sample DALI value (NumPy already, or CuPy on the GPU stage)."""
+    return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) \
+        else np.asarray(value)
+
+
+def count_valid(source_info) -> int:
+    """Number of real samples: the batch less the trailing repeats of its last one."""
+    names = [bytes(_host(s).astype(np.uint8)) for s in source_info]
+    n = len(names)
+    while n > 1 and names[n - 1] == names[n - 2]:
+        n -= 1
+    return n
+
+
+def _stack(batch, xp):
+    return xp.stack([xp.asarray(s) for s in batch])
+
+
+class _MixStep:
+    """The per-batch function DALI calls: draws in, mixed batch out."""
+
+    def __init__(self, config: MixConfig, layout: str, draw_names, has_source_info: bool,
+                 return_params: bool, device: str):
+        self.config = config
+        self.layout = "NHWC" if layout == "HWC" else "NCHW"
+        self.draw_names = tuple(draw_names)
+        self.has_source_info = has_source_info
+        self.return_params = return_params
+        self.device = device
+
+    def draws(self, inputs: dict, batch_size: int) -> Draws:
+        units = 1 if self.config.mode == "batch" else batch_size
+
+        def field(name, shape=()):
+            if name not in inputs:
+                return np.ones((units, *shape))
+            values = np.stack([_host(v).astype(np.float64).reshape(shape) for v in inputs[name]])
+            return values[:units]
+
+        normals = None
+        if "normals" in inputs:  # stays on the device of the stage (FFT there)
+            normals = _stack(inputs["normals"][:units], _cupy() if self.device == "gpu" else np)
+        return Draws(apply_u=field("apply_u"), method_u=field("method_u"),
+                     lam_mixup=field("lam_mixup"), lam_cutmix=field("lam_cutmix"),
+                     lam_fmix=field("lam_fmix"), box_u=field("box_u", (2,)),
+                     round_up_u=field("round_up_u"), normals=normals)
+
+    def __call__(self, images, labels, *rest):
+        inputs = dict(zip(self.draw_names, rest))
+        b = len(images)
+        n_valid = count_valid(inputs.pop("source_info")) if self.has_source_info else b
+        draws = self.draws(inputs, b)
+        if "permutation" in inputs:
+            perm = np.array([int(_host(p).reshape(-1)[0]) for p in inputs["permutation"]])
+            pair = restrict_pairing(perm, n_valid)
+        else:
+            pair = np.arange(b, dtype=np.int64)
+            pair[:n_valid] = pairing(self.config, n_valid)
+        gpu = self.device == "gpu"
+        xp = _cupy() if gpu else np
+        batch = _stack(images, xp)
+        h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
+        maker = None
+        if gpu and self.config.enabled[2]:
+            maker = fmix.cuda_mask_maker((h, w), self.config.decay_power,
+                                         self.config.reference_compatible, _numba_stream())
+        params = params_from_draws(self.config, (h, w), draws, b, fmix_masks=maker, pair=pair)
+        label_ids = np.array([int(_host(y).reshape(-1)[0]) for y in labels], np.int64)
+        mixing.check_labels(label_ids, b, self.config.num_classes)
+        mixed = mixing.mix_images(batch, params, self.layout,
+                                  stream=_numba_stream() if gpu else None)
+        targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
+                                      self.config.label_smoothing)
+        if gpu:
+            targets = xp.asarray(targets)
+        outputs = [list(mixed), list(targets)]
+        if self.return_params:
+            outputs += [list(params.pair.reshape(b, 1)), list(params.lam.reshape(b, 1)),
+                        list(params.method.reshape(b, 1)), list(params.box)]
+        return tuple(outputs)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _numba_stream():
+    from numba import cuda
+
+    return cuda.external_stream(_cupy().cuda.get_current_stream().ptr)
+
+
+def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int):
+    """DALI random operators for every field of Draws that this config uses."""
+    from nvidia.dali import fn, types
+
+    def uniform(**kwargs):
+        return fn.random.uniform(range=[0.0, 1.0], dtype=types.FLOAT, **kwargs)
+
+    mixup_on, cutmix_on, fmix_on = config.enabled
+    nodes = {"apply_u": uniform(), "method_u": uniform()}
+    if mixup_on:
+        nodes["lam_mixup"] = fn.random.beta(alpha=config.mixup_alpha, beta=config.mixup_alpha)
+    if cutmix_on:
+        if config.cutmix_minmax is not None:
+            lo, hi = config.cutmix_minmax
+            nodes["lam_cutmix"] = fn.random.uniform(range=[lo, hi]) if hi > lo else \
+                fn.random.uniform(range=[lo, lo + 1e-30]) * 0.0 + lo
+        else:
+            nodes["lam_cutmix"] = fn.random.beta(alpha=config.cutmix_alpha,
+                                                 beta=config.cutmix_alpha)
+        nodes["box_u"] = uniform(shape=[2])
+    if fmix_on:
+        a = config.fmix_alpha
+        nodes["lam_fmix"] = fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a)
+        nodes["round_up_u"] = uniform()
+        if spatial_shape is None:
+            raise ValueError("size=(H, W) is required when fmix_alpha > 0: FMix spectra are "
+                             "drawn with a fixed shape")
+        freq = fmix.frequency_shape(tuple(spatial_shape), config.reference_compatible)
+        nodes["normals"] = fn.random.normal(shape=[*freq, 2], dtype=types.FLOAT)
+    if config.pairing == "permutation":
+        nodes["permutation"] = fn.batch_permutation(no_fixed_points=batch_size != 1)
+    return nodes
+
+
+def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
+        source_info=None, return_params: bool = False, device: str = "cpu", **options):
+    """Mix a DALI batch inside ``pipeline_def``; returns ``(images, targets[, params...])``.
+
+    ``images``: HWC (uint8, from decoders/crops) or CHW (float32/float16, from
+    crop_mirror_normalize) -- say which with ``layout``. ``labels``: integer
+    class ids in [0, num_classes). ``size=(H, W)`` is needed for FMix.
+    ``options``: every :class:`gpumix.MixConfig` option (mixup_alpha,
+    cutmix_alpha, fmix_alpha, prob, mode, ...). With ``return_params`` the
+    per-sample pair (int64), lam (float32), method (int8) and box (int64 x 4)
+    follow. ``device``: "cpu" or "gpu" (images already on the GPU stage).
+    """
+    from nvidia.dali import fn
+
+    if layout not in ("HWC", "CHW"):
+        raise ValueError(f"layout must be 'HWC' or 'CHW', got {layout!r}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    from nvidia.dali.pipeline import Pipeline
+
+    config = MixConfig(num_classes=num_classes, **options)
+    batch_size = Pipeline.current().max_batch_size
+    nodes = _draw_nodes(config, size, batch_size)
+    if source_info is not None:
+        nodes["source_info"] = source_info
+    names = list(nodes)
+    inputs = [nodes[n] for n in names]
+    if device == "gpu":
+        inputs = [n.gpu() for n in inputs]
+        labels = labels.gpu()
+    step = _MixStep(config, layout, names, source_info is not None, return_params, device)
+    n_out = 2 + (len(PARAM_NAMES) if return_params else 0)
+    outputs = fn.python_function(images, labels, *inputs, function=step, batch_processing=True,
+                                 num_outputs=n_out, device=device,
+                                 output_layouts=[layout] + [""] * (n_out - 1))
+    return tuple(outputs)
