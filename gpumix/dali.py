@@ -46,7 +46,12 @@ from gpumix import fmix, mixing
 from gpumix.config import MixConfig
 from gpumix.params import Draws, pairing, params_from_draws
 
-PARAM_NAMES = ("pair", "lam", "method", "box")
+PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
+
+
+def param_names(config: MixConfig) -> tuple[str, ...]:
+    """Names of the params outputs of :func:`mix` with ``return_params=True``."""
+    return PARAM_NAMES + (("mask",) if config.enabled[2] else ())
 _DRAW_FIELDS = ("apply_u", "method_u", "lam_mixup", "lam_cutmix", "lam_fmix", "box_u",
                 "round_up_u")
 
@@ -159,8 +164,13 @@ class _MixStep:
             targets = xp.asarray(targets)
         outputs = [list(mixed), list(targets)]
         if self.return_params:
-            outputs += [list(params.pair.reshape(b, 1)), list(params.lam.reshape(b, 1)),
-                        list(params.method.reshape(b, 1)), list(params.box)]
+            outputs += [list(label_ids.reshape(b, 1)), list(params.pair.reshape(b, 1)),
+                        list(params.lam.reshape(b, 1)), list(params.method.reshape(b, 1)),
+                        list(params.box)]
+            if self.config.enabled[2]:
+                mask = params.mask if params.mask is not None else xp.zeros((b, h, w),
+                                                                            xp.float32)
+                outputs.append(list(mask))
         return tuple(outputs)
 
 
@@ -241,7 +251,7 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         inputs = [n.gpu() for n in inputs]
         labels = labels.gpu()
     step = _MixStep(config, layout, names, source_info is not None, return_params, device)
-    n_out = 2 + (len(PARAM_NAMES) if return_params else 0)
+    n_out = 2 + (len(param_names(config)) if return_params else 0)
     outputs = fn.python_function(images, labels, *inputs, function=step, batch_processing=True,
                                  num_outputs=n_out, device=device,
                                  output_layouts=[layout] + [""] * (n_out - 1))

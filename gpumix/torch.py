@@ -37,7 +37,16 @@ from gpumix import fmix, mixing
 from gpumix.config import MixConfig
 from gpumix.params import as_numpy_generator, draw, params_from_draws
 
-__all__ = ["Mixup"]
+__all__ = ["Mixup", "DALIMixLoader"]
+
+
+def __getattr__(name):
+    # The loader pulls in DALI: import it only when asked for.
+    if name == "DALIMixLoader":
+        from gpumix.loader import DALIMixLoader
+
+        return DALIMixLoader
+    raise AttributeError(f"module 'gpumix.torch' has no attribute {name!r}")
 
 
 def _layout_view(x: torch.Tensor):

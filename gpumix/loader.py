@@ -1,0 +1,196 @@
+"""DALIMixLoader: a drop-in replacement for a torch DataLoader that yields
+mixed images and soft targets, built on a DALI pipeline.
+
+    loader = DALIMixLoader("imagenet/train", batch_size=64, mixup_alpha=0.8,
+                           cutmix_alpha=1.0, num_threads=8, seed=0)
+    for epoch in range(epochs):
+        for images, targets in loader:   # NCHW float, (B, K) float32
+            ...
+
+A thin layer over ``nvidia.dali.plugin.pytorch.DALIGenericIterator`` and the
+graphs of :mod:`gpumix.pipelines`; mixing options are gpumix.MixConfig's.
+
+Last batch (``last_batch_policy``), for N samples and batch size B:
+
+    policy     len(loader)      the epoch's last batch
+    "partial"  ceil(N / B)      the N mod B real samples, mixed among themselves
+    "drop"     floor(N / B)     dropped when N mod B != 0
+    "fill"     ceil(N / B)      full size: the real samples mixed among
+                                themselves, then repeats of the last sample
+                                (unmixed, their targets its smoothed one-hot)
+
+Every sample is a primary exactly once per epoch (with "drop", all but the
+dropped tail). ``train=False`` gives the validation pipeline (resize, centre
+crop, no mixing) yielding ``(images, labels)``.
+
+Errors: a missing or empty folder fails at construction; an image DALI cannot
+decode fails the iteration with a RuntimeError naming the file (found by
+re-reading the dataset with Pillow once DALI has failed, since DALI's own
+message does not name it).
+
+Resumption: ``state_dict()`` returns DALI's checkpoint (reader position,
+random operators' states, iterator counters); a loader built with
+``checkpoint=`` that string continues bit for bit.
+
+``return_params=True`` (training) adds a third item per batch: a dict of the
+batch's params as tensors (labels, pair, lam, method, box, and mask with
+FMix), e.g. for logging or for checking the mixing.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from gpumix import pipelines
+from gpumix.backend import resolve_device
+
+LAST_BATCH_POLICIES = ("partial", "drop", "fill")
+
+
+def find_unreadable(files, num_threads: int = 8) -> str | None:
+    """First file (in list order) that Pillow cannot fully decode, or None."""
+    from PIL import Image
+
+    def broken(path):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            return None
+        except Exception as error:  # any decode/IO failure names the file
+            return f"{path} ({type(error).__name__}: {error})"
+
+    with ThreadPoolExecutor(num_threads) as pool:
+        for result in pool.map(broken, files):
+            if result is not None:
+                return result
+    return None
+
+
+class DALIMixLoader:
+    """Mixed training batches (or validation batches) from a DALI pipeline."""
+
+    def __init__(self, data=None, *, file_list=None, batch_size: int = 64,
+                 num_classes: int | None = None, size=224, train: bool = True,
+                 mixing: str = "gpumix", num_threads: int = 2, seed: int = 0,
+                 device: str = "auto", last_batch_policy: str = "partial",
+                 channels_last: bool = False, dtype=torch.float32, shuffle: bool = True,
+                 shard_id: int = 0, num_shards: int = 1, checkpoint: str | None = None,
+                 return_params: bool = False, **mix_options):
+        if (data is None) == (file_list is None):
+            raise ValueError("give exactly one of data (a folder root/class/image) "
+                             "or file_list")
+        if last_batch_policy not in LAST_BATCH_POLICIES:
+            raise ValueError(f"last_batch_policy must be one of {LAST_BATCH_POLICIES}, "
+                             f"got {last_batch_policy!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        if dtype not in (torch.float32, torch.float16):
+            raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"size must be an int or (H, W) of positive ints, got {size!r}")
+        if data is not None:
+            files, labels, self.classes = pipelines.dataset_files(data)
+        else:
+            files, labels = pipelines.read_file_list(file_list)
+            self.classes = None
+        inferred = max(labels) + 1
+        self.num_classes = inferred if num_classes is None else num_classes
+        if min(labels) < 0 or inferred > self.num_classes:
+            raise ValueError(f"labels must be in [0, num_classes={self.num_classes}), "
+                             f"the data has labels up to {inferred - 1}")
+        self.files = files
+        self.batch_size = batch_size
+        self.train = train
+        self.channels_last = channels_last
+        self.return_params = return_params and train and mixing == "gpumix"
+        self.device_choice = resolve_device(device)
+        self.last_batch_policy = last_batch_policy
+        self.num_threads = num_threads
+
+        from nvidia.dali import types
+
+        dali_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+        graph = dict(size=size, dtype=dali_dtype, shard_id=shard_id, num_shards=num_shards)
+        if train:
+            graph.update(num_classes=self.num_classes, mixing=mixing, shuffle=shuffle,
+                         mix_options=mix_options, return_params=self.return_params)
+        elif mix_options:
+            raise ValueError(f"mixing options {sorted(mix_options)} need train=True")
+        device_id = torch.cuda.current_device() if self.device_choice.device == "gpu" else None
+        self._pipe = pipelines.build_pipeline(
+            files, labels, train=train, batch_size=batch_size, num_threads=num_threads,
+            seed=seed, device=self.device_choice.device, device_id=device_id,
+            checkpoint=checkpoint, layout="HWC" if channels_last else "CHW", **graph)
+        self._outputs = ["images", "targets" if train else "labels"]
+        if self.return_params:
+            from gpumix.config import MixConfig
+            from gpumix.dali import param_names
+
+            self._param_names = param_names(MixConfig(num_classes=self.num_classes,
+                                                      **mix_options))
+            self._outputs += list(self._param_names)
+        self._iterator = self._guarded(self._make_iterator)
+
+    # ------------------------------------------------------------ plumbing
+    def _make_iterator(self):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        policy = {"partial": LastBatchPolicy.PARTIAL, "drop": LastBatchPolicy.DROP,
+                  "fill": LastBatchPolicy.FILL}[self.last_batch_policy]
+        return DALIGenericIterator(self._pipe, self._outputs,
+                                   reader_name=pipelines.READER_NAME, last_batch_policy=policy,
+                                   auto_reset=True)
+
+    def _guarded(self, step):
+        """Run a DALI step; on failure name an unreadable file if there is one."""
+        try:
+            return step()
+        except StopIteration:
+            raise
+        except RuntimeError as error:
+            culprit = find_unreadable(self.files, self.num_threads)
+            if culprit is not None:
+                raise RuntimeError(f"cannot decode image {culprit}") from error
+            raise
+
+    def _to_torch(self, batch: dict):
+        images = batch["images"]
+        if self.channels_last:  # DALI wrote NHWC: a free NCHW view in channels_last memory
+            images = images.permute(0, 3, 1, 2)
+        second = batch["targets"] if self.train else batch["labels"].reshape(-1)
+        if self.return_params:
+            params = {k: batch[k] for k in self._param_names}
+            params = {k: (v if k in ("box", "mask") else v.reshape(-1))
+                      for k, v in params.items()}
+            return images, second, params
+        return images, second
+
+    # ------------------------------------------------------------ public
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self):
+        while True:
+            try:
+                batch = self._guarded(lambda: next(self._iterator))
+            except StopIteration:
+                return
+            yield self._to_torch(batch[0])
+
+    def reset(self) -> None:
+        """Start the next epoch now (the rest of the current one is skipped)."""
+        self._iterator.reset()
+
+    def state_dict(self) -> str:
+        """DALI checkpoint of pipeline and iterator; pass as ``checkpoint=`` to resume."""
+        return self._iterator.checkpoints()[0]
+
+    @property
+    def device(self) -> str:
+        return self.device_choice.device

@@ -1,0 +1,199 @@
+"""DALI graphs for training and validation, as plain functions (the DALI
+examples' shape: graph building in functions, a thin ``@pipeline_def``
+around them, one ``device`` argument picking CPU or GPU).
+
+    dataset_files(root)        -> (files, labels, class names), sorted, checked
+    train_graph(...)           read -> decode -> random-resized-crop -> flip
+                               -> mix (uint8 HWC) -> normalize (CHW float)
+    val_graph(...)             read -> decode -> resize -> centre crop -> normalize
+    build_pipeline(...)        either graph in a Pipeline (mixing "gpumix",
+                               "none", or "dali": the pure-DALI baseline)
+
+The training graph mixes the uint8 crops before ``crop_mirror_normalize``:
+a quarter of the bytes of mixing float32 CHW, and mixing commutes with the
+per-channel affine normalisation up to the uint8 rounding of MixUp (at most
+half a grey level). Use :func:`gpumix.dali.mix` directly to mix CHW floats.
+
+The pure-DALI baseline uses only DALI operators: ``batch_permutation`` +
+``permute_batch`` + arithmetic for MixUp, ``multi_paste`` for CutMix (box
+inside the image), targets from ``one_hot``. It exists to measure against.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+READER_NAME = "reader"
+
+
+def dataset_files(root) -> tuple[list[str], list[int], list[str]]:
+    """Files and labels of an ImageNet-style folder ``root/class/image.jpg``.
+
+    Classes are the sorted sub-folder names; label = index in that list.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(root / name)):
+            for f in sorted(names):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if not files:
+        raise ValueError(f"data folder {str(root)!r} holds no images: expected "
+                         f"root/<class>/<image>{'|'.join(IMAGE_EXTENSIONS)}")
+    return files, labels, classes
+
+
+def read_file_list(path) -> tuple[list[str], list[int]]:
+    """A DALI-style file list: one ``relative/or/absolute/path label`` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file_list {str(path)!r} does not exist")
+    files, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, _, label = line.rpartition(" ")
+        if not name or not label.strip().lstrip("-").isdigit():
+            raise ValueError(f"file_list {str(path)!r} line {number}: expected 'path label', "
+                             f"got {line!r}")
+        full = name if os.path.isabs(name) else str(path.parent / name)
+        files.append(full)
+        labels.append(int(label))
+    if not files:
+        raise ValueError(f"file_list {str(path)!r} lists no images")
+    return files, labels
+
+
+def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int):
+    from nvidia.dali import fn
+
+    return fn.readers.file(files=files, labels=labels, random_shuffle=shuffle,
+                           shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+                           name=READER_NAME)
+
+
+def _decode(encoded, device: str):
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
+                             output_type=types.RGB)
+
+
+def _normalize(images, *, dtype, layout: str = "CHW", crop=None):
+    from nvidia.dali import fn
+
+    kwargs = {"crop": crop} if crop is not None else {}
+    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=MEAN,
+                                    std=STD, **kwargs)
+
+
+def _dali_baseline_mix(images, labels, *, num_classes, size, mixup_alpha, cutmix_alpha,
+                       label_smoothing, switch_prob=0.5):
+    """MixUp or CutMix with DALI operators only (HWC uint8 in, HWC uint8 out)."""
+    from nvidia.dali import fn, math as dmath, types
+
+    perm = fn.batch_permutation()
+    partner = fn.permute_batch(images, indices=perm)
+    partner_labels = fn.permute_batch(labels, indices=perm)
+    off = label_smoothing / num_classes
+    on = 1.0 - label_smoothing + off
+    one_hot = fn.one_hot(labels, num_classes=num_classes, on_value=on, off_value=off)
+    partner_hot = fn.one_hot(partner_labels, num_classes=num_classes, on_value=on,
+                             off_value=off)
+    if cutmix_alpha > 0 and mixup_alpha <= 0:
+        h, w = size
+        lam = fn.random.beta(alpha=cutmix_alpha, beta=cutmix_alpha)
+        ratio = dmath.sqrt(1.0 - lam)
+        cut_h = fn.cast(ratio * h, dtype=types.INT32)
+        cut_w = fn.cast(ratio * w, dtype=types.INT32)
+        y0 = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (h - cut_h + 1), dtype=types.INT32)
+        x0 = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (w - cut_w + 1), dtype=types.INT32)
+        zero = fn.cast(y0 * 0, dtype=types.INT32)
+        anchors = fn.stack(fn.stack(zero, zero), fn.stack(y0, x0))
+        shapes = fn.stack(fn.stack(zero + h, zero + w), fn.stack(cut_h, cut_w))
+        mixed = fn.multi_paste(images, partner, in_anchors=anchors, out_anchors=anchors,
+                               shapes=shapes)
+        lam = 1.0 - fn.cast(cut_h * cut_w, dtype=types.FLOAT) / float(h * w)
+    else:
+        lam = fn.random.beta(alpha=mixup_alpha, beta=mixup_alpha)
+        mixed = fn.cast(images * lam + partner * (1.0 - lam), dtype=types.UINT8)
+    targets = one_hot * lam + partner_hot * (1.0 - lam)
+    return mixed, targets
+
+
+def train_graph(files, labels, *, num_classes: int, size, device: str, mixing: str,
+                mix_options: dict, dtype, shuffle: bool = True, shard_id: int = 0,
+                num_shards: int = 1, return_params: bool = False, layout: str = "CHW"):
+    """Outputs (images CHW, targets float32 (K,)[, params]) of one training batch."""
+    from nvidia.dali import fn
+
+    from gpumix import dali as gdali
+
+    encoded, label = _reader(files, labels, shuffle=shuffle, shard_id=shard_id,
+                             num_shards=num_shards)
+    images = _decode(encoded, device)
+    images = fn.random_resized_crop(images, size=list(size))
+    images = fn.flip(images, horizontal=fn.random.coin_flip())
+    params = ()
+    if mixing == "gpumix":
+        info = fn.get_property(encoded, key="source_info")
+        images, targets, *params = gdali.mix(
+            images, label, num_classes=num_classes, layout="HWC", size=tuple(size),
+            source_info=info, return_params=return_params, device=device, **mix_options)
+    elif mixing == "dali":
+        images, targets = _dali_baseline_mix(images, label, num_classes=num_classes,
+                                             size=tuple(size), **mix_options)
+    elif mixing == "none":
+        smoothing = mix_options.get("label_smoothing", 0.0)
+        off = smoothing / num_classes
+        targets = fn.one_hot(label, num_classes=num_classes, on_value=1.0 - smoothing + off,
+                             off_value=off)
+    else:
+        raise ValueError(f"mixing must be 'gpumix', 'dali' or 'none', got {mixing!r}")
+    images = _normalize(images, dtype=dtype, layout=layout)
+    if device == "gpu" and mixing != "gpumix":  # gpumix's targets are on the GPU already
+        targets = targets.gpu()
+    return (images, targets, *params)
+
+
+def val_graph(files, labels, *, size, device: str, dtype, shard_id: int = 0,
+              num_shards: int = 1, layout: str = "CHW"):
+    """Outputs (images CHW, labels int) of one validation batch (no mixing)."""
+    from nvidia.dali import fn, types
+
+    encoded, label = _reader(files, labels, shuffle=False, shard_id=shard_id,
+                             num_shards=num_shards)
+    images = _decode(encoded, device)
+    images = fn.resize(images, resize_shorter=round(min(size) / 0.875),
+                       interp_type=types.INTERP_TRIANGULAR)
+    images = _normalize(images, dtype=dtype, layout=layout, crop=list(size))
+    label = fn.cast(label, dtype=types.INT64)
+    if device == "gpu":
+        label = label.gpu()
+    return images, label
+
+
+def build_pipeline(files, labels, *, train: bool, batch_size: int, num_threads: int,
+                   seed: int, device: str, device_id=None, checkpoint=None, **graph_options):
+    """A built DALI Pipeline around train_graph or val_graph."""
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=seed,
+                  device_id=device_id if device == "gpu" else None,
+                  enable_checkpointing=True, prefetch_queue_depth=2)
+    def pipeline():
+        graph = train_graph if train else val_graph
+        return graph(files, labels, device=device, **graph_options)
+
+    pipe = pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+    pipe.build()
+    return pipe
