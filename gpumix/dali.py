@@ -6,11 +6,13 @@ labels; it returns the mixed images (same layout and dtype) and float32 soft
 targets ``(K,)`` per sample, optionally the params too.
 
 Randomness. Every random number comes from DALI's own random operators
-(``random.uniform``, ``random.beta``, ``random.normal`` for FMix spectra,
-``batch_permutation``), seeded by the pipeline, so DALI's checkpointing
+(``random.uniform``, ``random.beta``, ``random.choice`` for FMix spectrum
+keys, ``batch_permutation``), seeded by the pipeline, so DALI's checkpointing
 restores the stream bit for bit and each pipeline seed is its own stream.
-They are exactly the fields of :class:`gpumix.params.Draws`; everything after
-them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
+They are the fields of :class:`gpumix.params.Draws` (FMix spectra as one
+key per sample, expanded by ``fmix.normals_from_keys``: DALI's own
+``random.normal`` tripled the cost of a batch of 224 x 224 spectra); all
+after them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
 path runs. In mode "batch" the first sample's draws serve the whole batch.
 
 Mechanism (one small class, :class:`_MixStep`, so it can be swapped):
@@ -52,8 +54,6 @@ PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix i
 def param_names(config: MixConfig) -> tuple[str, ...]:
     """Names of the params outputs of :func:`mix` with ``return_params=True``."""
     return PARAM_NAMES + (("mask",) if config.enabled[2] else ())
-_DRAW_FIELDS = ("apply_u", "method_u", "lam_mixup", "lam_cutmix", "lam_fmix", "box_u",
-                "round_up_u")
 
 
 def restrict_pairing(pair: np.ndarray, n_valid: int) -> np.ndarray:
@@ -117,28 +117,24 @@ class _MixStep:
         self.return_params = return_params
         self.device = device
 
-    def draws(self, inputs: dict, batch_size: int) -> Draws:
+    def draws(self, inputs: dict, batch_size: int, spatial_shape) -> Draws:
         units = 1 if self.config.mode == "batch" else batch_size
-
-        def field(name, shape=()):
-            if name not in inputs:
-                return np.ones((units, *shape))
-            values = np.stack([_host(v).astype(np.float64).reshape(shape) for v in inputs[name]])
-            return values[:units]
-
+        uniforms = np.stack([_host(v) for v in inputs["uniforms"][:units]]).astype(np.float64)
+        lams = np.stack([_host(v) for v in inputs["lams"][:units]]).astype(np.float64)
         normals = None
-        if "normals" in inputs:  # stays on the device of the stage (FFT there)
-            normals = _stack(inputs["normals"][:units], _cupy() if self.device == "gpu" else np)
-        return Draws(apply_u=field("apply_u"), method_u=field("method_u"),
-                     lam_mixup=field("lam_mixup"), lam_cutmix=field("lam_cutmix"),
-                     lam_fmix=field("lam_fmix"), box_u=field("box_u", (2,)),
-                     round_up_u=field("round_up_u"), normals=normals)
+        if "normal_keys" in inputs:
+            halves = np.stack([_host(v) for v in inputs["normal_keys"][:units]]).astype(np.int64)
+            keys = (halves[:, 0] << 31) | halves[:, 1]
+            freq = fmix.frequency_shape(spatial_shape, self.config.reference_compatible)
+            normals = fmix.normals_from_keys(keys, freq)
+        return Draws(apply_u=uniforms[:, 0], method_u=uniforms[:, 1], box_u=uniforms[:, 2:4],
+                     round_up_u=uniforms[:, 4], lam_mixup=lams[:, 0], lam_cutmix=lams[:, 1],
+                     lam_fmix=lams[:, 2], normals=normals)
 
     def __call__(self, images, labels, *rest):
         inputs = dict(zip(self.draw_names, rest))
         b = len(images)
         n_valid = count_valid(inputs.pop("source_info")) if self.has_source_info else b
-        draws = self.draws(inputs, b)
         if "permutation" in inputs:
             perm = np.array([int(_host(p).reshape(-1)[0]) for p in inputs["permutation"]])
             pair = restrict_pairing(perm, n_valid)
@@ -149,6 +145,7 @@ class _MixStep:
         xp = _cupy() if gpu else np
         batch = _stack(images, xp)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
+        draws = self.draws(inputs, b, (h, w))
         maker = None
         if gpu and self.config.enabled[2]:
             maker = fmix.cuda_mask_maker((h, w), self.config.decay_power,
@@ -187,34 +184,40 @@ def _numba_stream():
 
 
 def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int):
-    """DALI random operators for every field of Draws that this config uses."""
+    """DALI random operators for the draws this config uses, batched into few
+    inputs (each input costs a per-sample conversion in python_function):
+
+    uniforms (5,): apply_u, method_u, box_u (y, x), round_up_u
+    lams (3,):     MixUp, CutMix and FMix lam (1 where the method is off)
+    normal_keys (2,): two 31-bit halves of each sample's FMix spectrum key
+    permutation:   batch_permutation without fixed points (pairing="permutation")
+    """
     from nvidia.dali import fn, types
 
-    def uniform(**kwargs):
-        return fn.random.uniform(range=[0.0, 1.0], dtype=types.FLOAT, **kwargs)
-
     mixup_on, cutmix_on, fmix_on = config.enabled
-    nodes = {"apply_u": uniform(), "method_u": uniform()}
-    if mixup_on:
-        nodes["lam_mixup"] = fn.random.beta(alpha=config.mixup_alpha, beta=config.mixup_alpha)
-    if cutmix_on:
-        if config.cutmix_minmax is not None:
-            lo, hi = config.cutmix_minmax
-            nodes["lam_cutmix"] = fn.random.uniform(range=[lo, hi]) if hi > lo else \
-                fn.random.uniform(range=[lo, lo + 1e-30]) * 0.0 + lo
-        else:
-            nodes["lam_cutmix"] = fn.random.beta(alpha=config.cutmix_alpha,
-                                                 beta=config.cutmix_alpha)
-        nodes["box_u"] = uniform(shape=[2])
+    uniforms = fn.random.uniform(range=[0.0, 1.0], shape=[5], dtype=types.FLOAT)
+    one = uniforms[0] * 0.0 + 1.0  # a per-sample constant for methods that are off
+    lam_mixup = fn.random.beta(alpha=config.mixup_alpha, beta=config.mixup_alpha) \
+        if mixup_on else one
+    if not cutmix_on:
+        lam_cutmix = one
+    elif config.cutmix_minmax is not None:
+        lo, hi = config.cutmix_minmax
+        lam_cutmix = fn.random.uniform(range=[lo, hi], dtype=types.FLOAT)
+    else:
+        lam_cutmix = fn.random.beta(alpha=config.cutmix_alpha, beta=config.cutmix_alpha)
+    a = config.fmix_alpha
+    lam_fmix = fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a) \
+        if fmix_on else one
+    nodes = {"uniforms": uniforms,
+             "lams": fn.stack(fn.cast(lam_mixup, dtype=types.FLOAT),
+                              fn.cast(lam_cutmix, dtype=types.FLOAT),
+                              fn.cast(lam_fmix, dtype=types.FLOAT))}
     if fmix_on:
-        a = config.fmix_alpha
-        nodes["lam_fmix"] = fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a)
-        nodes["round_up_u"] = uniform()
         if spatial_shape is None:
             raise ValueError("size=(H, W) is required when fmix_alpha > 0: FMix spectra are "
                              "drawn with a fixed shape")
-        freq = fmix.frequency_shape(tuple(spatial_shape), config.reference_compatible)
-        nodes["normals"] = fn.random.normal(shape=[*freq, 2], dtype=types.FLOAT)
+        nodes["normal_keys"] = fn.random.choice(2**31 - 1, shape=[2])
     if config.pairing == "permutation":
         nodes["permutation"] = fn.batch_permutation(no_fixed_points=batch_size != 1)
     return nodes

@@ -78,7 +78,8 @@ class Draws:
     lam_fmix: np.ndarray           # (n,) Beta(fmix_alpha, ...) or Beta(a + 1, a)
     box_u: np.ndarray              # (n, 2) uniform [0, 1): box position (y, x)
     round_up_u: np.ndarray         # (n,) uniform [0, 1): FMix k = ceil iff < 0.5
-    normals: np.ndarray | None     # (n, *frequency_shape, 2) N(0, 1), FMix only
+    normals: np.ndarray | None     # (n, *frequency_shape, 2) N(0, 1), FMix only, expanded
+                                   # from one key per unit (fmix.normals_from_keys)
     permutation: np.ndarray | None = field(default=None)  # (B,) pairing="permutation"
 
 
@@ -132,7 +133,7 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
     normals = None
     if fmix_on:
         freq = fmix.frequency_shape(spatial_shape, config.reference_compatible)
-        normals = rng.standard_normal((n, *freq, 2), dtype=np.float32)
+        normals = fmix.normals_from_keys(rng.integers(0, 2**62, n), freq)
     permutation = derangement(batch_size, rng) if config.pairing == "permutation" else None
     return Draws(
         apply_u=rng.random(n),

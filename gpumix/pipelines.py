@@ -96,8 +96,8 @@ def _normalize(images, *, dtype, layout: str = "CHW", crop=None):
                                     std=STD, **kwargs)
 
 
-def _dali_baseline_mix(images, labels, *, num_classes, size, mixup_alpha, cutmix_alpha,
-                       label_smoothing, switch_prob=0.5):
+def _dali_baseline_mix(images, labels, *, num_classes, size, mixup_alpha=1.0,
+                       cutmix_alpha=0.0, label_smoothing=0.1):
     """MixUp or CutMix with DALI operators only (HWC uint8 in, HWC uint8 out)."""
     from nvidia.dali import fn, math as dmath, types
 
@@ -115,8 +115,10 @@ def _dali_baseline_mix(images, labels, *, num_classes, size, mixup_alpha, cutmix
         ratio = dmath.sqrt(1.0 - lam)
         cut_h = fn.cast(ratio * h, dtype=types.INT32)
         cut_w = fn.cast(ratio * w, dtype=types.INT32)
-        y0 = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (h - cut_h + 1), dtype=types.INT32)
-        x0 = fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (w - cut_w + 1), dtype=types.INT32)
+        y0 = dmath.min(fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (h - cut_h + 1),
+                               dtype=types.INT32), h - cut_h)
+        x0 = dmath.min(fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (w - cut_w + 1),
+                               dtype=types.INT32), w - cut_w)
         zero = fn.cast(y0 * 0, dtype=types.INT32)
         anchors = fn.stack(fn.stack(zero, zero), fn.stack(y0, x0))
         shapes = fn.stack(fn.stack(zero + h, zero + w), fn.stack(cut_h, cut_w))
