@@ -20,7 +20,8 @@ Last batch (``last_batch_policy``), for N samples and batch size B:
                                 (unmixed, their targets its smoothed one-hot)
 
 Every sample is a primary exactly once per epoch (with "drop", all but the
-dropped tail). ``train=False`` gives the validation pipeline (resize, centre
+dropped tail). A loop left early (``break``) resumes where it stopped, like a
+generator; call ``reset()`` to start the next epoch instead. ``train=False`` gives the validation pipeline (resize, centre
 crop, no mixing) yielding ``(images, labels)``.
 
 Errors: a missing or empty folder fails at construction; an image DALI cannot
@@ -135,6 +136,7 @@ class DALIMixLoader:
                                                       **mix_options))
             self._outputs += list(self._param_names)
         self._iterator = self._guarded(self._make_iterator)
+        self._mid_epoch = False
 
     # ------------------------------------------------------------ plumbing
     def _make_iterator(self):
@@ -180,12 +182,20 @@ class DALIMixLoader:
             try:
                 batch = self._guarded(lambda: next(self._iterator))
             except StopIteration:
+                self._mid_epoch = False
                 return
+            self._mid_epoch = True
             yield self._to_torch(batch[0])
 
     def reset(self) -> None:
-        """Start the next epoch now (the rest of the current one is skipped)."""
-        self._iterator.reset()
+        """Make the next loop start a new epoch.
+
+        DALI cannot rewind mid-epoch, so the rest of an epoch left early is
+        read and discarded; at an epoch boundary this does nothing.
+        """
+        if self._mid_epoch:
+            for _ in self:
+                pass
 
     def state_dict(self) -> str:
         """DALI checkpoint of pipeline and iterator; pass as ``checkpoint=`` to resume."""

@@ -1,0 +1,303 @@
+"""gpumix inside real DALI pipelines (CPU-only DALI here, real JPEG decoding):
+the operator against the NumPy reference on the params it returns, the
+loader's epoch accounting, determinism, checkpoints, faults, training."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def, types
+
+import gpumix.dali as gdali
+from gpumix import mixing
+from gpumix.config import FMIX
+from gpumix.datasets import make_image_folder
+from gpumix.params import MixParams
+from gpumix.torch import DALIMixLoader
+
+N_FILES = 21  # 3 classes x 7: batches of 4 leave a partial batch of 1
+
+
+@pytest.fixture(scope="session")
+def jpeg_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("jpegs"), num_classes=3, per_class=7,
+                             size=(40, 52))
+
+
+@pytest.fixture(scope="session")
+def id_file_list(jpeg_folder, tmp_path_factory):
+    """Every file its own label, so a label names a sample."""
+    files = sorted(str(p) for p in jpeg_folder.rglob("*.jpg"))
+    path = tmp_path_factory.mktemp("lists") / "files.txt"
+    path.write_text("".join(f"{f} {i}\n" for i, f in enumerate(files)))
+    return path
+
+
+# ------------------------------------------------------------------ operator
+METHODS = {
+    "mixup": dict(mixup_alpha=1.0),
+    "cutmix": dict(mixup_alpha=0.0, cutmix_alpha=1.0),
+    "fmix": dict(mixup_alpha=0.0, fmix_alpha=1.0, max_soft=0.1),
+    "all": dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, prob=0.9,
+                pairing="permutation"),
+}
+
+
+def run_operator(batch, labels, layout, options, seed=7, iterations=3):
+    b = len(batch)
+    h, w = batch.shape[1:3] if layout == "HWC" else batch.shape[2:4]
+
+    @pipeline_def(batch_size=b, num_threads=1, device_id=None, seed=seed)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout=layout)
+        label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
+                                   batch=True)
+        return gdali.mix(images, label, num_classes=5, layout=layout, size=(h, w),
+                         return_params=True, label_smoothing=0.1, **options)
+
+    p = pipe()
+    p.build()
+    return [[np.stack([np.array(s) for s in out]) for out in p.run()]
+            for _ in range(iterations)]
+
+
+@pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float32)])
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+@pytest.mark.parametrize("method", METHODS)
+def test_operator_equals_reference_on_its_params(layout, dtype, mode, method):
+    rng = np.random.default_rng(0)
+    shape = (5, 12, 10, 3) if layout == "HWC" else (5, 3, 12, 10)
+    batch = (rng.random(shape) * 255).astype(dtype)
+    labels = rng.integers(0, 5, 5)
+    seen_methods = set()
+    for outputs in run_operator(batch, labels, layout, dict(mode=mode, **METHODS[method])):
+        images, targets, label_out, pair, lam, method_out, box, *mask = outputs
+        params = MixParams(pair=pair.reshape(-1).astype(np.int64), lam=lam.reshape(-1),
+                           method=method_out.reshape(-1), box=box.astype(np.int64),
+                           mask=mask[0] if mask else None)
+        seen_methods |= set(params.method.tolist())
+        np.testing.assert_array_equal(label_out.reshape(-1), labels)
+        reference = mixing.reference_mix_images(batch, params, "NHWC" if layout == "HWC"
+                                                else "NCHW")
+        np.testing.assert_array_equal(images, reference)
+        np.testing.assert_allclose(targets, mixing.reference_soft_targets(labels, params, 5, 0.1),
+                                   rtol=0, atol=1e-7)
+        if mode == "batch":
+            assert len(set(params.method.tolist())) == 1
+        if np.any(params.method == FMIX):
+            fm = params.method == FMIX
+            np.testing.assert_allclose(params.mask[fm].mean(axis=(1, 2)), params.lam[fm],
+                                       atol=1e-6)
+    assert seen_methods - {0}, "nothing was mixed"
+
+
+def test_each_pipeline_seed_is_its_own_stream():
+    batch = (np.random.default_rng(0).random((4, 8, 8, 3)) * 255).astype(np.uint8)
+    a = run_operator(batch, [0, 1, 2, 3], "HWC", METHODS["all"], seed=1)
+    b = run_operator(batch, [0, 1, 2, 3], "HWC", METHODS["all"], seed=1)
+    c = run_operator(batch, [0, 1, 2, 3], "HWC", METHODS["all"], seed=2)
+    np.testing.assert_array_equal(a[0][0], b[0][0])
+    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_restrict_pairing_keeps_partners_inside_the_real_samples():
+    rng = np.random.default_rng(0)
+    for b in range(2, 9):
+        for n_valid in range(1, b + 1):
+            perm = rng.permutation(b)
+            pair = gdali.restrict_pairing(perm, n_valid)
+            valid = pair[:n_valid]
+            assert sorted(valid) == list(range(n_valid))  # a permutation of the real ones
+            if n_valid >= 2:
+                assert not np.any(valid == np.arange(n_valid))
+            np.testing.assert_array_equal(pair[n_valid:], np.arange(n_valid, b))
+
+
+# ------------------------------------------------------------------ loader
+@pytest.mark.parametrize("policy,expected_len", [("partial", 6), ("drop", 5), ("fill", 6)])
+def test_epoch_accounting(id_file_list, policy, expected_len):
+    loader = DALIMixLoader(file_list=id_file_list, batch_size=4, size=16, mode="elem",
+                           mixup_alpha=1.0, cutmix_alpha=1.0, pairing="permutation",
+                           last_batch_policy=policy, return_params=True, seed=1)
+    assert len(loader) == expected_len
+    for _ in range(2):  # two epochs, reset between them by the iterator
+        primaries = []
+        batches = 0
+        for images, targets, params in loader:
+            batches += 1
+            b = images.shape[0]
+            labels = params["labels"].tolist()
+            pair = params["pair"]
+            assert targets.shape == (b, N_FILES)
+            assert torch.all((pair >= 0) & (pair < b))  # partners from this batch
+            n_real = len(dict.fromkeys(labels))  # padding repeats the last sample
+            if n_real >= 2:
+                assert not torch.any(pair[:n_real] == torch.arange(n_real))
+            primaries += labels[:n_real]
+            torch.testing.assert_close(targets.sum(1), torch.ones(b), rtol=0, atol=1e-6)
+        assert batches == expected_len
+        expected = N_FILES - (N_FILES % 4 if policy == "drop" else 0)
+        assert len(primaries) == expected == len(set(primaries))  # no loss, no duplicates
+        if policy == "partial":
+            assert images.shape[0] == N_FILES % 4
+        if policy == "fill":
+            assert images.shape[0] == 4
+
+
+def epoch(loader):
+    return [(x.clone(), t.clone()) for x, t in loader]
+
+
+def test_same_seed_same_epochs_and_different_seed_different_mixing(jpeg_folder):
+    options = dict(batch_size=8, size=24, mixup_alpha=0.4, cutmix_alpha=1.0, mode="elem")
+    a = epoch(DALIMixLoader(jpeg_folder, seed=5, **options))
+    b = epoch(DALIMixLoader(jpeg_folder, seed=5, **options))
+    c = epoch(DALIMixLoader(jpeg_folder, seed=6, **options))
+    for (xa, ta), (xb, tb) in zip(a, b):
+        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+        torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+    assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+
+
+def test_checkpoint_mid_epoch_restores_bit_for_bit(jpeg_folder):
+    options = dict(batch_size=4, size=24, mixup_alpha=1.0, fmix_alpha=1.0, mode="elem",
+                   seed=9)
+    loader = DALIMixLoader(jpeg_folder, **options)
+    stream = iter(loader)
+    for _ in range(2):
+        next(stream)
+    state = loader.state_dict()
+    expected = [next(stream) for _ in range(3)]
+    resumed = iter(DALIMixLoader(jpeg_folder, checkpoint=state, **options))
+    for (x, t), (rx, rt) in zip(expected, (next(resumed) for _ in range(3))):
+        torch.testing.assert_close(rx, x, rtol=0, atol=0)
+        torch.testing.assert_close(rt, t, rtol=0, atol=0)
+
+
+def test_corrupt_jpeg_error_names_the_file(jpeg_folder, tmp_path):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    good = sorted(jpeg_folder.rglob("*.jpg"))[:3]
+    for f in good:
+        (root / "a" / f.name).write_bytes(f.read_bytes())
+    (root / "a" / "truncated.jpg").write_bytes(good[0].read_bytes()[:200])
+    with pytest.raises(RuntimeError, match="truncated.jpg"):
+        for _ in DALIMixLoader(root, batch_size=2, size=16, shuffle=False):
+            pass
+
+
+def test_empty_and_missing_folders_fail_at_construction(tmp_path):
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        DALIMixLoader(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DALIMixLoader(tmp_path / "nowhere")
+
+
+def test_validation_mode_yields_labels_unmixed(jpeg_folder):
+    loader = DALIMixLoader(jpeg_folder, train=False, batch_size=8, size=24)
+    labels = torch.cat([y for _, y in loader])
+    assert labels.tolist() == sorted(labels.tolist())  # unshuffled folder order
+    assert torch.bincount(labels).tolist() == [7, 7, 7]
+
+
+def test_reset_starts_a_new_epoch_after_an_early_break(id_file_list):
+    loader = DALIMixLoader(file_list=id_file_list, batch_size=4, size=16, train=False)
+    for _, labels in loader:
+        break
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert next(iter(loader))[1].tolist() == [4, 5, 6, 7]  # resumes, like a generator
+    loader.reset()
+    assert [y.tolist() for _, y in loader][0] == [0, 1, 2, 3]
+    loader.reset()  # at an epoch boundary: nothing to skip
+    assert len(list(loader)) == 6
+
+
+def test_channels_last_and_float16(jpeg_folder):
+    x, t = next(iter(DALIMixLoader(jpeg_folder, batch_size=4, size=20, channels_last=True,
+                                   dtype=torch.float16)))
+    assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float16
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert t.dtype == torch.float32
+
+
+@pytest.mark.parametrize("options", [dict(mixup_alpha=0.8), dict(mixup_alpha=0.0,
+                                                                   cutmix_alpha=1.0)])
+def test_pure_dali_baseline_gives_soft_targets(jpeg_folder, options):
+    loader = DALIMixLoader(jpeg_folder, batch_size=4, size=24, mixing="dali", **options)
+    x, t = next(iter(loader))
+    assert x.shape == (4, 3, 24, 24)
+    torch.testing.assert_close(t.sum(1), torch.ones(4), rtol=0, atol=1e-5)
+    assert torch.all(t.max(1).values < 1.0)  # smoothed and mixed, never one-hot
+
+
+def test_a_tiny_cnn_learns_from_the_loader(jpeg_folder):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    train = DALIMixLoader(jpeg_folder, batch_size=7, size=24, mixup_alpha=0.2,
+                          cutmix_alpha=1.0, seed=0)
+    val = DALIMixLoader(jpeg_folder, batch_size=21, size=24, train=False)
+
+    def val_loss():
+        with torch.no_grad():
+            (x, y), = list(val)  # one batch of all 21 images
+            return torch.nn.functional.cross_entropy(model(x), y).item()
+
+    before = val_loss()
+    for _ in range(8):
+        for x, targets in train:
+            loss = torch.nn.functional.cross_entropy(model(x), targets)  # soft targets
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert val_loss() < 0.8 * before
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.cuda
+def test_gpu_loader_matches_the_cpu_contract(id_file_list):
+    loader = DALIMixLoader(file_list=id_file_list, batch_size=4, size=16, device="gpu",
+                           mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem",
+                           return_params=True, seed=1)
+    primaries = []
+    for images, targets, params in loader:
+        assert images.is_cuda and targets.is_cuda
+        torch.testing.assert_close(targets.sum(1), torch.ones(len(targets), device="cuda"),
+                                   rtol=0, atol=1e-6)
+        primaries += params["labels"].tolist()[: len(set(params["labels"].tolist()))]
+    assert sorted(primaries) == list(range(N_FILES))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["mixup", "cutmix", "fmix"])
+def test_gpu_operator_equals_reference(method):
+    rng = np.random.default_rng(0)
+    batch = (rng.random((5, 12, 10, 3)) * 255).astype(np.uint8)
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=0, seed=3)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: [np.array([i], np.int32) for i in range(5)],
+                                   batch=True)
+        return gdali.mix(images.gpu(), label, num_classes=5, size=(12, 10), return_params=True,
+                         device="gpu", mode="elem", **METHODS[method])
+
+    p = pipe()
+    p.build()
+    images, targets, _, pair, lam, method_out, box, *mask = [
+        np.stack([np.array(s) for s in out.as_cpu()]) for out in p.run()]
+    params = MixParams(pair=pair.reshape(-1).astype(np.int64), lam=lam.reshape(-1),
+                       method=method_out.reshape(-1), box=box.astype(np.int64),
+                       mask=mask[0] if mask else None)
+    np.testing.assert_array_equal(images, mixing.reference_mix_images(batch, params, "NHWC"))
+
+
+def test_no_gpu_here_means_auto_picks_cpu_with_a_reason(jpeg_folder):
+    loader = DALIMixLoader(jpeg_folder, batch_size=4, size=16)
+    if not torch.cuda.is_available():
+        assert loader.device == "cpu" and "cuda" in loader.device_choice.reason.lower()
+    assert os.path.isdir(jpeg_folder)
