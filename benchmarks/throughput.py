@@ -1,0 +1,228 @@
+"""End-to-end loader throughput: gpumix against CPU loaders and DALI's own
+building blocks, at equal CPU threads/workers, on the same JPEG folder.
+
+Configurations (all: random-resized-crop to ``size``, horizontal flip,
+normalisation, float32 NCHW batches with soft targets unless said):
+
+    a  torchvision+timm Mixup       torch DataLoader (num_workers = threads),
+                                    torchvision transforms, timm ``Mixup`` on
+                                    each batch (what most training code runs)
+    a0 torchvision (no mixing)      the same without mixing (reference)
+    b  torchvision+timm FastCollate timm ``FastCollateMixup``: uint8 mixing in
+                                    the collate, then normalisation
+    c  DALI (no mixing)             gpumix's pipeline with mixing off
+    d  DALI pure MixUp / CutMix     DALI-only mixing (batch_permutation,
+                                    arithmetic, multi_paste)
+    e  gpumix MixUp+CutMix / FMix   per-sample ("elem") mixing inside DALI
+
+Timing: each configuration runs ``warmup`` batches, then ``repeats`` timed
+passes of ``batches`` batches; images/s per pass; median and min/max are
+reported with the speed-up against ``a``. CUDA work is timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+
+
+@dataclass
+class Config:
+    key: str
+    name: str
+    make: Callable  # (settings) -> iterable of (images, targets)
+    results: list = field(default_factory=list)
+
+
+def _torch_loader(settings, collate=None, uint8=False):
+    import torch
+    from torchvision import datasets, transforms
+
+    steps = [transforms.RandomResizedCrop(settings.size), transforms.RandomHorizontalFlip()]
+    if uint8:
+        steps.append(transforms.PILToTensor())
+    else:
+        steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    dataset = datasets.ImageFolder(settings.data, transform=transforms.Compose(steps))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=settings.batch_size, shuffle=True, num_workers=settings.threads,
+        drop_last=True, persistent_workers=settings.threads > 0, collate_fn=collate,
+        prefetch_factor=2 if settings.threads > 0 else None)
+
+
+def torchvision_timm(settings, mix=True):
+    from timm.data.mixup import Mixup
+
+    loader = _torch_loader(settings)
+    mixup = Mixup(**MIX, num_classes=settings.num_classes)
+
+    def batches():
+        for x, y in loader:
+            yield mixup(x, y) if mix else (x, y)
+
+    return batches
+
+
+def torchvision_fast_collate(settings):
+    import torch
+    from timm.data.mixup import FastCollateMixup
+
+    collate = FastCollateMixup(**MIX, num_classes=settings.num_classes)
+
+    def collate_tensors(batch):  # FastCollateMixup wants uint8 numpy CHW arrays
+        return collate([(img.numpy(), label) for img, label in batch])
+
+    loader = _torch_loader(settings, collate=collate_tensors, uint8=True)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+
+    def batches():
+        for x, y in loader:
+            yield (x.float() - mean) / std, y
+
+    return batches
+
+
+def dali_loader(settings, mixing, **options):
+    from gpumix.torch import DALIMixLoader
+
+    loader = DALIMixLoader(settings.data, batch_size=settings.batch_size, size=settings.size,
+                           num_threads=settings.threads, device=settings.device,
+                           mixing=mixing, seed=0, **options)
+    return lambda: iter(loader)
+
+
+def configurations(settings) -> list[Config]:
+    both = dict(MIX, mode="elem")
+    return [
+        Config("a", "torchvision + timm Mixup", lambda s: torchvision_timm(s)),
+        Config("a0", "torchvision (no mixing)", lambda s: torchvision_timm(s, mix=False)),
+        Config("b", "torchvision + timm FastCollateMixup", torchvision_fast_collate),
+        Config("c", "DALI (no mixing)", lambda s: dali_loader(s, "none")),
+        Config("d-mixup", "DALI pure MixUp", lambda s: dali_loader(s, "dali", mixup_alpha=0.8)),
+        Config("d-cutmix", "DALI pure CutMix",
+               lambda s: dali_loader(s, "dali", mixup_alpha=0.0, cutmix_alpha=1.0)),
+        Config("e-mixcut", "gpumix MixUp/CutMix (per sample)",
+               lambda s: dali_loader(s, "gpumix", **both)),
+        Config("e-fmix", "gpumix FMix (per-sample masks)",
+               lambda s: dali_loader(s, "gpumix", mixup_alpha=0.0, fmix_alpha=1.0,
+                                     mode="elem", label_smoothing=0.1)),
+    ]
+
+
+class _Clock:
+    """Wall clock, or CUDA events when the batches live on a GPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def start(self):
+        if self.cuda:
+            import torch
+
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            import torch
+
+            self._end.record()
+            torch.cuda.synchronize()
+            return self._begin.elapsed_time(self._end) / 1e3
+        return time.perf_counter() - self._t0
+
+
+def _take(iterator_factory, count: int, state: dict):
+    """Next ``count`` batches from a cycling iterator; returns images seen."""
+    seen = 0
+    while seen < count:
+        if state.get("it") is None:
+            state["it"] = iter(iterator_factory())
+        try:
+            x, t = next(state["it"])
+        except StopIteration:
+            state["it"] = None
+            continue
+        state["last"] = (x, t)
+        seen += 1
+        state["images"] = state.get("images", 0) + x.shape[0]
+    return state
+
+
+def measure(config: Config, settings, progress=None) -> dict:
+    factory = config.make(settings)
+    state: dict = {}
+    _take(factory, settings.warmup, state)
+    x, t = state["last"]
+    clock = _Clock(getattr(x, "is_cuda", False))
+    rates = []
+    for _ in range(settings.repeats):
+        state["images"] = 0
+        clock.start()
+        _take(factory, settings.batches, state)
+        elapsed = clock.stop()
+        rates.append(state["images"] / elapsed)
+        if progress is not None:
+            progress.update(1)
+    x, t = state["last"]
+    return {"key": config.key, "name": config.name, "images_per_s": statistics.median(rates),
+            "min": min(rates), "max": max(rates), "rates": rates,
+            "batch_shape": list(x.shape), "targets_shape": list(t.shape),
+            "targets_row_sum": float(t.float().sum(1).mean()) if t.dim() == 2 else None}
+
+
+def run(settings, only=None, progress_factory=None) -> list[dict]:
+    configs = [c for c in configurations(settings) if only is None or c.key in only]
+    rows = []
+    bar = progress_factory(total=len(configs) * settings.repeats) if progress_factory else None
+    for config in configs:
+        if bar is not None:
+            bar.set_description(config.name)
+        rows.append(measure(config, settings, bar))
+    if bar is not None:
+        bar.close()
+    base = next((r["images_per_s"] for r in rows if r["key"] == "a"), None)
+    for r in rows:
+        r["speedup_vs_a"] = r["images_per_s"] / base if base else None
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'':3}{'configuration':44} {'images/s':>9} {'min-max':>15} {'vs a':>6}"]
+    for r in rows:
+        speed = f"{r['speedup_vs_a']:.2f}x" if r["speedup_vs_a"] else "-"
+        lines.append(f"{r['key']:<9}{r['name']:38} {r['images_per_s']:>9.0f} "
+                     f"{r['min']:>7.0f}-{r['max']:<7.0f} {speed:>6}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['key']}: {r['name']}" for r in rows]
+    medians = np.array([r["images_per_s"] for r in rows])
+    low = medians - np.array([r["min"] for r in rows])
+    high = np.array([r["max"] for r in rows]) - medians
+    colors = ["#4c72b0" if r["key"].startswith(("a", "b")) else
+              "#55a868" if r["key"].startswith(("c", "d")) else "#c44e52" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    ax.barh(names[::-1], medians[::-1], xerr=[low[::-1], high[::-1]], color=colors[::-1])
+    ax.set_xlabel("images / s (median, min-max)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
