@@ -100,16 +100,17 @@ def grey_images(normals, shape, decay_power: float, xp=np,
     """
     shape = tuple(int(s) for s in shape)
     scale = spectrum_scale(shape, decay_power, xp, reference_compatible).astype(xp.float32)
-    spectrum = normals.astype(xp.float32, copy=False) * scale[..., None]
+    normals = xp.ascontiguousarray(normals, dtype=xp.float32)
     axes = tuple(range(-len(shape), 0))
     if reference_compatible:
+        spectrum = normals * scale[..., None]
         # The published line: index 0/1 of the axis after the batch (height
         # for 2-D), not of the re/im axis.
-        complex_spectrum = spectrum[:, 0] + 1j * spectrum[:, 1]
+        complex_spectrum = (spectrum[:, 0] + 1j * spectrum[:, 1]).astype(xp.complex64)
     else:
-        complex_spectrum = spectrum[..., 0] + 1j * spectrum[..., 1]
-    complex_spectrum = complex_spectrum.astype(xp.complex64)
-    return xp.fft.irfftn(complex_spectrum, s=shape, axes=axes).astype(xp.float32)
+        # (re, im) pairs are adjacent: view them as complex64, scale in one pass.
+        complex_spectrum = normals.view(xp.complex64)[..., 0] * scale
+    return xp.fft.irfftn(complex_spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
 
 
 def rank_bounds(lam, n_pixels: int, round_up, max_soft: float):

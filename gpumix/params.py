@@ -249,8 +249,11 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         else:
             unit_masks = fmix_masks(draws.normals[used], lo[used], hi[used])
         xp = _array_module(unit_masks)
-        mask = xp.zeros((units, *spatial_shape), xp.float32)
-        mask[used] = unit_masks
+        if used.size == units:
+            mask = unit_masks
+        else:
+            mask = xp.zeros((units, *spatial_shape), xp.float32)
+            mask[used] = unit_masks
         fmix_lam = _to_numpy(fmix.soft_lam(mask)) if config.max_soft > 0 else k / n_pix
         lam = np.where(is_fmix, fmix_lam, lam)
 

@@ -53,6 +53,16 @@ def _build(jit, fmul, fadd):
         return fadd(fmul(lam, fa), fmul(float32(1.0) - lam, fb))
 
     @jit
+    def mask_value(a, b, m):
+        """Mask mix of one value: exactly a where m == 1, b where m == 0
+        (selection: hard masks never touch the arithmetic), else the blend."""
+        if m >= float32(1.0):
+            return float32(a)
+        if m <= float32(0.0):
+            return float32(b)
+        return blend_value(a, b, m)
+
+    @jit
     def quantize_uint8(v):
         """Clamp to [0, 255] and round to nearest, ties to even (as float32)."""
         v = min(max(v, float32(0.0)), float32(255.0))
@@ -105,6 +115,7 @@ def _build(jit, fmul, fadd):
 
     return SimpleNamespace(
         blend_value=blend_value,
+        mask_value=mask_value,
         quantize_uint8=quantize_uint8,
         box_contains=box_contains,
         target_value=target_value,

@@ -48,7 +48,7 @@ def reference(x: np.ndarray, pair: np.ndarray, lam: np.ndarray, samples=None) ->
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _blend_rows_cpu(x, pair, lam, samples, quantize, out):
     n_rows = x.shape[1]
     n_cols = x.shape[2]

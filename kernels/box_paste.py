@@ -42,7 +42,7 @@ def reference(x: np.ndarray, pair, box, layout: str, samples=None) -> np.ndarray
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _paste_rows_cpu(x, pair, box, samples, height, cstride, out):
     # Same predicate as the CUDA kernel, evaluated once per row: a row is
     # three contiguous segments (primary, partner, primary), copied as slices

@@ -4,7 +4,9 @@ Augmentation", 2020; anchor: ecs-vlc/FMix).
 For every selected sample i with partner j = pair[i] and mask m = mask[i]
 of shape (H, W), values in [0, 1], 1 meaning "primary":
 
-    images:  out[i][y, x] = m * x[i][y, x] + (1 - m) * x[j][y, x]   (float32)
+    images:  out[i][y, x] = x[i][y, x]                             where m == 1
+                            x[j][y, x]                             where m == 0
+                            m * x[i][y, x] + (1 - m) * x[j][y, x]  otherwise (float32)
     paste:   out[i][y, x] = x[i][y, x] if m >= 0.5 else x[j][y, x]
 
 Images use the MixUp blend of kernels._element, so a hard (0/1) mask takes
@@ -26,7 +28,7 @@ from kernels._element import element_functions
 from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32
 
 _cpu = element_functions("cpu")
-_blend_value_cpu = _cpu.blend_value
+_mask_value_cpu = _cpu.mask_value
 _quantize_cpu = _cpu.quantize_uint8
 
 
@@ -44,31 +46,36 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
         return out
     af = a.astype(np.float32)
     bf = b.astype(np.float32)
-    mixed = np.where(af == bf, af, m * af + (np.float32(1) - m) * bf).astype(np.float32)
+    blended = np.where(af == bf, af, m * af + (np.float32(1) - m) * bf).astype(np.float32)
+    mixed = np.where(m >= 1, af, np.where(m <= 0, bf, blended))
     if x.dtype == np.uint8:
         mixed = np.rint(np.clip(mixed, 0, 255))
     out[samples] = mixed.astype(x.dtype)
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _mask_rows_cpu(x, pair, mask, samples, height, cstride, quantize, paste, out):
+    # Loops pixel by pixel, then channel, so the mask is read once per pixel
+    # and no division maps columns to pixels (k = px * cstride + c).
     n_rows = x.shape[1]
-    n_cols = x.shape[2]
+    n_pixels = x.shape[2] // cstride
     for s in prange(samples.size):
         i = samples[s]
         j = pair[i]
         for r in range(n_rows):
             y = r % height
-            for k in range(n_cols):
-                m = mask[i, y, k // cstride]
-                if paste:
-                    out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
-                else:
-                    v = _blend_value_cpu(x[i, r, k], x[j, r, k], m)
-                    if quantize:
-                        v = _quantize_cpu(v)
-                    out[i, r, k] = v
+            for px in range(n_pixels):
+                m = mask[i, y, px]
+                for c in range(cstride):
+                    k = px * cstride + c
+                    if paste:
+                        out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
+                    else:
+                        v = _mask_value_cpu(x[i, r, k], x[j, r, k], m)
+                        if quantize:
+                            v = _quantize_cpu(v)
+                        out[i, r, k] = v
 
 
 def _cpu_any_dtype(x, pair, mask, samples, height, cstride, paste=False, *, out):
@@ -82,7 +89,7 @@ cpu.__doc__ = "Mix the listed samples through their float32 masks (B, H, W), on 
 
 
 _gpu = element_functions("cuda")
-_blend_value_gpu = _gpu.blend_value
+_mask_value_gpu = _gpu.mask_value
 _quantize_gpu = _gpu.quantize_uint8
 
 
@@ -103,7 +110,7 @@ def _mask_rows_cuda(x, pair, mask, samples, height, cstride, quantize, paste, ou
             if paste:
                 out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
             else:
-                v = _blend_value_gpu(x[i, r, k], x[j, r, k], m)
+                v = _mask_value_gpu(x[i, r, k], x[j, r, k], m)
                 if quantize:
                     v = _quantize_gpu(v)
                 out[i, r, k] = v

@@ -16,8 +16,9 @@ that sorts like the float), so every backend ranks identically, -0.0 and
 +0.0 included.
 
 * :func:`reference` - NumPy, a stable argsort of the keys (the oracle);
-* :func:`cpu` - Numba, per sample: introselect (``np.partition``) for the
-  thresholds, then a stable sort of the ramp band only (empty for hard masks);
+* :func:`cpu` - Numba, per sample: radix select of the thresholds (three
+  11-bit counting passes), then a stable sort of the ramp band only (empty
+  for hard masks);
 * :func:`cuda` - Numba CUDA, hard masks: one block per sample, an 8-bit-digit
   radix select of the k-th largest key (four passes of a 256-bin shared
   histogram), then an in-order block scan that takes the tied elements of
@@ -54,8 +55,37 @@ def reference(grey: np.ndarray, num_low, num_high) -> np.ndarray:
     return masks
 
 
-@njit(cache=True)
-def _mark_top(keys, k, marked):
+_DIGIT_BITS = 11
+_DIGIT_MASK = (1 << _DIGIT_BITS) - 1
+
+
+@njit(cache=True, nogil=True)
+def _kth_largest_key(keys, k, hist):
+    """(threshold, ties): the k-th largest key (1 <= k <= n) and how many keys
+    equal to it belong to the top k. Radix select on 32-bit keys, 11-bit
+    digits from the top: three counting passes, O(n), no sort, no copy."""
+    prefix = np.int64(0)
+    prefix_mask = np.int64(0)
+    remaining = np.int64(k)
+    for shift in (21, 10, 0):
+        hist[:] = 0
+        for e in range(keys.size):
+            key = keys[e]
+            if (key & prefix_mask) == prefix:
+                hist[(key >> shift) & _DIGIT_MASK] += 1
+        above = np.int64(0)
+        for d in range(_DIGIT_MASK, -1, -1):
+            if above + hist[d] >= remaining:
+                prefix = prefix | (np.int64(d) << shift)
+                remaining -= above
+                break
+            above += hist[d]
+        prefix_mask = prefix_mask | (np.int64(_DIGIT_MASK) << shift)
+    return prefix, remaining
+
+
+@njit(cache=True, nogil=True)
+def _mark_top(keys, k, marked, hist):
     """marked[e] = rank(e) < k, ranks by key descending then index ascending."""
     n = keys.size
     if k <= 0:
@@ -64,12 +94,7 @@ def _mark_top(keys, k, marked):
     if k >= n:
         marked[:] = True
         return
-    threshold = np.partition(keys, n - k)[n - k]  # the k-th largest key
-    above = 0
-    for e in range(n):
-        if keys[e] > threshold:
-            above += 1
-    ties_left = k - above
+    threshold, ties_left = _kth_largest_key(keys, k, hist)
     for e in range(n):
         key = keys[e]
         if key > threshold:
@@ -81,7 +106,7 @@ def _mark_top(keys, k, marked):
             marked[e] = False
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _select_cpu(bits, num_low, num_high, out):
     n_samples, n = bits.shape
     for i in prange(n_samples):
@@ -90,14 +115,15 @@ def _select_cpu(bits, num_low, num_high, out):
             keys[e] = _order_key_cpu(bits[i, e])
         lo = num_low[i]
         hi = num_high[i]
+        hist = np.empty(_DIGIT_MASK + 1, np.int64)
         in_high = np.empty(n, np.bool_)
-        _mark_top(keys, hi, in_high)
+        _mark_top(keys, hi, in_high, hist)
         if hi == lo:
             for e in range(n):
                 out[i, e] = float32(1.0) if in_high[e] else float32(0.0)
             continue
         in_low = np.empty(n, np.bool_)
-        _mark_top(keys, lo, in_low)
+        _mark_top(keys, lo, in_low, hist)
         band = np.empty(hi - lo, np.int64)
         m = 0
         for e in range(n):

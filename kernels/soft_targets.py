@@ -44,7 +44,7 @@ def reference(labels, pair, lam, num_classes: int, smoothing: float) -> np.ndarr
     return (off + (on - off) * weight).astype(np.float32)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _targets_cpu(labels, pair, lam, off, on, out):
     n_classes = out.shape[1]
     for i in prange(labels.size):

@@ -1,0 +1,84 @@
+"""The ``gpumix`` command on a tiny dataset: JSON schema, positive
+throughputs, a valid PNG of the expected size, and baselines that do what
+they claim."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import throughput
+from benchmarks.preview import preview_size
+from gpumix.datasets import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("cli") / "data", num_classes=3,
+                             per_class=8, size=(60, 80))
+
+
+def gpumix(*args):
+    result = subprocess.run([sys.executable, "-m", "gpumix.cli", *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
+    gpumix("bench", "--quick", "--data", str(tiny_folder), "--out", str(tmp_path),
+           "--batch-size", "4", "--threads", "1")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {"command", "settings", "environment", "results"} <= set(report)
+    assert {"numpy", "torch", "nvidia.dali", "commit", "auto_device"} <= set(
+        report["environment"])
+    keys = [r["key"] for r in report["results"]]
+    assert keys == ["a", "a0", "b", "c", "d-mixup", "d-cutmix", "e-mixcut", "e-fmix"]
+    for row in report["results"]:
+        assert row["images_per_s"] > 0 and row["min"] <= row["images_per_s"] <= row["max"]
+        assert row["batch_shape"][1:] == [3, 96, 96] or row["batch_shape"][1:] == [3, 80, 80]
+    with Image.open(tmp_path / "bench.png") as png:
+        png.verify()
+
+
+def test_preview_png_has_the_expected_size(tiny_folder, tmp_path):
+    out = tmp_path / "preview.png"
+    gpumix("preview", "--data", str(tiny_folder), "--out", str(out), "--columns", "4",
+           "--size", "48")
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+        assert png.size == preview_size(4)
+        pixels = np.asarray(png.convert("RGB"))
+    assert pixels.std() > 10  # not a blank canvas
+
+
+def test_info_reports_device_choice():
+    out = gpumix("info").stdout
+    assert "auto_device" in out and "nvidia.dali" in out
+
+
+def test_bad_cli_arguments_fail_clearly(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gpumix.cli", "bench", "--data",
+                             str(tmp_path / "missing")], capture_output=True, text=True)
+    assert result.returncode != 0 and "is not a folder" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "gpumix.cli", "bench", "--batch-size", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "positive" in result.stderr
+
+
+@pytest.mark.parametrize("make", [lambda s: throughput.torchvision_timm(s),
+                                  throughput.torchvision_fast_collate],
+                         ids=["timm-mixup", "timm-fast-collate"])
+def test_timm_baselines_produce_soft_targets_that_sum_to_one(tiny_folder, make):
+    import argparse
+
+    settings = argparse.Namespace(data=str(tiny_folder), batch_size=4, size=32, threads=0,
+                                  num_classes=3, device="cpu")
+    x, t = next(iter(make(settings)()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    torch.testing.assert_close(t.sum(1), torch.ones(4), rtol=0, atol=1e-5)
+    assert torch.all(t.max(1).values < 1.0)  # smoothed (and mixed): soft, not one-hot
