@@ -29,6 +29,14 @@ decode fails the iteration with a RuntimeError naming the file (found by
 re-reading the dataset with Pillow once DALI has failed, since DALI's own
 message does not name it).
 
+Distributed: each rank reads its shard, from ``shard_id``/``num_shards`` or,
+when both are left out, from torch.distributed's rank and world size. The
+reader shuffles the whole dataset every epoch with ``seed`` (the same on all
+ranks), so an epoch's shards are disjoint and cover the data; each shard's
+last batch is padded by DALI and the padding is dropped (policy "partial") or
+left unmixed ("fill"). Mixing draws from a per-rank pipeline seed derived
+from ``seed`` and the rank (:func:`rank_seed`).
+
 Resumption: ``state_dict()`` returns DALI's checkpoint (reader position,
 random operators' states, iterator counters); a loader built with
 ``checkpoint=`` that string continues bit for bit.
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from gpumix import pipelines
@@ -69,6 +78,29 @@ def find_unreadable(files, num_threads: int = 8) -> str | None:
     return None
 
 
+def resolve_shard(shard_id, num_shards) -> tuple[int, int]:
+    """(shard_id, num_shards): given, else torch.distributed's rank and world size."""
+    if shard_id is None and num_shards is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    shard_id = 0 if shard_id is None else shard_id
+    num_shards = 1 if num_shards is None else num_shards
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, num_shards={num_shards}), got {shard_id!r}")
+    return shard_id, num_shards
+
+
+def rank_seed(seed: int, shard_id: int) -> int:
+    """The pipeline seed of one shard: every rank its own mixing stream from one user
+    seed (the reader's shuffling uses ``seed`` itself, the same on every rank)."""
+    return int(np.random.SeedSequence([seed, shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 class DALIMixLoader:
     """Mixed training batches (or validation batches) from a DALI pipeline."""
 
@@ -77,7 +109,8 @@ class DALIMixLoader:
                  mixing: str = "gpumix", num_threads: int = 2, seed: int = 0,
                  device: str = "auto", last_batch_policy: str = "partial",
                  channels_last: bool = False, dtype=torch.float32, shuffle: bool = True,
-                 shard_id: int = 0, num_shards: int = 1, checkpoint: str | None = None,
+                 shard_id: int | None = None, num_shards: int | None = None,
+                 checkpoint: bytes | str | None = None,
                  return_params: bool = False, **mix_options):
         if (data is None) == (file_list is None):
             raise ValueError("give exactly one of data (a folder root/class/image) "
@@ -91,6 +124,7 @@ class DALIMixLoader:
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
         if dtype not in (torch.float32, torch.float16):
             raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+        shard_id, num_shards = resolve_shard(shard_id, num_shards)
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"size must be an int or (H, W) of positive ints, got {size!r}")
@@ -105,6 +139,7 @@ class DALIMixLoader:
             raise ValueError(f"labels must be in [0, num_classes={self.num_classes}), "
                              f"the data has labels up to {inferred - 1}")
         self.files = files
+        self.shard_id, self.num_shards = shard_id, num_shards
         self.batch_size = batch_size
         self.train = train
         self.channels_last = channels_last
@@ -119,13 +154,14 @@ class DALIMixLoader:
         graph = dict(size=size, dtype=dali_dtype, shard_id=shard_id, num_shards=num_shards)
         if train:
             graph.update(num_classes=self.num_classes, mixing=mixing, shuffle=shuffle,
-                         mix_options=mix_options, return_params=self.return_params)
+                         mix_options=mix_options, return_params=self.return_params,
+                         reader_seed=seed)
         elif mix_options:
             raise ValueError(f"mixing options {sorted(mix_options)} need train=True")
         device_id = torch.cuda.current_device() if self.device_choice.device == "gpu" else None
         self._pipe = pipelines.build_pipeline(
             files, labels, train=train, batch_size=batch_size, num_threads=num_threads,
-            seed=seed, device=self.device_choice.device, device_id=device_id,
+            seed=rank_seed(seed, shard_id), device=self.device_choice.device, device_id=device_id,
             checkpoint=checkpoint, layout="HWC" if channels_last else "CHW", **graph)
         self._outputs = ["images", "targets" if train else "labels"]
         if self.return_params:
@@ -197,7 +233,7 @@ class DALIMixLoader:
             for _ in self:
                 pass
 
-    def state_dict(self) -> str:
+    def state_dict(self) -> bytes:
         """DALI checkpoint of pipeline and iterator; pass as ``checkpoint=`` to resume."""
         return self._iterator.checkpoints()[0]
 

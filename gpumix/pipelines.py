@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -73,12 +75,21 @@ def read_file_list(path) -> tuple[list[str], list[int]]:
     return files, labels
 
 
-def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int):
+def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int,
+            reader_seed: int = 0):
+    """The file reader. Shuffling is global and epoch-dependent
+    (``shuffle_after_epoch`` with one seed on every rank, so the shards of an
+    epoch are disjoint and together cover the data); the first epoch's order
+    is a seeded permutation of the list made here."""
     from nvidia.dali import fn
 
-    return fn.readers.file(files=files, labels=labels, random_shuffle=shuffle,
-                           shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-                           name=READER_NAME)
+    if shuffle:
+        order = np.random.default_rng(reader_seed).permutation(len(files))
+        files = [files[i] for i in order]
+        labels = [labels[i] for i in order]
+    return fn.readers.file(files=files, labels=labels, shuffle_after_epoch=shuffle,
+                           shuffle_after_epoch_seed=reader_seed, shard_id=shard_id,
+                           num_shards=num_shards, pad_last_batch=True, name=READER_NAME)
 
 
 def _decode(encoded, device: str):
@@ -134,14 +145,15 @@ def _dali_baseline_mix(images, labels, *, num_classes, size, mixup_alpha=1.0,
 
 def train_graph(files, labels, *, num_classes: int, size, device: str, mixing: str,
                 mix_options: dict, dtype, shuffle: bool = True, shard_id: int = 0,
-                num_shards: int = 1, return_params: bool = False, layout: str = "CHW"):
+                num_shards: int = 1, return_params: bool = False, layout: str = "CHW",
+                reader_seed: int = 0):
     """Outputs (images CHW, targets float32 (K,)[, params]) of one training batch."""
     from nvidia.dali import fn
 
     from gpumix import dali as gdali
 
     encoded, label = _reader(files, labels, shuffle=shuffle, shard_id=shard_id,
-                             num_shards=num_shards)
+                             num_shards=num_shards, reader_seed=reader_seed)
     images = _decode(encoded, device)
     images = fn.random_resized_crop(images, size=list(size))
     images = fn.flip(images, horizontal=fn.random.coin_flip())
