@@ -15,9 +15,10 @@ normalisation, float32 NCHW batches with soft targets unless said):
                                     arithmetic, multi_paste)
     e  gpumix MixUp+CutMix / FMix   per-sample ("elem") mixing inside DALI
 
-Timing: each configuration runs ``warmup`` batches, then ``repeats`` timed
-passes of ``batches`` batches; images/s per pass; median and min/max are
-reported with the speed-up against ``a``. CUDA work is timed with CUDA events.
+Timing: round-robin over configurations, ``repeats`` passes each; a pass
+reads ``warmup`` untimed batches, then times ``batches`` batches; images/s
+per pass, median and min/max, and the speed-up against ``a``. CUDA work is
+timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -160,22 +161,8 @@ def _take(iterator_factory, count: int, state: dict):
     return state
 
 
-def measure(config: Config, settings, progress=None) -> dict:
-    factory = config.make(settings)
-    state: dict = {}
-    _take(factory, settings.warmup, state)
-    x, t = state["last"]
-    clock = _Clock(getattr(x, "is_cuda", False))
-    rates = []
-    for _ in range(settings.repeats):
-        state["images"] = 0
-        clock.start()
-        _take(factory, settings.batches, state)
-        elapsed = clock.stop()
-        rates.append(state["images"] / elapsed)
-        if progress is not None:
-            progress.update(1)
-    x, t = state["last"]
+def _rates_row(config: Config, rates: list[float], last) -> dict:
+    x, t = last
     return {"key": config.key, "name": config.name, "images_per_s": statistics.median(rates),
             "min": min(rates), "max": max(rates), "rates": rates,
             "batch_shape": list(x.shape), "targets_shape": list(t.shape),
@@ -183,15 +170,36 @@ def measure(config: Config, settings, progress=None) -> dict:
 
 
 def run(settings, only=None, progress_factory=None) -> list[dict]:
+    """Measure every configuration, round-robin: pass r of every configuration
+    runs before pass r + 1 of any, so slow drifts of a shared machine affect
+    all alike. Each pass first reads ``warmup`` untimed batches, which drains
+    whatever the loader prefetched while another configuration ran."""
     configs = [c for c in configurations(settings) if only is None or c.key in only]
-    rows = []
+    states = {}
+    for config in configs:  # build, compile and fill every loader once
+        factory = config.make(settings)
+        state = {"factory": factory}
+        _take(factory, settings.warmup, state)
+        states[config.key] = state
     bar = progress_factory(total=len(configs) * settings.repeats) if progress_factory else None
-    for config in configs:
-        if bar is not None:
-            bar.set_description(config.name)
-        rows.append(measure(config, settings, bar))
+    rates = {c.key: [] for c in configs}
+    for _ in range(settings.repeats):
+        for config in configs:
+            state = states[config.key]
+            if bar is not None:
+                bar.set_description(config.name)
+            _take(state["factory"], settings.warmup, state)
+            x, _ = state["last"]
+            clock = _Clock(getattr(x, "is_cuda", False))
+            state["images"] = 0
+            clock.start()
+            _take(state["factory"], settings.batches, state)
+            rates[config.key].append(state["images"] / clock.stop())
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
+    rows = [_rates_row(c, rates[c.key], states[c.key]["last"]) for c in configs]
     base = next((r["images_per_s"] for r in rows if r["key"] == "a"), None)
     for r in rows:
         r["speedup_vs_a"] = r["images_per_s"] / base if base else None

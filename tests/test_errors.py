@@ -91,3 +91,76 @@ TORCH_ERRORS = [
 def test_torch_module_errors(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(gpumix.torch.Mixup(num_classes=10, seed=0))
+
+
+# ------------------------------------------------------------- loader & DALI
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    from gpumix.datasets import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("errs") / "data", 2, 3, (24, 32))
+
+
+def loader_errors(folder, tmp):
+    from gpumix.torch import DALIMixLoader
+
+    bad_list = tmp / "bad.txt"
+    bad_list.write_text("just-a-path-without-label\n")
+    return [
+        (lambda: DALIMixLoader(folder, batch_size=0), ValueError, "batch_size"),
+        (lambda: DALIMixLoader(folder, num_threads=0), ValueError, "num_threads"),
+        (lambda: DALIMixLoader(folder, last_batch_policy="pad"), ValueError, "last_batch_policy"),
+        (lambda: DALIMixLoader(folder, dtype=torch.int8), TypeError, "dtype"),
+        (lambda: DALIMixLoader(folder, size=(0, 5)), ValueError, "size"),
+        (lambda: DALIMixLoader(folder, mixing="cutout"), ValueError, "mixing"),
+        (lambda: DALIMixLoader(folder, mixup_alpha=-1), ValueError, "mixup_alpha"),
+        (lambda: DALIMixLoader(folder, prob=2), ValueError, "prob"),
+        (lambda: DALIMixLoader(folder, shard_id=2, num_shards=2), ValueError, "shard_id"),
+        (lambda: DALIMixLoader(folder, num_shards=0), ValueError, "num_shards"),
+        (lambda: DALIMixLoader(folder, train=False, mixup_alpha=0.5), ValueError, "train=True"),
+        (lambda: DALIMixLoader(folder, file_list=bad_list), ValueError, "exactly one"),
+        (lambda: DALIMixLoader(), ValueError, "exactly one"),
+        (lambda: DALIMixLoader(tmp / "missing"), FileNotFoundError, "does not exist"),
+        (lambda: DALIMixLoader(file_list=tmp / "missing.txt"), FileNotFoundError, "file_list"),
+        (lambda: DALIMixLoader(file_list=bad_list), ValueError, "line 1"),
+        (lambda: DALIMixLoader(folder, num_classes=1), ValueError, "num_classes=1"),
+        (lambda: DALIMixLoader(folder, device="tpu"), ValueError, "device"),
+    ]
+
+
+def test_loader_bad_input_table(small_folder, tmp_path):
+    for call, error, pattern in loader_errors(small_folder, tmp_path):
+        with pytest.raises(error, match=pattern):
+            call()
+
+
+@pytest.mark.parametrize("options,error,pattern", [
+    (dict(layout="NHWC"), ValueError, "layout"),
+    (dict(device="tpu"), ValueError, "device"),
+    (dict(fmix_alpha=1.0), ValueError, "size=\\(H, W\\)"),
+    (dict(cutmix_alpha=-2.0), ValueError, "cutmix_alpha"),
+    (dict(mode="pair"), ValueError, "mode"),
+], ids=["layout", "device", "fmix-size", "alpha", "mode"])
+def test_dali_operator_bad_arguments(options, error, pattern):
+    from nvidia.dali import fn, pipeline_def
+
+    import gpumix.dali
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: [np.zeros((4, 4, 3), np.uint8)] * 2,
+                                    batch=True, layout="HWC")
+        labels = fn.external_source(source=lambda: [np.array([0], np.int32)] * 2, batch=True)
+        return gpumix.dali.mix(images, labels, num_classes=3, **options)
+
+    with pytest.raises(error, match=pattern):
+        pipe()
+
+
+def test_gpu_device_without_cuda_is_a_clear_error(small_folder):
+    from gpumix.torch import DALIMixLoader
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the gpu device is valid here")  # cuda machines only
+    with pytest.raises(RuntimeError, match="CUDA is not usable"):
+        DALIMixLoader(small_folder, device="gpu")
