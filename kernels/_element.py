@@ -69,6 +69,15 @@ def _build(jit, fmul, fadd):
         return (v + float32(_ROUND_MAGIC)) - float32(_ROUND_MAGIC)
 
     @jit
+    def mixed_value(a, b, m, quantize):
+        """The stored value of a mask mix (m = lam for MixUp): uint8 outputs
+        are rounded ties-to-even and clamped, float outputs kept as float32."""
+        v = mask_value(a, b, m)
+        if quantize:
+            v = quantize_uint8(v)
+        return v
+
+    @jit
     def box_contains(y, col, y0, y1, c0, c1):
         """Whether (row y, column col) lies in [y0, y1) x [c0, c1)."""
         return y0 <= y and y < y1 and c0 <= col and col < c1
@@ -116,6 +125,7 @@ def _build(jit, fmul, fadd):
     return SimpleNamespace(
         blend_value=blend_value,
         mask_value=mask_value,
+        mixed_value=mixed_value,
         quantize_uint8=quantize_uint8,
         box_contains=box_contains,
         target_value=target_value,

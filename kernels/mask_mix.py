@@ -28,8 +28,7 @@ from kernels._element import element_functions
 from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32
 
 _cpu = element_functions("cpu")
-_mask_value_cpu = _cpu.mask_value
-_quantize_cpu = _cpu.quantize_uint8
+_mixed_value_cpu = _cpu.mixed_value
 
 
 def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
@@ -72,10 +71,7 @@ def _mask_rows_cpu(x, pair, mask, samples, height, cstride, quantize, paste, out
                     if paste:
                         out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
                     else:
-                        v = _mask_value_cpu(x[i, r, k], x[j, r, k], m)
-                        if quantize:
-                            v = _quantize_cpu(v)
-                        out[i, r, k] = v
+                        out[i, r, k] = _mixed_value_cpu(x[i, r, k], x[j, r, k], m, quantize)
 
 
 def _cpu_any_dtype(x, pair, mask, samples, height, cstride, paste=False, *, out):
@@ -89,8 +85,7 @@ cpu.__doc__ = "Mix the listed samples through their float32 masks (B, H, W), on 
 
 
 _gpu = element_functions("cuda")
-_mask_value_gpu = _gpu.mask_value
-_quantize_gpu = _gpu.quantize_uint8
+_mixed_value_gpu = _gpu.mixed_value
 
 
 def _mask_rows_cuda(x, pair, mask, samples, height, cstride, quantize, paste, out):
@@ -110,10 +105,7 @@ def _mask_rows_cuda(x, pair, mask, samples, height, cstride, quantize, paste, ou
             if paste:
                 out[i, r, k] = x[i, r, k] if m >= 0.5 else x[j, r, k]
             else:
-                v = _mask_value_gpu(x[i, r, k], x[j, r, k], m)
-                if quantize:
-                    v = _quantize_gpu(v)
-                out[i, r, k] = v
+                out[i, r, k] = _mixed_value_gpu(x[i, r, k], x[j, r, k], m, quantize)
 
 
 cuda_kernel = LazyCudaKernel(_mask_rows_cuda)
