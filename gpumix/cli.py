@@ -164,7 +164,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        # bad data or arguments: one clear line, not a traceback
+        print(f"gpumix {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -180,8 +180,11 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
     def make(normals, num_low, num_high):
         import cupy as cp
 
-        grey = grey_images(cp.asarray(normals), shape, decay_power, cp, reference_compatible)
-        return masks_from_grey_cuda(grey, num_low, num_high, stream=stream)
+        from gpumix.mixing import cupy_stream
+
+        with cupy_stream(stream):
+            grey = grey_images(cp.asarray(normals), shape, decay_power, cp, reference_compatible)
+            return masks_from_grey_cuda(grey, num_low, num_high, stream=stream)
 
     return make
 

@@ -150,22 +150,51 @@ def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
     return out
 
 
-def _empty_like(x):
+def cupy_stream(stream):
+    """A context making CuPy work on the same CUDA stream as a Numba ``stream``
+    (None: CuPy's current stream), so copies and kernels stay ordered."""
+    import contextlib
+
+    if stream is None:
+        return contextlib.nullcontext()
+    import cupy as cp
+
+    handle = stream.handle
+    return cp.cuda.ExternalStream(int(getattr(handle, "value", handle) or 0))
+
+
+def _empty_like(x, stream=None):
     if is_cuda_array(x):
         import cupy as cp
 
-        return cp.empty(tuple(x.shape), dtype=numpy_dtype(x.dtype))
+        with cupy_stream(stream):
+            return cp.empty(tuple(x.shape), dtype=numpy_dtype(x.dtype))
     return np.empty(x.shape, x.dtype)
+
+
+def _snapshot(x, scratch, stream):
+    """A copy of ``x`` for in-place mixing (into ``scratch`` when given)."""
+    if is_cuda_array(x):
+        import cupy as cp
+
+        with cupy_stream(stream):
+            if scratch is None:
+                return cp.asarray(x).copy()
+            cp.copyto(scratch, cp.asarray(x))
+            return scratch
+    if scratch is None:
+        return x.copy()
+    np.copyto(scratch, x)
+    return scratch
 
 
 def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=None):
     if out is x:  # in place: kernels read a snapshot, so partners are never half-written
-        source = _empty_like(x) if scratch is None else scratch
-        source[...] = x
+        source = _snapshot(x, scratch, stream)
         target = x
     else:
         source = x
-        target = _empty_like(x) if out is None else out
+        target = _empty_like(x, stream) if out is None else out
     if tuple(target.shape) != tuple(x.shape) or numpy_dtype(target.dtype) != numpy_dtype(x.dtype):
         raise ValueError(f"out must match the input's shape {tuple(x.shape)} and dtype "
                          f"{x.dtype}, got {tuple(target.shape)} {target.dtype}")
@@ -216,7 +245,8 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
         if low < 0 or high >= num_classes:
             raise ValueError(f"labels must be in [0, {num_classes}), got {low if low < 0 else high}")
         if out is None:
-            out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
+            with cupy_stream(stream):
+                out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
         targets_kernel.cuda(cuda.as_cuda_array(labels_dev),
                             cuda.to_device(params.pair, stream=stream or 0),
                             cuda.to_device(params.lam, stream=stream or 0), num_classes,

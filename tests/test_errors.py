@@ -164,3 +164,27 @@ def test_gpu_device_without_cuda_is_a_clear_error(small_folder):
         pytest.skip("CUDA present: the gpu device is valid here")  # cuda machines only
     with pytest.raises(RuntimeError, match="CUDA is not usable"):
         DALIMixLoader(small_folder, device="gpu")
+
+
+def test_loader_batch_of_one_is_valid_and_unmixed(small_folder):
+    from gpumix.torch import DALIMixLoader
+
+    mixed = DALIMixLoader(small_folder, batch_size=1, size=16, mixup_alpha=1.0,
+                          cutmix_alpha=1.0, return_params=True, label_smoothing=0.0)
+    plain = DALIMixLoader(small_folder, batch_size=1, size=16, mixing="none",
+                          label_smoothing=0.0)
+    assert len(mixed) == 6
+    for (x, t, params), (px, pt) in zip(mixed, plain):
+        assert params["pair"].tolist() == [0]  # a batch of one pairs with itself
+        torch.testing.assert_close(x, px, rtol=0, atol=0)  # same seed: same crops, unmixed
+        torch.testing.assert_close(t, pt, rtol=0, atol=0)
+
+
+def test_cli_empty_dataset_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "gpumix.cli", "bench", "--quick", "--data",
+                             str(tmp_path / "empty")], capture_output=True, text=True)
+    assert result.returncode != 0 and "holds no images" in result.stderr
