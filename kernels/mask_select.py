@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda as _cuda_api, float32, int32, int64, njit, prange
 
 from kernels._element import element_functions
+from kernels._launch import LazyCudaKernel
 
 _cpu = element_functions("cpu")
 _order_key_cpu = _cpu.order_key
@@ -231,18 +232,7 @@ def _select_hard_cuda(bits, num_top, out):
             _cuda_api.syncthreads()
 
 
-class _SelectKernel:
-    pyfunc = staticmethod(_select_hard_cuda)
-    _kernel = None
-
-    @property
-    def kernel(self):
-        if self._kernel is None:
-            type(self)._kernel = _cuda_api.jit(self.pyfunc)
-        return self._kernel
-
-
-cuda_kernel = _SelectKernel()
+cuda_kernel = LazyCudaKernel(_select_hard_cuda)  # launched one block per sample, below
 
 
 def cuda(bits, num_top, *, out, stream=None, threads: int = SELECT_THREADS):
