@@ -175,14 +175,19 @@ def test_checkpoint_mid_epoch_restores_bit_for_bit(jpeg_folder):
         torch.testing.assert_close(rt, t, rtol=0, atol=0)
 
 
-def test_corrupt_jpeg_error_names_the_file(jpeg_folder, tmp_path):
+@pytest.mark.parametrize("name,damage", [
+    ("truncated.jpg", lambda data: data[:200]),
+    ("garbage.jpg", lambda data: bytes(range(256)) * 8),
+    ("flipped.jpg", lambda data: data[:2] + bytes(b ^ 0xFF for b in data[2:400]) + data[400:]),
+], ids=["truncated", "garbage", "corrupt-header"])
+def test_corrupt_jpeg_error_names_the_file(jpeg_folder, tmp_path, name, damage):
     root = tmp_path / "data"
     (root / "a").mkdir(parents=True)
     good = sorted(jpeg_folder.rglob("*.jpg"))[:3]
-    for f in good:
-        (root / "a" / f.name).write_bytes(f.read_bytes())
-    (root / "a" / "truncated.jpg").write_bytes(good[0].read_bytes()[:200])
-    with pytest.raises(RuntimeError, match="truncated.jpg"):
+    for i, f in enumerate(good):
+        (root / "a" / f"{i}.jpg").write_bytes(f.read_bytes())
+    (root / "a" / name).write_bytes(damage(good[0].read_bytes()))
+    with pytest.raises(RuntimeError, match=name):
         for _ in DALIMixLoader(root, batch_size=2, size=16, shuffle=False):
             pass
 
