@@ -23,7 +23,7 @@ import numpy as np
 from numba import cuda as _cuda_api, njit, prange
 
 from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, as_index_array, spatial_shape
+from kernels._launch import LazyCudaKernel, as_index_array
 
 _box_contains_cpu = element_functions("cpu").box_contains
 
@@ -110,6 +110,3 @@ def cuda(x, pair, box, samples, height: int, cstride: int, *, out, stream=None):
         x, pair, box, samples, height, cstride, out,
     )
     return out
-
-
-__all__ = ["reference", "cpu", "cuda", "cuda_kernel", "spatial_shape"]
