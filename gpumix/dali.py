@@ -129,19 +129,17 @@ class _MixStep:
         self.return_params = return_params
         self.device = device
 
-    def draws(self, inputs: dict, batch_size: int, spatial_shape) -> Draws:
+    def draws(self, inputs: dict, batch_size: int) -> Draws:
         units = 1 if self.config.mode == "batch" else batch_size
         uniforms = np.stack([_host(v) for v in inputs["uniforms"][:units]]).astype(np.float64)
         lams = np.stack([_host(v) for v in inputs["lams"][:units]]).astype(np.float64)
-        normals = None
+        keys = None
         if "normal_keys" in inputs:
             halves = np.stack([_host(v) for v in inputs["normal_keys"][:units]]).astype(np.int64)
             keys = (halves[:, 0] << 31) | halves[:, 1]
-            freq = fmix.frequency_shape(spatial_shape, self.config.reference_compatible)
-            normals = fmix.normals_from_keys(keys, freq)
         return Draws(apply_u=uniforms[:, 0], method_u=uniforms[:, 1], box_u=uniforms[:, 2:4],
                      round_up_u=uniforms[:, 4], lam_mixup=lams[:, 0], lam_cutmix=lams[:, 1],
-                     lam_fmix=lams[:, 2], normals=normals)
+                     lam_fmix=lams[:, 2], normal_keys=keys)
 
     def __call__(self, images, labels, *rest):
         inputs = dict(zip(self.draw_names, rest))
@@ -157,7 +155,7 @@ class _MixStep:
         xp = _cupy() if gpu else np
         batch = _stack(images, xp)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
-        draws = self.draws(inputs, b, (h, w))
+        draws = self.draws(inputs, b)
         maker = None
         if gpu and self.config.enabled[2]:
             maker = fmix.cuda_mask_maker((h, w), self.config.decay_power,

@@ -78,8 +78,8 @@ class Draws:
     lam_fmix: np.ndarray           # (n,) Beta(fmix_alpha, ...) or Beta(a + 1, a)
     box_u: np.ndarray              # (n, 2) uniform [0, 1): box position (y, x)
     round_up_u: np.ndarray         # (n,) uniform [0, 1): FMix k = ceil iff < 0.5
-    normals: np.ndarray | None     # (n, *frequency_shape, 2) N(0, 1), FMix only, expanded
-                                   # from one key per unit (fmix.normals_from_keys)
+    normal_keys: np.ndarray | None  # (n,) int64 FMix spectrum keys; each expands to the
+                                    # unit's N(0, 1) normals (fmix.normals_from_keys)
     permutation: np.ndarray | None = field(default=None)  # (B,) pairing="permutation"
 
 
@@ -130,10 +130,7 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
     a = config.fmix_alpha
     lam_fmix = (rng.beta(a + 1, a, n) if config.reformulate else rng.beta(a, a, n)) if fmix_on \
         else np.ones(n)
-    normals = None
-    if fmix_on:
-        freq = fmix.frequency_shape(spatial_shape, config.reference_compatible)
-        normals = fmix.normals_from_keys(rng.integers(0, 2**62, n), freq)
+    normal_keys = rng.integers(0, 2**62, n) if fmix_on else None
     permutation = derangement(batch_size, rng) if config.pairing == "permutation" else None
     return Draws(
         apply_u=rng.random(n),
@@ -143,7 +140,7 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
         lam_fmix=lam_fmix,
         box_u=rng.random((n, 2)),
         round_up_u=rng.random(n),
-        normals=normals,
+        normal_keys=normal_keys,
         permutation=permutation,
     )
 
@@ -242,12 +239,15 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         k, lo, hi = fmix.rank_bounds(draws.lam_fmix, n_pix, draws.round_up_u < 0.5,
                                      config.max_soft)
         used = np.flatnonzero(is_fmix)
+        # Spectra are expanded only for the units that use FMix.
+        freq = fmix.frequency_shape(spatial_shape, config.reference_compatible)
+        normals = fmix.normals_from_keys(draws.normal_keys[used], freq)
         if fmix_masks is None:
-            grey = fmix.grey_images(draws.normals[used], spatial_shape, config.decay_power,
+            grey = fmix.grey_images(normals, spatial_shape, config.decay_power,
                                     reference_compatible=config.reference_compatible)
             unit_masks = fmix.masks_from_grey(grey, lo[used], hi[used])
         else:
-            unit_masks = fmix_masks(draws.normals[used], lo[used], hi[used])
+            unit_masks = fmix_masks(normals, lo[used], hi[used])
         xp = _array_module(unit_masks)
         if used.size == units:
             mask = unit_masks

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, pipeline_def
 
 import gpumix.dali as gdali
 from gpumix import mixing

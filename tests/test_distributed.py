@@ -2,7 +2,6 @@
 gloo), resumption in a new process, faults, and a soak test (slow)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
