@@ -10,8 +10,9 @@ Randomness. Every random number comes from DALI's own random operators
 keys, ``batch_permutation``), seeded by the pipeline, so DALI's checkpointing
 restores the stream bit for bit and each pipeline seed is its own stream.
 They are the fields of :class:`gpumix.params.Draws` (FMix spectra as one
-key per sample, expanded by ``fmix.normals_from_keys``: DALI's own
-``random.normal`` tripled the cost of a batch of 224 x 224 spectra); all
+key per sample, expanded by the counter-based normals kernel,
+kernels/normals.py: DALI's own ``random.normal`` tripled the cost of a batch
+of 224 x 224 spectra, and its values would have to cross to the GPU); all
 after them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
 path runs. In mode "batch" the first sample's draws serve the whole batch.
 

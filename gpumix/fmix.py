@@ -6,13 +6,18 @@ an array module ``xp`` (NumPy or CuPy) so the CPU and CUDA paths share it:
 
     frequency_magnitude(shape)                 |f| on the rfft grid
     spectrum_scale(shape, decay_power)         1 / max(|f|, 1/max(shape))**d
+    normals_from_keys(keys, freq_shape)        a, b ~ N(0, 1) (kernels.normals)
     grey_images(normals, shape, decay_power)   irfftn(scale * (a + i b)), batched
     rank_bounds(lam, n, round_up, max_soft)    k and the soft ramp's ranks
     masks_from_grey(grey, lo, hi)              kernels.mask_select (selection)
+    cpu_mask_maker / cuda_mask_maker           keys -> masks on one backend
 
 ``normals`` has shape ``(n, *freq_shape, 2)``: the real and imaginary parts
-of each sample's spectrum, drawn by the caller's seeded generator (or DALI's
-random.normal), so masks can be replayed from their draws.
+of each sample's spectrum. The seeded source at the call site draws one key
+per sample; kernels.normals expands it (counter-based, the same numbers on
+CPU and CUDA), so masks can be replayed from their draws. The makers fuse
+the amplitude scaling into that expansion, then run one batched inverse FFT
+(NumPy's, in chunks on every core; cuFFT on the GPU) and the selection.
 
 The published code builds its complex spectrum as ``s[:, 0] + 1j * s[:, 1]``,
 slicing the height axis rather than the real/imaginary one, which keeps only
@@ -39,36 +44,54 @@ def _rfft_frequencies(shape, xp, odd_extra_column: bool = False):
     return axes + [xp.abs(last_freq)]
 
 
-_NORMAL_POOL = None
+_POOL = None
+FFT_CHUNK = 8  # samples per threaded FFT task
+
+
+def _pool():
+    """One thread per core for the NumPy FFT (it releases the GIL)."""
+    global _POOL
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="gpumix-fft")
+    return _POOL
 
 
 def normals_from_keys(keys, freq_shape) -> np.ndarray:
     """Spectrum normals ``(n, *freq_shape, 2)`` float32, one stream per key.
 
     Each sample's normals are a deterministic function of its 62-bit key
-    (NumPy's SFC64 seeded with it), so the single seeded source at the call
-    site (a NumPy generator, or DALI's ``random.choice`` inside a pipeline)
-    only draws n keys, and the expansion runs on all cores: NumPy releases
-    the GIL while it fills, and DALI's own ``random.normal`` costs several
-    times more for the 3.2 M normals of 64 masks of 224 x 224.
+    (kernels.normals: counter-based ziggurat), so the single seeded source at
+    the call site (a NumPy generator, or DALI's ``random.choice`` inside a
+    pipeline) only draws n keys, and the expansion runs on all cores. The
+    CUDA path expands the same keys on the device into the same numbers.
     """
-    from concurrent.futures import ThreadPoolExecutor
-    import os
+    from kernels import normals
 
-    global _NORMAL_POOL
-    keys = [int(k) for k in np.asarray(keys).reshape(-1)]
-    out = np.empty((len(keys), *freq_shape, 2), np.float32)
+    keys = np.asarray(keys).reshape(-1)
+    count = 2 * math.prod(freq_shape)
+    return normals.cpu(keys, count).reshape(keys.size, *freq_shape, 2)
 
-    def fill(i):
-        np.random.Generator(np.random.SFC64(keys[i])).standard_normal(out=out[i],
-                                                                       dtype=np.float32)
 
-    if len(keys) > 1:
-        if _NORMAL_POOL is None:
-            _NORMAL_POOL = ThreadPoolExecutor(os.cpu_count() or 1)
-        list(_NORMAL_POOL.map(fill, range(len(keys))))
-    elif keys:
-        fill(0)
+def _irfftn(spectrum, shape, xp):
+    """Batched inverse real FFT over the trailing axes, float32 out. NumPy's
+    runs in chunks of samples on all cores; CuPy's is one cuFFT plan."""
+    axes = tuple(range(-len(shape), 0))
+    if xp is not np:
+        return xp.fft.irfftn(spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
+    n = spectrum.shape[0]
+    out = np.empty((n, *shape), np.float32)
+
+    def chunk(start):
+        stop = min(start + FFT_CHUNK, n)
+        np.fft.irfftn(spectrum[start:stop], s=shape, axes=axes, out=out[start:stop])
+
+    if n > FFT_CHUNK:
+        list(_pool().map(chunk, range(0, n, FFT_CHUNK)))
+    elif n:
+        chunk(0)
     return out
 
 
@@ -100,17 +123,26 @@ def grey_images(normals, shape, decay_power: float, xp=np,
     """
     shape = tuple(int(s) for s in shape)
     scale = spectrum_scale(shape, decay_power, xp, reference_compatible).astype(xp.float32)
-    normals = xp.ascontiguousarray(normals, dtype=xp.float32)
-    axes = tuple(range(-len(shape), 0))
+    spectra = xp.asarray(normals, dtype=xp.float32) * scale[..., None]
+    return grey_from_spectra(spectra, shape, xp, reference_compatible)
+
+
+def grey_from_spectra(spectra, shape, xp=np, reference_compatible: bool = False):
+    """Grey images from scaled spectra ``(n, *freq_shape, 2)`` float32 (re, im)."""
+    spectra = xp.ascontiguousarray(spectra, dtype=xp.float32)
     if reference_compatible:
-        spectrum = normals * scale[..., None]
         # The published line: index 0/1 of the axis after the batch (height
         # for 2-D), not of the re/im axis.
-        complex_spectrum = (spectrum[:, 0] + 1j * spectrum[:, 1]).astype(xp.complex64)
+        complex_spectrum = (spectra[:, 0] + 1j * spectra[:, 1]).astype(xp.complex64)
     else:
-        # (re, im) pairs are adjacent: view them as complex64, scale in one pass.
-        complex_spectrum = normals.view(xp.complex64)[..., 0] * scale
-    return xp.fft.irfftn(complex_spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
+        complex_spectrum = spectra.view(xp.complex64)[..., 0]  # (re, im) pairs are adjacent
+    return _irfftn(complex_spectrum, tuple(int(s) for s in shape), xp)
+
+
+def _pair_scale(shape, decay_power, reference_compatible) -> np.ndarray:
+    """The spectrum amplitudes, flat float32, for kernels.normals' pair_scale."""
+    return spectrum_scale(shape, decay_power, np, reference_compatible).astype(
+        np.float32).reshape(-1)
 
 
 def rank_bounds(lam, n_pixels: int, round_up, max_soft: float):
@@ -171,19 +203,48 @@ def soft_lam(masks):
     return masks.reshape(n, -1).astype("float64").mean(axis=1).astype("float32")
 
 
+def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False):
+    """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
+    in, NumPy masks out (normals kernel, NumPy FFT, selection kernel)."""
+
+    from kernels import normals
+
+    freq = frequency_shape(shape, reference_compatible)
+    scale = _pair_scale(shape, decay_power, reference_compatible)
+
+    def make(keys, num_low, num_high):
+        keys = np.asarray(keys).reshape(-1)
+        spectra = normals.cpu(keys, 2 * scale.size, pair_scale=scale)
+        grey = grey_from_spectra(spectra.reshape(keys.size, *freq, 2), shape, np,
+                                 reference_compatible)
+        return masks_from_grey(grey, num_low, num_high)
+
+    return make
+
+
 def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = False,
                     stream=None):
-    """A ``fmix_masks`` callback for params_from_draws that makes masks on the
-    GPU: normals go to the device once, cupy.fft makes the grey images and the
-    selection kernel the masks; returns CuPy masks."""
+    """The ``fmix_masks`` callback that makes masks on the GPU: the keys'
+    normals are expanded on the device (the same numbers as on the CPU),
+    cupy.fft makes the grey images and the selection kernel the masks;
+    returns CuPy masks. Only the keys cross the bus."""
 
-    def make(normals, num_low, num_high):
+    from kernels import normals
+
+    freq = frequency_shape(shape, reference_compatible)
+    scale = _pair_scale(shape, decay_power, reference_compatible)
+
+    def make(keys, num_low, num_high):
         import cupy as cp
 
         from gpumix.mixing import cupy_stream
 
+        keys = np.asarray(keys).reshape(-1)
         with cupy_stream(stream):
-            grey = grey_images(cp.asarray(normals), shape, decay_power, cp, reference_compatible)
+            spectra = cp.empty((keys.size, 2 * scale.size), cp.float32)
+            normals.cuda(keys, spectra.shape[1], out=spectra, pair_scale=scale, stream=stream)
+            grey = grey_from_spectra(spectra.reshape(keys.size, *freq, 2), shape, cp,
+                                     reference_compatible)
             return masks_from_grey_cuda(grey, num_low, num_high, stream=stream)
 
     return make

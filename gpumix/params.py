@@ -79,7 +79,7 @@ class Draws:
     box_u: np.ndarray              # (n, 2) uniform [0, 1): box position (y, x)
     round_up_u: np.ndarray         # (n,) uniform [0, 1): FMix k = ceil iff < 0.5
     normal_keys: np.ndarray | None  # (n,) int64 FMix spectrum keys; each expands to the
-                                    # unit's N(0, 1) normals (fmix.normals_from_keys)
+                                    # unit's N(0, 1) normals (kernels.normals)
     permutation: np.ndarray | None = field(default=None)  # (B,) pairing="permutation"
 
 
@@ -213,9 +213,10 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
 
     ``pair`` overrides the pairing derived from config and draws (the DALI
     step passes the pairing restricted to the real samples of a padded batch).
-    ``fmix_masks(grey_normals_units, lo, hi) -> masks`` may replace the CPU
-    mask computation (the CUDA path passes one); by default NumPy's FFT and
-    the Numba selection kernel run here.
+    ``fmix_masks(spectrum_keys, lo, hi) -> masks`` makes the FMix masks of
+    the units that use FMix: by default :func:`gpumix.fmix.cpu_mask_maker`
+    (CPU kernels, NumPy's FFT); the CUDA path passes
+    :func:`gpumix.fmix.cuda_mask_maker`.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
     units = draws.apply_u.shape[0]
@@ -239,15 +240,11 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         k, lo, hi = fmix.rank_bounds(draws.lam_fmix, n_pix, draws.round_up_u < 0.5,
                                      config.max_soft)
         used = np.flatnonzero(is_fmix)
-        # Spectra are expanded only for the units that use FMix.
-        freq = fmix.frequency_shape(spatial_shape, config.reference_compatible)
-        normals = fmix.normals_from_keys(draws.normal_keys[used], freq)
         if fmix_masks is None:
-            grey = fmix.grey_images(normals, spatial_shape, config.decay_power,
-                                    reference_compatible=config.reference_compatible)
-            unit_masks = fmix.masks_from_grey(grey, lo[used], hi[used])
-        else:
-            unit_masks = fmix_masks(normals, lo[used], hi[used])
+            fmix_masks = fmix.cpu_mask_maker(spatial_shape, config.decay_power,
+                                             config.reference_compatible)
+        # Spectra are expanded only for the units that use FMix.
+        unit_masks = fmix_masks(draws.normal_keys[used], lo[used], hi[used])
         xp = _array_module(unit_masks)
         if used.size == units:
             mask = unit_masks

@@ -16,7 +16,7 @@ import pytest
 from numba import cuda
 from numba.core import types
 
-from kernels import blend, box_paste, mask_mix, mask_select, soft_targets
+from kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
 
 assert not numba.config.ENABLE_CUDASIM
 
@@ -45,6 +45,11 @@ def signatures():
         I64, I64, F32, types.float32, types.float32, types.Array(types.float32, 2, "C"))
     yield "mask_select", mask_select.cuda_kernel.pyfunc, (
         types.Array(types.uint32, 2, "C"), I64, types.Array(types.float32, 2, "C"))
+    f64 = types.Array(types.float64, 1, "C")
+    yield "normals", normals.cuda_kernel.pyfunc, (
+        types.Array(types.uint64, 2, "C"), types.int64, f64, f64,
+        types.Array(types.uint64, 1, "C"), f64, types.float64, F32, types.boolean,
+        types.Array(types.float32, 2, "C"))
 
 
 CASES = list(signatures())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpumix
-from kernels import blend, box_paste, mask_mix, mask_select, soft_targets
+from kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
 from kernels._launch import row_view
 
 assert numba.config.ENABLE_CUDASIM, "collected only in the simulator process"
@@ -106,3 +106,20 @@ def test_selection_kernel_hard_masks(threads):
     out = np.zeros_like(grey)
     mask_select.cuda(grey.view(np.uint32), k, out=out, threads=threads)
     np.testing.assert_array_equal(out, mask_select.reference(grey, k, k))
+
+
+# uint64 hashing wraps by design; NumPy scalars (the simulator's) warn on it.
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("scaled", [False, True])
+def test_normals_kernel(scaled):
+    keys = np.array([3, 2**62 - 5])
+    count = 1800
+    x_edge, f_edge, k_bound, w_scale, r = normals.ziggurat_tables()
+    assert (np.abs(normals.reference(keys, count)) > r).any()  # the tail path is taken
+    scale = np.linspace(0.25, 2.0, count // 2).astype(np.float32) if scaled else \
+        np.ones(1, np.float32)
+    out = np.zeros((2, count), np.float32)
+    normals.cuda_kernel.kernel[3, 16](normals.lane_seeds(keys), count, x_edge, f_edge, k_bound,
+                                      w_scale, r, scale, scaled, out)
+    expected = normals.reference(keys, count, pair_scale=scale if scaled else None)
+    np.testing.assert_array_equal(out, expected)
