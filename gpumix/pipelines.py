@@ -198,19 +198,12 @@ def val_graph(files, labels, *, size, device: str, dtype, shard_id: int = 0,
 
 def build_pipeline(files, labels, *, train: bool, batch_size: int, num_threads: int,
                    seed: int, device: str, device_id=None, checkpoint=None, **graph_options):
-    """A built DALI Pipeline around train_graph or val_graph.
-
-    It runs DALI's pipelined executor rather than the dynamic one DALI 2.x
-    uses by default: on CPU pipelines the dynamic executor measured 8-18%
-    slower here for the same graph (``gpumix bench``, 2 threads), with or
-    without mixing (benchmarks/README.md).
-    """
+    """A built DALI Pipeline around train_graph or val_graph."""
     from nvidia.dali import pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=seed,
                   device_id=device_id if device == "gpu" else None,
-                  enable_checkpointing=True, prefetch_queue_depth=2,
-                  exec_dynamic=False)
+                  enable_checkpointing=True, prefetch_queue_depth=2)
     def pipeline():
         graph = train_graph if train else val_graph
         return graph(files, labels, device=device, **graph_options)
