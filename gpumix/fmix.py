@@ -44,19 +44,7 @@ def _rfft_frequencies(shape, xp, odd_extra_column: bool = False):
     return axes + [xp.abs(last_freq)]
 
 
-_POOL = None
-FFT_CHUNK = 8  # samples per threaded FFT task
-
-
-def _pool():
-    """One thread per core for the NumPy FFT (it releases the GIL)."""
-    global _POOL
-    if _POOL is None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="gpumix-fft")
-    return _POOL
+FFT_MIN_SAMPLES = 4  # fewest samples per threaded FFT slice
 
 
 def normals_from_keys(keys, freq_shape) -> np.ndarray:
@@ -81,17 +69,14 @@ def _irfftn(spectrum, shape, xp):
     axes = tuple(range(-len(shape), 0))
     if xp is not np:
         return xp.fft.irfftn(spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
-    n = spectrum.shape[0]
-    out = np.empty((n, *shape), np.float32)
+    from kernels._launch import run_parallel
 
-    def chunk(start):
-        stop = min(start + FFT_CHUNK, n)
-        np.fft.irfftn(spectrum[start:stop], s=shape, axes=axes, out=out[start:stop])
+    out = np.empty((spectrum.shape[0], *shape), np.float32)
 
-    if n > FFT_CHUNK:
-        list(_pool().map(chunk, range(0, n, FFT_CHUNK)))
-    elif n:
-        chunk(0)
+    def inverse(lo, hi):  # NumPy's FFT releases the GIL
+        np.fft.irfftn(spectrum[lo:hi], s=shape, axes=axes, out=out[lo:hi])
+
+    run_parallel(inverse, spectrum.shape[0], min_items=FFT_MIN_SAMPLES)
     return out
 
 

@@ -198,12 +198,20 @@ def val_graph(files, labels, *, size, device: str, dtype, shard_id: int = 0,
 
 def build_pipeline(files, labels, *, train: bool, batch_size: int, num_threads: int,
                    seed: int, device: str, device_id=None, checkpoint=None, **graph_options):
-    """A built DALI Pipeline around train_graph or val_graph."""
+    """A built DALI Pipeline around train_graph or val_graph.
+
+    DALI's dynamic executor, explicitly: its outputs are reference counted,
+    so DALIGenericIterator hands them to torch through DLPack without a copy.
+    The older pipelined executor ran the graph alone up to 15% faster here,
+    but its outputs are copied into fresh torch tensors, and that copy (page
+    faults on 38 MB per batch included) cost the loader 20 ms of main-thread
+    time per batch of 64 at 224 px: more than it gained.
+    """
     from nvidia.dali import pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, seed=seed,
                   device_id=device_id if device == "gpu" else None,
-                  enable_checkpointing=True, prefetch_queue_depth=2)
+                  enable_checkpointing=True, prefetch_queue_depth=2, exec_dynamic=True)
     def pipeline():
         graph = train_graph if train else val_graph
         return graph(files, labels, device=device, **graph_options)

@@ -15,10 +15,23 @@ over rows and columns and never need the layout itself.
 CUDA kernels are compiled lazily (decorating with ``cuda.jit`` is free, the
 first launch compiles for the device's architecture), so importing a kernel
 file needs no GPU.
+
+CPU kernels are serial ``nogil`` Numba loops over a slice ``[lo, hi)`` of
+their samples; :func:`run_parallel` runs the slices on a shared pool of
+Python threads, one per core, the calling thread taking the first. Not
+Numba's ``parallel=True``: its OpenMP workers spin after every parallel
+loop, and in a data loader, where DALI's thread pool and NumPy's FFT want
+the same cores a moment later, that spinning cost about 30 ms of CPU time
+per batch of FMix masks here (benchmarks/README.md). Pool threads sleep
+when idle, and any number of callers (two pipelines, a DALI thread and the
+training loop) can share the pool: tasks never wait on other tasks.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,3 +153,47 @@ def float16_via_float32(cpu_func):
         return cpu_func(x, *args, out=out)
 
     return run
+
+
+def cpu_workers() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(1, cpu_workers() - 1),
+                                       thread_name_prefix="gpumix-cpu")
+        return _POOL
+
+
+def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
+    """Call ``function(*args, lo, hi)`` over contiguous slices covering
+    ``range(n_items)``, one slice per core, concurrently.
+
+    ``function`` must release the GIL for the slices to overlap (Numba
+    ``nogil`` kernels, NumPy's FFT). Slices hold at least ``min_items``
+    items; the calling thread runs the first one, then waits for the rest.
+    """
+    workers = min(cpu_workers(), n_items // max(1, min_items))
+    if workers <= 1:
+        if n_items > 0:
+            function(*args, 0, n_items)
+        return
+    bounds = [n_items * w // workers for w in range(workers + 1)]
+    futures = [_pool().submit(function, *args, lo, hi)
+               for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    try:
+        function(*args, bounds[0], bounds[1])
+    finally:
+        for future in futures:
+            future.result()

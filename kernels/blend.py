@@ -16,7 +16,7 @@ listed in ``samples`` are left untouched in ``out``; ``out`` must not alias
 
 Three versions of one computation:
 * :func:`reference` - NumPy, the oracle the tests compare against;
-* :func:`cpu` - Numba, parallel over samples;
+* :func:`cpu` - Numba, parallel over samples (kernels._launch.run_parallel);
 * :data:`cuda_kernel` / :func:`cuda` - Numba CUDA, grid-stride over rows
   (grid.y) and columns (grid.x).
 """
@@ -24,10 +24,10 @@ Three versions of one computation:
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda as _cuda_api, njit, prange
+from numba import cuda as _cuda_api, njit
 
 from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32
+from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
 
 _cpu = element_functions("cpu")
 _blend_value_cpu = _cpu.blend_value
@@ -48,11 +48,11 @@ def reference(x: np.ndarray, pair: np.ndarray, lam: np.ndarray, samples=None) ->
     return out
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _blend_rows_cpu(x, pair, lam, samples, quantize, out):
+@njit(cache=True, nogil=True)
+def _blend_rows_cpu(x, pair, lam, samples, quantize, out, lo, hi):
     n_rows = x.shape[1]
     n_cols = x.shape[2]
-    for s in prange(samples.size):
+    for s in range(lo, hi):
         i = samples[s]
         j = pair[i]
         w = lam[i]
@@ -67,7 +67,8 @@ def _blend_rows_cpu(x, pair, lam, samples, quantize, out):
 @float16_via_float32
 def cpu(x, pair, lam, samples, *, out):
     """Blend the listed samples of the (B, R, L) array ``x`` into ``out`` on the CPU."""
-    _blend_rows_cpu(x, pair, lam, as_index_array(samples), x.dtype == np.uint8, out)
+    samples = as_index_array(samples)
+    run_parallel(_blend_rows_cpu, samples.size, x, pair, lam, samples, x.dtype == np.uint8, out)
     return out
 
 

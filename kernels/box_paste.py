@@ -20,10 +20,10 @@ layout), :func:`cpu` (Numba, parallel over samples), :func:`cuda`.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda as _cuda_api, njit, prange
+from numba import cuda as _cuda_api, njit
 
 from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, as_index_array
+from kernels._launch import LazyCudaKernel, as_index_array, run_parallel
 
 _box_contains_cpu = element_functions("cpu").box_contains
 
@@ -42,13 +42,13 @@ def reference(x: np.ndarray, pair, box, layout: str, samples=None) -> np.ndarray
     return out
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _paste_rows_cpu(x, pair, box, samples, height, cstride, out):
+@njit(cache=True, nogil=True)
+def _paste_rows_cpu(x, pair, box, samples, height, cstride, out, lo, hi):
     # Same predicate as the CUDA kernel, evaluated once per row: a row is
     # three contiguous segments (primary, partner, primary), copied as slices
     # so LLVM emits vectorised copies instead of a per-element select.
     n_rows = x.shape[1]
-    for s in prange(samples.size):
+    for s in range(lo, hi):
         i = samples[s]
         j = pair[i]
         y0 = box[i, 0]
@@ -66,11 +66,11 @@ def _paste_rows_cpu(x, pair, box, samples, height, cstride, out):
 
 def cpu(x, pair, box, samples, height: int, cstride: int, *, out):
     """Paste the listed samples' boxes from their partners, on the CPU."""
+    samples = as_index_array(samples)
+    target = out
     if x.dtype == np.float16:  # Numba's CPU target has no float16: move the bits instead
-        x, out_bits = x.view(np.uint16), out.view(np.uint16)
-        _paste_rows_cpu(x, pair, box, as_index_array(samples), height, cstride, out_bits)
-        return out
-    _paste_rows_cpu(x, pair, box, as_index_array(samples), height, cstride, out)
+        x, target = x.view(np.uint16), out.view(np.uint16)
+    run_parallel(_paste_rows_cpu, samples.size, x, pair, box, samples, height, cstride, target)
     return out
 
 

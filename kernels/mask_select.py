@@ -28,10 +28,10 @@ that sorts like the float), so every backend ranks identically, -0.0 and
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda as _cuda_api, float32, int32, int64, njit, prange
+from numba import cuda as _cuda_api, float32, int32, int64, njit
 
 from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel
+from kernels._launch import LazyCudaKernel, run_parallel
 
 _cpu = element_functions("cpu")
 _order_key_cpu = _cpu.order_key
@@ -107,10 +107,10 @@ def _mark_top(keys, k, marked, hist):
             marked[e] = False
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _select_cpu(bits, num_low, num_high, out):
-    n_samples, n = bits.shape
-    for i in prange(n_samples):
+@njit(cache=True, nogil=True)
+def _select_cpu(bits, num_low, num_high, out, first, stop):
+    n = bits.shape[1]
+    for i in range(first, stop):
         keys = np.empty(n, np.int64)
         for e in range(n):
             keys[e] = _order_key_cpu(bits[i, e])
@@ -145,8 +145,8 @@ def cpu(grey: np.ndarray, num_low, num_high, *, out=None) -> np.ndarray:
     grey = np.ascontiguousarray(grey, np.float32)
     if out is None:
         out = np.empty(grey.shape, np.float32)
-    _select_cpu(grey.view(np.uint32), np.asarray(num_low, np.int64),
-                np.asarray(num_high, np.int64), out)
+    run_parallel(_select_cpu, grey.shape[0], grey.view(np.uint32),
+                 np.asarray(num_low, np.int64), np.asarray(num_high, np.int64), out)
     return out
 
 

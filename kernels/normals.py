@@ -53,9 +53,9 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda as _cuda_api, njit, prange
+from numba import cuda as _cuda_api, njit
 
-from kernels._launch import LazyCudaKernel
+from kernels._launch import LazyCudaKernel, run_parallel
 
 STRIPS = 256
 GAMMA = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, odd
@@ -252,12 +252,11 @@ def _build(jit):
 _normal_cpu = _build(njit(inline="always"))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _normals_cpu(seeds, count, chunk, x_edge, f_edge, k_bound, w_scale, r, pair_scale, scaled,
-                 out):
-    n = seeds.shape[0]
+                 out, first, stop):
     chunks = (count + chunk - 1) // chunk
-    for task in prange(n * chunks):
+    for task in range(first, stop):
         s = task // chunks
         start = (task - s * chunks) * chunk
         stop = min(start + chunk, count)
@@ -291,8 +290,9 @@ def cpu(keys, count: int, out=None, pair_scale=None) -> np.ndarray:
     scaled = pair_scale is not None
     scale = pair_scale if scaled else np.ones(1, np.float32)
     x_edge, f_edge, k_bound, w_scale, r = ziggurat_tables()
-    _normals_cpu(lane_seeds(keys), count, CPU_CHUNK, x_edge, f_edge, k_bound, w_scale, r, scale,
-                 scaled, out)
+    tasks = keys.size * -(-count // CPU_CHUNK)
+    run_parallel(_normals_cpu, tasks, lane_seeds(keys), count, CPU_CHUNK, x_edge, f_edge, k_bound,
+                 w_scale, r, scale, scaled, out)
     return out
 
 
