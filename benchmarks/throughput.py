@@ -18,7 +18,10 @@ normalisation, float32 NCHW batches with soft targets unless said):
 Timing: round-robin over configurations, ``repeats`` passes each; a pass
 reads ``warmup`` untimed batches, then times ``batches`` batches; images/s
 per pass, median and min/max, and the speed-up against ``a``. CUDA work is
-timed with CUDA events.
+timed with CUDA events. Every loader refills its prefetch queue in the
+background after its pass (DALI's pipeline, the DataLoader's workers), so
+each pass is followed by a pause of ``settle`` seconds: otherwise that refill
+runs during the next configuration's timed pass and is charged to it.
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
             rates[config.key].append(state["images"] / clock.stop())
             if bar is not None:
                 bar.update(1)
+            time.sleep(getattr(settings, "settle", 0.0))
     if bar is not None:
         bar.close()
     rows = [_rates_row(c, rates[c.key], states[c.key]["last"]) for c in configs]

@@ -84,13 +84,14 @@ def cmd_bench(args) -> int:
     data = _data_folder(args)
     _, _, classes = dataset_files(data)
     if args.quick:
-        args.batches, args.repeats, args.warmup = 2, 2, 1
+        args.batches, args.repeats, args.warmup, args.settle = 2, 2, 1, 0.0
         args.batch_size = min(args.batch_size, 16)
         args.size = min(args.size, 96)
     settings = argparse.Namespace(data=str(data), batch_size=args.batch_size, size=args.size,
                                   threads=args.threads, device=resolve_device(args.device).device,
                                   num_classes=len(classes), batches=args.batches,
-                                  repeats=args.repeats, warmup=args.warmup)
+                                  repeats=args.repeats, warmup=args.warmup,
+                                  settle=args.settle)
     rows = throughput.run(settings, only=args.only, progress_factory=tqdm)
     print(throughput.format_table(rows))
     out = Path(args.out)
@@ -135,9 +136,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive, default=2,
                        help="DALI threads = DataLoader workers")
     bench.add_argument("--size", type=_positive, default=224)
-    bench.add_argument("--batches", type=_positive, default=8, help="batches per timed pass")
-    bench.add_argument("--repeats", type=_positive, default=3, help="timed passes")
+    bench.add_argument("--batches", type=_positive, default=10, help="batches per timed pass")
+    bench.add_argument("--repeats", type=_positive, default=7, help="timed passes")
     bench.add_argument("--warmup", type=_positive, default=3, help="untimed batches first")
+    bench.add_argument("--settle", type=float, default=1.0,
+                       help="seconds of pause after each pass (loaders refill their queues)")
     bench.add_argument("--only", nargs="+", help="configuration keys (a a0 b c d-mixup ...)")
     bench.add_argument("--quick", action="store_true", help="tiny run (tests, smoke checks)")
     bench.add_argument("--out", default="results", help="folder for bench.json and bench.png")

@@ -16,9 +16,10 @@ that sorts like the float), so every backend ranks identically, -0.0 and
 +0.0 included.
 
 * :func:`reference` - NumPy, a stable argsort of the keys (the oracle);
-* :func:`cpu` - Numba, per sample: radix select of the thresholds (three
-  11-bit counting passes), then a stable sort of the ramp band only (empty
-  for hard masks);
+* :func:`cpu` - Numba, per sample: radix select of the thresholds (11-bit
+  digits; for hard masks, after the first digit only the threshold's bucket
+  is scanned again, see :func:`_hard_mask_cpu`), then a stable sort of the
+  ramp band only (empty for hard masks);
 * :func:`cuda` - Numba CUDA, hard masks: one block per sample, an 8-bit-digit
   radix select of the k-th largest key (four passes of a 256-bin shared
   histogram), then an in-order block scan that takes the tied elements of
@@ -108,21 +109,66 @@ def _mark_top(keys, k, marked, hist):
 
 
 @njit(cache=True, nogil=True)
+def _hard_mask_cpu(bits, k, out, hist, cand_keys, cand_index):
+    """out[e] = 1 for the k top-ranked elements, else 0 (one sample).
+
+    One counting pass over the top digit finds the bucket holding the k-th
+    largest key; one pass copies that bucket's keys and indices out (a few
+    percent of the elements); the radix select finishes on that copy; one
+    pass writes the mask and the ties at the threshold are resolved on the
+    copy, whose indices are in increasing order. Keys are recomputed from
+    the bits in every pass rather than stored."""
+    n = bits.size
+    if k <= 0 or k >= n:
+        value = float32(1.0) if k >= n else float32(0.0)
+        for e in range(n):
+            out[e] = value
+        return
+    hist[:] = 0
+    for e in range(n):
+        hist[_order_key_cpu(bits[e]) >> 21] += 1
+    above = np.int64(0)
+    top = _DIGIT_MASK
+    for d in range(_DIGIT_MASK, -1, -1):
+        if above + hist[d] >= k:
+            top = d
+            break
+        above += hist[d]
+    m = 0
+    for e in range(n):
+        key = _order_key_cpu(bits[e])
+        if (key >> 21) == top:
+            cand_keys[m] = key
+            cand_index[m] = e
+            m += 1
+    threshold, ties_left = _kth_largest_key(cand_keys[:m], k - above, hist)
+    for e in range(n):
+        out[e] = float32(1.0) if _order_key_cpu(bits[e]) > threshold else float32(0.0)
+    for c in range(m):
+        if ties_left == 0:
+            break
+        if cand_keys[c] == threshold:
+            out[cand_index[c]] = float32(1.0)
+            ties_left -= 1
+
+
+@njit(cache=True, nogil=True)
 def _select_cpu(bits, num_low, num_high, out, first, stop):
     n = bits.shape[1]
+    hist = np.empty(_DIGIT_MASK + 1, np.int64)
+    cand_keys = np.empty(n, np.int64)
+    cand_index = np.empty(n, np.int64)
     for i in range(first, stop):
+        lo = num_low[i]
+        hi = num_high[i]
+        if hi == lo:
+            _hard_mask_cpu(bits[i], hi, out[i], hist, cand_keys, cand_index)
+            continue
         keys = np.empty(n, np.int64)
         for e in range(n):
             keys[e] = _order_key_cpu(bits[i, e])
-        lo = num_low[i]
-        hi = num_high[i]
-        hist = np.empty(_DIGIT_MASK + 1, np.int64)
         in_high = np.empty(n, np.bool_)
         _mark_top(keys, hi, in_high, hist)
-        if hi == lo:
-            for e in range(n):
-                out[i, e] = float32(1.0) if in_high[e] else float32(0.0)
-            continue
         in_low = np.empty(n, np.bool_)
         _mark_top(keys, lo, in_low, hist)
         band = np.empty(hi - lo, np.int64)

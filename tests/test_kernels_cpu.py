@@ -95,3 +95,15 @@ def test_selection_kernel_matches_stable_argsort_reference():
     high = np.array([0, 10, 50, 97, 90, 41, 1, 97])
     np.testing.assert_array_equal(mask_select.cpu(grey, low, high),
                                   mask_select.reference(grey, low, high))
+
+
+@pytest.mark.parametrize("decimals", [None, 2, 0])
+def test_hard_selection_matches_reference_with_ties_at_the_threshold(decimals):
+    rng = np.random.default_rng(11)
+    grey = (rng.standard_normal((6, 5003)) * 3).astype(np.float32)
+    if decimals is not None:          # many equal values around every threshold
+        grey = np.round(grey, decimals).astype(np.float32)
+    grey[5, :] = -0.0
+    grey[5, ::2] = 0.0
+    k = np.array([1, 2500, 5002, 1234, 4000, 2502])
+    np.testing.assert_array_equal(mask_select.cpu(grey, k, k), mask_select.reference(grey, k, k))
