@@ -35,6 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
 LAYOUTS = ("NCHW", "NHWC")
@@ -197,3 +200,20 @@ def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
     finally:
         for future in futures:
             future.result()
+
+
+
+@intrinsic
+def copy_bytes(typingctx, dst, src, nbytes):
+    """``memcpy(dst, src, nbytes)`` for Numba nopython code, on integer
+    addresses (``array.ctypes.data``): LLVM's memcpy intrinsic, so functions
+    using it can still be cached (a ctypes pointer to libc's could not)."""
+    if not all(isinstance(t, types.Integer) for t in (dst, src, nbytes)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        to_pointer = [builder.inttoptr(a, cgutils.voidptr_t) for a in args[:2]]
+        cgutils.raw_memcpy(builder, to_pointer[0], to_pointer[1], args[2], 1)
+        return context.get_dummy_value()
+
+    return types.void(dst, src, nbytes), codegen
