@@ -1,0 +1,69 @@
+"""kernels._launch.run_parallel: the slices cover every item exactly once,
+errors in any slice reach the caller, and concurrent callers share the pool
+without deadlock (two pipelines, or a pipeline and the training loop)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from kernels._launch import cpu_workers, run_parallel
+
+
+def slices_of(n_items, **options):
+    seen = []
+    lock = threading.Lock()
+
+    def record(tag, lo, hi):
+        with lock:
+            seen.append((tag, lo, hi))
+
+    run_parallel(record, n_items, "t", **options)
+    return sorted((lo, hi) for _, lo, hi in seen)
+
+
+@pytest.mark.parametrize("n_items", [0, 1, 2, 3, 7, 64, 1001])
+def test_slices_cover_every_item_once(n_items):
+    slices = slices_of(n_items)
+    covered = np.zeros(n_items, int)
+    for lo, hi in slices:
+        assert lo < hi
+        covered[lo:hi] += 1
+    assert np.all(covered == 1)
+    assert len(slices) <= cpu_workers()
+
+
+def test_min_items_bounds_the_number_of_slices():
+    slices = slices_of(10, min_items=4)
+    assert len(slices) <= 2 and all(hi - lo >= 4 for lo, hi in slices)
+    assert slices_of(3, min_items=4) == [(0, 3)]
+
+
+def test_an_error_in_any_slice_reaches_the_caller():
+    def fail_on_last(lo, hi):
+        if hi == 50:
+            raise ValueError("slice failed")
+
+    with pytest.raises(ValueError, match="slice failed"):
+        run_parallel(fail_on_last, 50)
+
+
+def test_concurrent_callers_each_get_their_own_result():
+    results = {}
+
+    def fill(out, lo, hi):
+        out[lo:hi] += 1
+
+    def caller(tag):
+        out = np.zeros(5000, int)
+        for _ in range(50):
+            run_parallel(fill, out.size, out)
+        results[tag] = out
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(np.all(out == 50) for out in results.values()) and len(results) == 4
