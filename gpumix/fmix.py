@@ -29,6 +29,7 @@ maths from the same normal draws, including its odd-width frequency grid of
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -124,10 +125,13 @@ def grey_from_spectra(spectra, shape, xp=np, reference_compatible: bool = False)
     return _irfftn(complex_spectrum, tuple(int(s) for s in shape), xp)
 
 
+@functools.lru_cache(maxsize=16)
 def _pair_scale(shape, decay_power, reference_compatible) -> np.ndarray:
-    """The spectrum amplitudes, flat float32, for kernels.normals' pair_scale."""
-    return spectrum_scale(shape, decay_power, np, reference_compatible).astype(
-        np.float32).reshape(-1)
+    """The spectrum amplitudes, flat float32, for kernels.normals' pair_scale
+    (cached per shape: a pipeline asks for the same one every batch)."""
+    scale = spectrum_scale(shape, decay_power, np, reference_compatible).astype(np.float32)
+    scale.flags.writeable = False
+    return scale.reshape(-1)
 
 
 def rank_bounds(lam, n_pixels: int, round_up, max_soft: float):
@@ -195,7 +199,8 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
     from kernels import normals
 
     freq = frequency_shape(shape, reference_compatible)
-    scale = _pair_scale(shape, decay_power, reference_compatible)
+    scale = _pair_scale(tuple(int(s) for s in shape), float(decay_power),
+                        bool(reference_compatible))
 
     def make(keys, num_low, num_high):
         keys = np.asarray(keys).reshape(-1)
@@ -217,7 +222,8 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
     from kernels import normals
 
     freq = frequency_shape(shape, reference_compatible)
-    scale = _pair_scale(shape, decay_power, reference_compatible)
+    scale = _pair_scale(tuple(int(s) for s in shape), float(decay_power),
+                        bool(reference_compatible))
 
     def make(keys, num_low, num_high):
         import cupy as cp

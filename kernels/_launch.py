@@ -159,7 +159,13 @@ def float16_via_float32(cpu_func):
 
 
 def cpu_workers() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
+    """Threads the CPU kernels use: ``GPUMIX_NUM_THREADS`` if set, else the
+    cores this process may run on (its CPU affinity)."""
+    setting = os.environ.get("GPUMIX_NUM_THREADS", "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"GPUMIX_NUM_THREADS must be a positive integer, got {setting!r}")
+        return int(setting)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -67,3 +67,11 @@ def test_concurrent_callers_each_get_their_own_result():
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
     assert all(np.all(out == 50) for out in results.values()) and len(results) == 4
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("GPUMIX_NUM_THREADS", "1")
+    assert cpu_workers() == 1 and slices_of(100) == [(0, 100)]
+    monkeypatch.setenv("GPUMIX_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="GPUMIX_NUM_THREADS must be a positive integer"):
+        cpu_workers()
