@@ -95,9 +95,12 @@ def _host(value) -> np.ndarray:
 
 def count_valid(source_info) -> int:
     """Number of real samples: the batch less the trailing repeats of its last one."""
-    names = [bytes(_host(s).astype(np.uint8)) for s in source_info]
-    n = len(names)
-    while n > 1 and names[n - 1] == names[n - 2]:
+    def name(i):
+        return bytes(_host(source_info[i]).astype(np.uint8))
+
+    n = len(source_info)
+    last = name(n - 1) if n else b""
+    while n > 1 and name(n - 2) == last:  # usually one comparison: no padding
         n -= 1
     return n
 
@@ -130,25 +133,24 @@ class _MixStep:
         self.return_params = return_params
         self.device = device
 
-    def draws(self, inputs: dict, batch_size: int) -> Draws:
-        units = 1 if self.config.mode == "batch" else batch_size
-        uniforms = np.stack([_host(v) for v in inputs["uniforms"][:units]]).astype(np.float64)
-        lams = np.stack([_host(v) for v in inputs["lams"][:units]]).astype(np.float64)
+    def draws(self, table: np.ndarray) -> Draws:
+        """Draws from the per-sample draw vectors (rows of ``table``, see _draw_nodes)."""
+        units = table if self.config.mode == "elem" else table[:1]
         keys = None
-        if "normal_keys" in inputs:
-            halves = np.stack([_host(v) for v in inputs["normal_keys"][:units]]).astype(np.int64)
+        if self.config.enabled[2]:
+            halves = units[:, 9:11].astype(np.int64)
             keys = (halves[:, 0] << 31) | halves[:, 1]
-        return Draws(apply_u=uniforms[:, 0], method_u=uniforms[:, 1], box_u=uniforms[:, 2:4],
-                     round_up_u=uniforms[:, 4], lam_mixup=lams[:, 0], lam_cutmix=lams[:, 1],
-                     lam_fmix=lams[:, 2], normal_keys=keys)
+        return Draws(apply_u=units[:, 0], method_u=units[:, 1], box_u=units[:, 2:4],
+                     round_up_u=units[:, 4], lam_mixup=units[:, 5], lam_cutmix=units[:, 6],
+                     lam_fmix=units[:, 7], normal_keys=keys)
 
-    def __call__(self, images, labels, *rest):
+    def __call__(self, images, *rest):
         inputs = dict(zip(self.draw_names, rest))
         b = len(images)
         n_valid = count_valid(inputs.pop("source_info")) if self.has_source_info else b
-        if "permutation" in inputs:
-            perm = np.array([int(_host(p).reshape(-1)[0]) for p in inputs["permutation"]])
-            pair = restrict_pairing(perm, n_valid)
+        table = np.stack([_host(v) for v in inputs["draws"]])
+        if self.config.pairing == "permutation":
+            pair = restrict_pairing(table[:, -1].astype(np.int64), n_valid)
         else:
             pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
@@ -156,13 +158,13 @@ class _MixStep:
         xp = _cupy() if gpu else np
         batch = _stack(images, xp)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
-        draws = self.draws(inputs, b)
+        draws = self.draws(table)
         maker = None
         if gpu and self.config.enabled[2]:
             maker = fmix.cuda_mask_maker((h, w), self.config.decay_power,
                                          self.config.reference_compatible, _numba_stream())
         params = params_from_draws(self.config, (h, w), draws, b, fmix_masks=maker, pair=pair)
-        label_ids = np.array([int(_host(y).reshape(-1)[0]) for y in labels], np.int64)
+        label_ids = table[:, 8].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
         mixed = mixing.mix_images(batch, params, self.layout,
                                   stream=_numba_stream() if gpu else None)
@@ -194,14 +196,17 @@ def _numba_stream():
     return cuda.external_stream(_cupy().cuda.get_current_stream().ptr)
 
 
-def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int):
-    """DALI random operators for the draws this config uses, batched into few
-    inputs (each input costs a per-sample conversion in python_function):
+def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int, labels):
+    """DALI random operators for the draws this config uses, packed into one
+    float64 vector per sample (every input costs python_function a
+    conversion per sample):
 
-    uniforms (5,): apply_u, method_u, box_u (y, x), round_up_u
-    lams (3,):     MixUp, CutMix and FMix lam (1 where the method is off)
-    normal_keys (2,): two 31-bit halves of each sample's FMix spectrum key
-    permutation:   batch_permutation without fixed points (pairing="permutation")
+    [0:5]   uniforms: apply_u, method_u, box_u (y, x), round_up_u (float32 draws)
+    [5:8]   lams: MixUp, CutMix and FMix lam (1 where the method is off)
+    [8]     the sample's label (one value per sample)
+    [9:11]  with FMix: the two 31-bit halves of the sample's spectrum key
+    [-1]    with pairing="permutation": batch_permutation, no fixed points
+    (all exact in float64)
     """
     from nvidia.dali import fn, types
 
@@ -220,18 +225,18 @@ def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int):
     a = config.fmix_alpha
     lam_fmix = fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a) \
         if fmix_on else one
-    nodes = {"uniforms": uniforms,
-             "lams": fn.stack(fn.cast(lam_mixup, dtype=types.FLOAT),
-                              fn.cast(lam_cutmix, dtype=types.FLOAT),
-                              fn.cast(lam_fmix, dtype=types.FLOAT))}
+    parts = [uniforms, fn.stack(fn.cast(lam_mixup, dtype=types.FLOAT),
+                                fn.cast(lam_cutmix, dtype=types.FLOAT),
+                                fn.cast(lam_fmix, dtype=types.FLOAT)),
+             fn.reshape(labels, shape=[1])]
     if fmix_on:
         if spatial_shape is None:
             raise ValueError("size=(H, W) is required when fmix_alpha > 0: FMix spectra are "
                              "drawn with a fixed shape")
-        nodes["normal_keys"] = fn.random.choice(2**31 - 1, shape=[2])
+        parts.append(fn.random.choice(2**31 - 1, shape=[2]))
     if config.pairing == "permutation":
-        nodes["permutation"] = fn.batch_permutation(no_fixed_points=batch_size != 1)
-    return nodes
+        parts.append(fn.stack(fn.batch_permutation(no_fixed_points=batch_size != 1)))
+    return {"draws": fn.cat(*[fn.cast(p, dtype=types.FLOAT64) for p in parts])}
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
@@ -256,17 +261,16 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
 
     config = MixConfig(num_classes=num_classes, **options)
     batch_size = Pipeline.current().max_batch_size
-    nodes = _draw_nodes(config, size, batch_size)
+    nodes = _draw_nodes(config, size, batch_size, labels)
     if source_info is not None:
         nodes["source_info"] = source_info
     names = list(nodes)
     inputs = [nodes[n] for n in names]
     if device == "gpu":
         inputs = [n.gpu() for n in inputs]
-        labels = labels.gpu()
     step = _MixStep(config, layout, names, source_info is not None, return_params, device)
     n_out = 2 + (len(param_names(config)) if return_params else 0)
-    outputs = fn.python_function(images, labels, *inputs, function=step, batch_processing=True,
+    outputs = fn.python_function(images, *inputs, function=step, batch_processing=True,
                                  num_outputs=n_out, device=device,
                                  output_layouts=[layout] + [""] * (n_out - 1))
     return tuple(outputs)
