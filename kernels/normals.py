@@ -340,8 +340,8 @@ cuda_kernel = LazyCudaKernel(_normals_cuda)
 
 
 @functools.cache
-def _device_tables():
-    """The ziggurat tables on the current device (copied once)."""
+def _device_tables(device_id: int):
+    """The ziggurat tables on one device (copied once per device)."""
     from numba import cuda as numba_cuda
 
     x_edge, f_edge, k_bound, w_scale, r = ziggurat_tables()
@@ -359,7 +359,7 @@ def cuda(keys, count: int, *, out, pair_scale=None, stream=None):
     total = keys.size * count
     if total == 0:
         return out
-    x_edge, f_edge, k_bound, w_scale, r = _device_tables()
+    x_edge, f_edge, k_bound, w_scale, r = _device_tables(numba_cuda.get_current_device().id)
     seeds = numba_cuda.to_device(lane_seeds(keys), stream=stream or 0)
     scaled = pair_scale is not None
     scale = numba_cuda.to_device(pair_scale if scaled else np.ones(1, np.float32),
