@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,6 +185,18 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child (a DataLoader worker, say) inherits the pool object but
+    none of its threads; it must start its own or its tasks never run."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
     """Call ``function(*args, lo, hi)`` over contiguous slices covering
     ``range(n_items)``, one slice per core, concurrently.
@@ -204,8 +216,9 @@ def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
     try:
         function(*args, bounds[0], bounds[1])
     finally:
-        for future in futures:
-            future.result()
+        wait(futures)  # every slice has finished before the caller goes on
+    for future in futures:
+        future.result()  # re-raises a slice's error
 
 
 

@@ -75,3 +75,26 @@ def test_thread_count_follows_the_environment(monkeypatch):
     monkeypatch.setenv("GPUMIX_NUM_THREADS", "zero")
     with pytest.raises(ValueError, match="GPUMIX_NUM_THREADS must be a positive integer"):
         cpu_workers()
+
+
+def _fill_in_child(queue):
+    out = np.zeros(1000, int)
+
+    def fill(lo, hi):
+        out[lo:hi] += 1
+
+    run_parallel(fill, out.size)
+    queue.put(int(out.sum()))
+
+
+def test_a_forked_child_gets_its_own_pool():
+    import multiprocessing
+
+    run_parallel(lambda lo, hi: None, 64)  # the parent's pool exists and has idled
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_fill_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the forked child hung or failed"
+    assert queue.get(timeout=5) == 1000
