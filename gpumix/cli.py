@@ -63,8 +63,11 @@ def environment() -> dict:
             versions[module] = __import__(module, fromlist=["__version__"]).__version__
         except Exception as error:  # a missing optional package is reported, not fatal
             versions[module] = f"unavailable ({type(error).__name__})"
+    from kernels._launch import cpu_workers
+
     choice = resolve_device("auto")
     return {**env, **versions, "platform": platform.platform(),
+            "cpu_kernel_threads": cpu_workers(),
             "auto_device": choice.device, "auto_device_reason": choice.reason}
 
 

@@ -59,6 +59,8 @@ def test_preview_png_has_the_expected_size(tiny_folder, tmp_path):
 def test_info_reports_device_choice():
     out = gpumix("info").stdout
     assert "auto_device" in out and "nvidia.dali" in out
+    threads = next(line for line in out.splitlines() if "cpu_kernel_threads" in line)
+    assert int(threads.split(":")[1]) >= 1
 
 
 def test_bad_cli_arguments_fail_clearly(tmp_path):
