@@ -192,15 +192,20 @@ def soft_lam(masks):
     return masks.reshape(n, -1).astype("float64").mean(axis=1).astype("float32")
 
 
+def _spectrum_layout(shape, decay_power, reference_compatible):
+    """(frequency shape, flat float32 amplitudes) of one spectrum, for the makers."""
+    shape = tuple(int(s) for s in shape)
+    return (frequency_shape(shape, reference_compatible),
+            _pair_scale(shape, float(decay_power), bool(reference_compatible)))
+
+
 def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False):
     """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
     in, NumPy masks out (normals kernel, NumPy FFT, selection kernel)."""
 
     from kernels import normals
 
-    freq = frequency_shape(shape, reference_compatible)
-    scale = _pair_scale(tuple(int(s) for s in shape), float(decay_power),
-                        bool(reference_compatible))
+    freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
 
     def make(keys, num_low, num_high):
         keys = np.asarray(keys).reshape(-1)
@@ -221,9 +226,7 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
 
     from kernels import normals
 
-    freq = frequency_shape(shape, reference_compatible)
-    scale = _pair_scale(tuple(int(s) for s in shape), float(decay_power),
-                        bool(reference_compatible))
+    freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
 
     def make(keys, num_low, num_high):
         import cupy as cp
