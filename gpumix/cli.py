@@ -122,8 +122,10 @@ def cmd_preview(args) -> int:
     from benchmarks.preview import write_preview
 
     data = _data_folder(args)
-    path = write_preview(data, Path(args.out), columns=args.columns, size=args.size,
-                         seed=args.seed)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":  # the picture is a PNG whatever the name says
+        out = out.with_name(out.name + ".png")
+    path = write_preview(data, out, columns=args.columns, size=args.size, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -156,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
 
     preview = sub.add_parser("preview", help="PNG grid of mixed samples")
     preview.add_argument("--data", help="ImageNet-style folder (default: built-in dataset)")
-    preview.add_argument("--out", default="results/preview.png")
+    preview.add_argument("--out", default="results/preview.png",
+                         help="PNG file to write (.png is added when missing)")
     preview.add_argument("--columns", type=_positive, default=6)
     preview.add_argument("--size", type=_positive, default=160)
     preview.add_argument("--seed", type=int, default=0)

@@ -56,6 +56,13 @@ def test_preview_png_has_the_expected_size(tiny_folder, tmp_path):
     assert pixels.std() > 10  # not a blank canvas
 
 
+def test_preview_without_suffix_writes_and_names_the_png(tiny_folder, tmp_path):
+    result = gpumix("preview", "--data", str(tiny_folder), "--out", str(tmp_path / "grid"),
+                    "--columns", "2", "--size", "32")
+    assert (tmp_path / "grid.png").is_file()
+    assert str(tmp_path / "grid.png") in result.stdout
+
+
 def test_info_reports_device_choice():
     out = gpumix("info").stdout
     assert "auto_device" in out and "nvidia.dali" in out
