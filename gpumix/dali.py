@@ -24,7 +24,7 @@ Mechanism (one small class, :class:`_MixStep`, so it can be swapped):
   FFT for FMix masks. Per sample, DALI's CPU ``numba_function`` would avoid
   the Python call, but mixing needs the whole batch (partners) and FMix needs
   an FFT, which no ``numba_function`` can call. The step takes the images and
-  one float64 vector per sample (its draws and label, see :func:`_draw_nodes`:
+  one float64 vector per sample (its draws and label, see :func:`_draw_vectors`:
   python_function converts every input sample by sample), 2.3-2.7 ms per
   batch of 64 at 224 px here, about half of it kernels. DALI runs CPU
   operators one at a time, so that time is not hidden behind decoding.
@@ -124,53 +124,58 @@ def _stack(batch, xp):
     return xp.stack(samples)
 
 
+# Columns of the per-sample draw vector built by _draw_vectors (float64, all exact).
+_APPLY, _METHOD, _BOX, _ROUND_UP = 0, 1, slice(2, 4), 4  # uniforms in [0, 1)
+_LAM_MIXUP, _LAM_CUTMIX, _LAM_FMIX = 5, 6, 7              # 1 where the method is off
+_LABEL = 8
+_KEY_HALVES = slice(9, 11)  # with FMix: two 31-bit halves of the spectrum key
+_PERMUTATION = -1           # with pairing="permutation": batch_permutation
+
+
 class _MixStep:
     """The per-batch function DALI calls: draws in, mixed batch out."""
 
-    def __init__(self, config: MixConfig, layout: str, draw_names, has_source_info: bool,
-                 return_params: bool, device: str):
+    def __init__(self, config: MixConfig, layout: str, return_params: bool, device: str):
         self.config = config
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
-        self.draw_names = tuple(draw_names)
-        self.has_source_info = has_source_info
         self.return_params = return_params
         self.device = device
 
     def draws(self, table: np.ndarray) -> Draws:
-        """Draws from the per-sample draw vectors (rows of ``table``, see _draw_nodes)."""
+        """Draws from the per-sample draw vectors (rows of ``table``)."""
         units = table if self.config.mode == "elem" else table[:1]
         keys = None
         if self.config.enabled[2]:
-            halves = units[:, 9:11].astype(np.int64)
+            halves = units[:, _KEY_HALVES].astype(np.int64)
             keys = (halves[:, 0] << 31) | halves[:, 1]
-        return Draws(apply_u=units[:, 0], method_u=units[:, 1], box_u=units[:, 2:4],
-                     round_up_u=units[:, 4], lam_mixup=units[:, 5], lam_cutmix=units[:, 6],
-                     lam_fmix=units[:, 7], normal_keys=keys)
+        return Draws(apply_u=units[:, _APPLY], method_u=units[:, _METHOD],
+                     box_u=units[:, _BOX], round_up_u=units[:, _ROUND_UP],
+                     lam_mixup=units[:, _LAM_MIXUP], lam_cutmix=units[:, _LAM_CUTMIX],
+                     lam_fmix=units[:, _LAM_FMIX], normal_keys=keys)
 
-    def __call__(self, images, *rest):
-        inputs = dict(zip(self.draw_names, rest))
+    def __call__(self, images, draw_vectors, source_info=None):
         b = len(images)
-        n_valid = count_valid(inputs.pop("source_info")) if self.has_source_info else b
-        table = np.stack([_host(v) for v in inputs["draws"]])
+        n_valid = b if source_info is None else count_valid(source_info)
+        table = np.stack([_host(v) for v in draw_vectors])
         if self.config.pairing == "permutation":
-            pair = restrict_pairing(table[:, -1].astype(np.int64), n_valid)
+            pair = restrict_pairing(table[:, _PERMUTATION].astype(np.int64), n_valid)
         else:
             pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
         gpu = self.device == "gpu"
         xp = _cupy() if gpu else np
+        stream = _numba_stream() if gpu else None
         batch = _stack(images, xp)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
         draws = self.draws(table)
         maker = None
         if gpu and self.config.enabled[2]:
             maker = fmix.cuda_mask_maker((h, w), self.config.decay_power,
-                                         self.config.reference_compatible, _numba_stream())
+                                         self.config.reference_compatible, stream)
         params = params_from_draws(self.config, (h, w), draws, b, fmix_masks=maker, pair=pair)
-        label_ids = table[:, 8].astype(np.int64)
+        label_ids = table[:, _LABEL].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
-        mixed = mixing.mix_images(batch, params, self.layout,
-                                  stream=_numba_stream() if gpu else None)
+        mixed = mixing.mix_images(batch, params, self.layout, stream=stream)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
                                       self.config.label_smoothing)
         if gpu:
@@ -199,18 +204,10 @@ def _numba_stream():
     return cuda.external_stream(_cupy().cuda.get_current_stream().ptr)
 
 
-def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int, labels):
-    """DALI random operators for the draws this config uses, packed into one
-    float64 vector per sample (every input costs python_function a
-    conversion per sample):
-
-    [0:5]   uniforms: apply_u, method_u, box_u (y, x), round_up_u (float32 draws)
-    [5:8]   lams: MixUp, CutMix and FMix lam (1 where the method is off)
-    [8]     the sample's label (one value per sample)
-    [9:11]  with FMix: the two 31-bit halves of the sample's spectrum key
-    [-1]    with pairing="permutation": batch_permutation, no fixed points
-    (all exact in float64)
-    """
+def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
+    """DALI random operators for the draws this config uses and the label,
+    packed into one float64 vector per sample (python_function converts every
+    input sample by sample); the columns are the constants above _MixStep."""
     from nvidia.dali import fn, types
 
     mixup_on, cutmix_on, fmix_on = config.enabled
@@ -239,7 +236,7 @@ def _draw_nodes(config: MixConfig, spatial_shape, batch_size: int, labels):
         parts.append(fn.random.choice(2**31 - 1, shape=[2]))
     if config.pairing == "permutation":
         parts.append(fn.stack(fn.batch_permutation(no_fixed_points=batch_size != 1)))
-    return {"draws": fn.cat(*[fn.cast(p, dtype=types.FLOAT64) for p in parts])}
+    return fn.cat(*[fn.cast(p, dtype=types.FLOAT64) for p in parts])
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
@@ -264,14 +261,12 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
 
     config = MixConfig(num_classes=num_classes, **options)
     batch_size = Pipeline.current().max_batch_size
-    nodes = _draw_nodes(config, size, batch_size, labels)
+    inputs = [_draw_vectors(config, size, batch_size, labels)]
     if source_info is not None:
-        nodes["source_info"] = source_info
-    names = list(nodes)
-    inputs = [nodes[n] for n in names]
+        inputs.append(source_info)
     if device == "gpu":
         inputs = [n.gpu() for n in inputs]
-    step = _MixStep(config, layout, names, source_info is not None, return_params, device)
+    step = _MixStep(config, layout, return_params, device)
     n_out = 2 + (len(param_names(config)) if return_params else 0)
     outputs = fn.python_function(images, *inputs, function=step, batch_processing=True,
                                  num_outputs=n_out, device=device,

@@ -48,8 +48,9 @@ def _rfft_frequencies(shape, xp, odd_extra_column: bool = False):
 FFT_MIN_SAMPLES = 4  # fewest samples per threaded FFT slice
 
 
-def normals_from_keys(keys, freq_shape) -> np.ndarray:
-    """Spectrum normals ``(n, *freq_shape, 2)`` float32, one stream per key.
+def normals_from_keys(keys, freq_shape, pair_scale=None) -> np.ndarray:
+    """Spectrum normals ``(n, *freq_shape, 2)`` float32, one stream per key
+    (each (re, im) pair times ``pair_scale``, flat per frequency, if given).
 
     Each sample's normals are a deterministic function of its 62-bit key
     (kernels.normals: counter-based ziggurat), so the single seeded source at
@@ -61,7 +62,7 @@ def normals_from_keys(keys, freq_shape) -> np.ndarray:
 
     keys = np.asarray(keys).reshape(-1)
     count = 2 * math.prod(freq_shape)
-    return normals.cpu(keys, count).reshape(keys.size, *freq_shape, 2)
+    return normals.cpu(keys, count, pair_scale=pair_scale).reshape(keys.size, *freq_shape, 2)
 
 
 def _irfftn(spectrum, shape, xp):
@@ -203,16 +204,12 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
     """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
     in, NumPy masks out (normals kernel, NumPy FFT, selection kernel)."""
 
-    from kernels import normals
-
     freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
 
     def make(keys, num_low, num_high):
-        keys = np.asarray(keys).reshape(-1)
-        spectra = normals.cpu(keys, 2 * scale.size, pair_scale=scale)
-        grey = grey_from_spectra(spectra.reshape(keys.size, *freq, 2), shape, np,
-                                 reference_compatible)
-        return masks_from_grey(grey, num_low, num_high)
+        spectra = normals_from_keys(keys, freq, pair_scale=scale)
+        return masks_from_grey(grey_from_spectra(spectra, shape, np, reference_compatible),
+                               num_low, num_high)
 
     return make
 

@@ -221,7 +221,6 @@ def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
         future.result()  # re-raises a slice's error
 
 
-
 @intrinsic
 def copy_bytes(typingctx, dst, src, nbytes):
     """``memcpy(dst, src, nbytes)`` for Numba nopython code, on integer

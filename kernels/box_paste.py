@@ -62,13 +62,11 @@ def _paste_rows_cpu(x, pair, box, samples, height, cstride, out, lo, hi):
         c0 = box[i, 2] * cstride
         c1 = box[i, 3] * cstride
         copy_bytes(dst + i * sample_bytes, src + i * sample_bytes, sample_bytes)
-        if c1 <= c0:
-            continue
         for r in range(n_rows):
             if _box_contains_cpu(r % height, c0, y0, y1, c0, c1):
                 offset = r * row_bytes + c0 * item
                 copy_bytes(dst + i * sample_bytes + offset, src + j * sample_bytes + offset,
-                        (c1 - c0) * item)
+                           (c1 - c0) * item)
 
 
 def cpu(x, pair, box, samples, height: int, cstride: int, *, out):

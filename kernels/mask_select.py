@@ -62,6 +62,18 @@ _DIGIT_MASK = (1 << _DIGIT_BITS) - 1
 
 
 @njit(cache=True, nogil=True)
+def _bucket_holding(hist, rank):
+    """(digit, above): the histogram bucket holding the rank-th largest key
+    (1-based) and how many keys lie in higher buckets."""
+    above = np.int64(0)
+    for d in range(_DIGIT_MASK, -1, -1):
+        if above + hist[d] >= rank:
+            return d, above
+        above += hist[d]
+    return 0, above
+
+
+@njit(cache=True, nogil=True)
 def _kth_largest_key(keys, k, hist):
     """(threshold, ties): the k-th largest key (1 <= k <= n) and how many keys
     equal to it belong to the top k. Radix select on 32-bit keys, 11-bit
@@ -75,37 +87,11 @@ def _kth_largest_key(keys, k, hist):
             key = keys[e]
             if (key & prefix_mask) == prefix:
                 hist[(key >> shift) & _DIGIT_MASK] += 1
-        above = np.int64(0)
-        for d in range(_DIGIT_MASK, -1, -1):
-            if above + hist[d] >= remaining:
-                prefix = prefix | (np.int64(d) << shift)
-                remaining -= above
-                break
-            above += hist[d]
+        digit, above = _bucket_holding(hist, remaining)
+        prefix = prefix | (np.int64(digit) << shift)
+        remaining -= above
         prefix_mask = prefix_mask | (np.int64(_DIGIT_MASK) << shift)
     return prefix, remaining
-
-
-@njit(cache=True, nogil=True)
-def _mark_top(keys, k, marked, hist):
-    """marked[e] = rank(e) < k, ranks by key descending then index ascending."""
-    n = keys.size
-    if k <= 0:
-        marked[:] = False
-        return
-    if k >= n:
-        marked[:] = True
-        return
-    threshold, ties_left = _kth_largest_key(keys, k, hist)
-    for e in range(n):
-        key = keys[e]
-        if key > threshold:
-            marked[e] = True
-        elif key == threshold and ties_left > 0:
-            marked[e] = True
-            ties_left -= 1
-        else:
-            marked[e] = False
 
 
 @njit(cache=True, nogil=True)
@@ -127,13 +113,7 @@ def _hard_mask_cpu(bits, k, out, hist, cand_keys, cand_index):
     hist[:] = 0
     for e in range(n):
         hist[_order_key_cpu(bits[e]) >> 21] += 1
-    above = np.int64(0)
-    top = _DIGIT_MASK
-    for d in range(_DIGIT_MASK, -1, -1):
-        if above + hist[d] >= k:
-            top = d
-            break
-        above += hist[d]
+    top, above = _bucket_holding(hist, k)
     m = 0
     for e in range(n):
         key = _order_key_cpu(bits[e])
@@ -154,35 +134,31 @@ def _hard_mask_cpu(bits, k, out, hist, cand_keys, cand_index):
 
 @njit(cache=True, nogil=True)
 def _select_cpu(bits, num_low, num_high, out, first, stop):
+    # Hard masks are one _hard_mask_cpu; soft ones are the top num_high
+    # (out) less the top num_low (scratch), the band between sorted by key.
     n = bits.shape[1]
     hist = np.empty(_DIGIT_MASK + 1, np.int64)
     cand_keys = np.empty(n, np.int64)
     cand_index = np.empty(n, np.int64)
+    in_low = np.empty(n, np.float32)
     for i in range(first, stop):
         lo = num_low[i]
         hi = num_high[i]
+        _hard_mask_cpu(bits[i], hi, out[i], hist, cand_keys, cand_index)
         if hi == lo:
-            _hard_mask_cpu(bits[i], hi, out[i], hist, cand_keys, cand_index)
             continue
-        keys = np.empty(n, np.int64)
-        for e in range(n):
-            keys[e] = _order_key_cpu(bits[i, e])
-        in_high = np.empty(n, np.bool_)
-        _mark_top(keys, hi, in_high, hist)
-        in_low = np.empty(n, np.bool_)
-        _mark_top(keys, lo, in_low, hist)
+        _hard_mask_cpu(bits[i], lo, in_low, hist, cand_keys, cand_index)
         band = np.empty(hi - lo, np.int64)
         m = 0
         for e in range(n):
-            if in_low[e]:
-                out[i, e] = float32(1.0)
-            elif in_high[e]:
+            if out[i, e] > in_low[e]:
                 band[m] = e
                 m += 1
-            else:
-                out[i, e] = float32(0.0)
-        band_order = np.argsort(-keys[band], kind="mergesort")  # stable: index order on ties
-        for position in range(band.size):
+        band_keys = np.empty(m, np.int64)
+        for c in range(m):
+            band_keys[c] = _order_key_cpu(bits[i, band[c]])
+        band_order = np.argsort(-band_keys, kind="mergesort")  # stable: index order on ties
+        for position in range(m):
             out[i, band[band_order[position]]] = _ramp_value_cpu(lo + position, lo, hi)
 
 

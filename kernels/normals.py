@@ -124,22 +124,20 @@ def _mix64(z):
 
 
 def _mix64_array(z: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return _mix64(np.asarray(z, np.uint64))
+    # uint64 arrays wrap silently; only NumPy scalars would warn.
+    return _mix64(np.asarray(z, np.uint64))
 
 
 def lane_seeds(keys) -> np.ndarray:
     """(n, 3) uint64: the three lane seeds of every key."""
     keys = np.asarray(keys).astype(np.uint64).reshape(-1, 1)
     lanes = np.arange(1, 4, dtype=np.uint64).reshape(1, 3)
-    with np.errstate(over="ignore"):
-        return _mix64_array(keys + lanes * GAMMA)
+    return _mix64_array(keys + lanes * GAMMA)
 
 
 def _bits_array(seed, counter) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return _mix64_array(np.asarray(seed, np.uint64) + (np.asarray(counter, np.uint64) + _ONE)
-                            * GAMMA)
+    return _mix64_array(np.asarray(seed, np.uint64) + (np.asarray(counter, np.uint64) + _ONE)
+                        * GAMMA)
 
 
 def _open_uniform(bits):
