@@ -48,7 +48,7 @@ def _rfft_frequencies(shape, xp, odd_extra_column: bool = False):
 FFT_MIN_SAMPLES = 4  # fewest samples per threaded FFT slice
 
 
-def normals_from_keys(keys, freq_shape, pair_scale=None) -> np.ndarray:
+def normals_from_keys(keys, freq_shape, pair_scale=None, out=None) -> np.ndarray:
     """Spectrum normals ``(n, *freq_shape, 2)`` float32, one stream per key
     (each (re, im) pair times ``pair_scale``, flat per frequency, if given).
 
@@ -62,18 +62,22 @@ def normals_from_keys(keys, freq_shape, pair_scale=None) -> np.ndarray:
 
     keys = np.asarray(keys).reshape(-1)
     count = 2 * math.prod(freq_shape)
-    return normals.cpu(keys, count, pair_scale=pair_scale).reshape(keys.size, *freq_shape, 2)
+    flat = None if out is None else out.reshape(keys.size, count)
+    return normals.cpu(keys, count, out=flat, pair_scale=pair_scale).reshape(
+        keys.size, *freq_shape, 2)
 
 
-def _irfftn(spectrum, shape, xp):
+def _irfftn(spectrum, shape, xp, out=None):
     """Batched inverse real FFT over the trailing axes, float32 out. NumPy's
-    runs in chunks of samples on all cores; CuPy's is one cuFFT plan."""
+    runs in chunks of samples on all cores (into ``out`` when given); CuPy's
+    is one cuFFT plan."""
     axes = tuple(range(-len(shape), 0))
     if xp is not np:
         return xp.fft.irfftn(spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
     from kernels._launch import run_parallel
 
-    out = np.empty((spectrum.shape[0], *shape), np.float32)
+    if out is None:
+        out = np.empty((spectrum.shape[0], *shape), np.float32)
 
     def inverse(lo, hi):  # NumPy's FFT releases the GIL
         np.fft.irfftn(spectrum[lo:hi], s=shape, axes=axes, out=out[lo:hi])
@@ -114,8 +118,9 @@ def grey_images(normals, shape, decay_power: float, xp=np,
     return grey_from_spectra(spectra, shape, xp, reference_compatible)
 
 
-def grey_from_spectra(spectra, shape, xp=np, reference_compatible: bool = False):
-    """Grey images from scaled spectra ``(n, *freq_shape, 2)`` float32 (re, im)."""
+def grey_from_spectra(spectra, shape, xp=np, reference_compatible: bool = False, out=None):
+    """Grey images from scaled spectra ``(n, *freq_shape, 2)`` float32 (re, im)
+    (NumPy: into ``out`` when given)."""
     spectra = xp.ascontiguousarray(spectra, dtype=xp.float32)
     if reference_compatible:
         # The published line: index 0/1 of the axis after the batch (height
@@ -123,7 +128,7 @@ def grey_from_spectra(spectra, shape, xp=np, reference_compatible: bool = False)
         complex_spectrum = (spectra[:, 0] + 1j * spectra[:, 1]).astype(xp.complex64)
     else:
         complex_spectrum = spectra.view(xp.complex64)[..., 0]  # (re, im) pairs are adjacent
-    return _irfftn(complex_spectrum, tuple(int(s) for s in shape), xp)
+    return _irfftn(complex_spectrum, tuple(int(s) for s in shape), xp, out)
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,14 +207,35 @@ def _spectrum_layout(shape, decay_power, reference_compatible):
 
 def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False):
     """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
-    in, NumPy masks out (normals kernel, NumPy FFT, selection kernel)."""
+    in, NumPy masks out (normals kernel, NumPy FFT, selection kernel).
+
+    One parallel pass over slices of samples, each slice going keys ->
+    spectra -> grey -> masks while its spectra are still in cache, instead of
+    three passes over the batch with a barrier after each.
+    """
+    from kernels import mask_select
+    from kernels._launch import run_parallel, scratch
 
     freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
+    shape = tuple(int(s) for s in shape)
 
     def make(keys, num_low, num_high):
-        spectra = normals_from_keys(keys, freq, pair_scale=scale)
-        return masks_from_grey(grey_from_spectra(spectra, shape, np, reference_compatible),
-                               num_low, num_high)
+        keys = np.asarray(keys).reshape(-1)
+        num_low, num_high = np.asarray(num_low, np.int64), np.asarray(num_high, np.int64)
+        n = keys.size
+        # Spectra and grey images are dead once the masks exist: reused buffers.
+        spectra = scratch("fmix.spectra", (n, *freq, 2), np.float32)
+        grey = scratch("fmix.grey", (n, *shape), np.float32)
+        masks = np.empty((n, *shape), np.float32)
+
+        def masks_of(lo, hi):
+            normals_from_keys(keys[lo:hi], freq, pair_scale=scale, out=spectra[lo:hi])
+            grey_from_spectra(spectra[lo:hi], shape, np, reference_compatible, out=grey[lo:hi])
+            mask_select.cpu(grey[lo:hi].reshape(hi - lo, -1), num_low[lo:hi], num_high[lo:hi],
+                            out=masks[lo:hi].reshape(hi - lo, -1))
+
+        run_parallel(masks_of, n)
+        return masks
 
     return make
 

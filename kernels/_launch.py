@@ -25,13 +25,21 @@ the same cores a moment later, that spinning cost about 30 ms of CPU time
 per batch of FMix masks here (benchmarks/README.md). Pool threads sleep
 when idle, and any number of callers (two pipelines, a DALI thread and the
 training loop) can share the pool: tasks never wait on other tasks.
+
+Intermediate buffers that every batch needs again (FMix spectra and grey
+images, a DALI step's output) come from :func:`scratch`: per-thread arrays
+kept between calls. Fresh multi-megabyte allocations are not free: glibc
+hands big blocks back to the kernel when they are freed, and faulting 10 MB
+of pages back in cost more than the FFT itself in this VM (a batch of 64
+FMix masks: 21 ms with fresh buffers, 12 ms reusing them; benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +180,26 @@ def cpu_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, shape, dtype) -> np.ndarray:
+    """A per-thread reusable array of ``shape`` and ``dtype`` (contents undefined).
+
+    The same ``name`` on the same thread returns the same memory (grown when
+    a larger one is asked for), so use a name only for a buffer that is dead
+    before that thread asks for the name again; never return one to a caller.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    block = buffers.get(name)
+    if block is None or block.size < nbytes:
+        block = buffers[name] = np.empty(max(nbytes, 1), np.uint8)
+    return block[:nbytes].view(dtype).reshape(shape)
+
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -197,28 +225,71 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
+CHUNKS_PER_WORKER = 4
+
+
+class _Job:
+    """The chunks of one run_parallel call, claimed one at a time by whoever
+    is free: the caller starts at once, pool threads join as they wake."""
+
+    def __init__(self, function, args, bounds):
+        self.function, self.args, self.bounds = function, args, bounds
+        self.claims = itertools.count()  # next() is atomic under the GIL
+        self.left = len(bounds) - 1
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.error = None
+
+    def work(self) -> None:
+        outer = getattr(_IN_SLICE, "active", False)
+        _IN_SLICE.active = True
+        try:
+            while (chunk := next(self.claims)) < len(self.bounds) - 1:
+                self._run(chunk)
+        finally:
+            _IN_SLICE.active = outer
+
+    def _run(self, chunk: int) -> None:
+        try:
+            if self.error is None:  # after a failure the rest are only counted
+                self.function(*self.args, self.bounds[chunk], self.bounds[chunk + 1])
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            self.error = self.error or error
+        finally:
+            with self.lock:
+                self.left -= 1
+                if self.left == 0:
+                    self.finished.set()
+
+
+_IN_SLICE = threading.local()  # set while a thread runs a slice: nested calls run inline
+
+
 def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
     """Call ``function(*args, lo, hi)`` over contiguous slices covering
-    ``range(n_items)``, one slice per core, concurrently.
+    ``range(n_items)``, on the calling thread and the pool, concurrently.
 
     ``function`` must release the GIL for the slices to overlap (Numba
     ``nogil`` kernels, NumPy's FFT). Slices hold at least ``min_items``
-    items; the calling thread runs the first one, then waits for the rest.
+    items. There are up to ``CHUNKS_PER_WORKER`` slices per core, claimed
+    dynamically: a pool thread that wakes late (35-55 us here) or is busy
+    with another caller's work takes fewer, so the caller never idles
+    waiting for it. Returns when every slice has run; re-raises the first
+    error of any slice. Called from inside a slice, it runs inline: the
+    cores are busy with the outer call already.
     """
-    workers = min(cpu_workers(), n_items // max(1, min_items))
-    if workers <= 1:
+    n_chunks = min(n_items // max(1, min_items), cpu_workers() * CHUNKS_PER_WORKER)
+    if n_chunks <= 1 or cpu_workers() == 1 or getattr(_IN_SLICE, "active", False):
         if n_items > 0:
             function(*args, 0, n_items)
         return
-    bounds = [n_items * w // workers for w in range(workers + 1)]
-    futures = [_pool().submit(function, *args, lo, hi)
-               for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    try:
-        function(*args, bounds[0], bounds[1])
-    finally:
-        wait(futures)  # every slice has finished before the caller goes on
-    for future in futures:
-        future.result()  # re-raises a slice's error
+    job = _Job(function, args, [n_items * c // n_chunks for c in range(n_chunks + 1)])
+    for _ in range(min(cpu_workers(), n_chunks) - 1):
+        _pool().submit(job.work)
+    job.work()
+    job.finished.wait()
+    if job.error is not None:
+        raise job.error
 
 
 @intrinsic

@@ -92,3 +92,32 @@ def test_soft_masks_ramp_and_lam_is_their_mean():
         assert m.min() >= 0 and m.max() <= 1
         assert lam == pytest.approx(m.mean(), abs=1e-6)
     assert np.any((params.mask > 0) & (params.mask < 1))
+
+
+@pytest.mark.parametrize("reference_compatible", [False, True])
+def test_cpu_mask_maker_equals_the_staged_references_across_batch_sizes(reference_compatible):
+    """The fused maker (slices of keys -> spectra -> grey -> masks, reused
+    buffers) against the stages' NumPy references run on the whole batch, for
+    batches that grow and shrink between calls (stale buffer contents must
+    never leak into a result)."""
+    from kernels import mask_select, normals
+
+    shape = (24, 19)
+    n_pix = 24 * 19
+    make = fmix.cpu_mask_maker(shape, 3.0, reference_compatible)
+    freq = fmix.frequency_shape(shape, reference_compatible)
+    scale = fmix.spectrum_scale(shape, 3.0, reference_compatible=reference_compatible)
+    rng = np.random.default_rng(5)
+    for n in (3, 40, 1, 17):
+        keys = rng.integers(0, 2**62, n)
+        k, lo, hi = fmix.rank_bounds(rng.random(n), n_pix, rng.random(n) < 0.5,
+                                     0.1 if n == 17 else 0.0)
+        spectra = normals.reference(keys, 2 * int(np.prod(freq))).reshape(n, *freq, 2)
+        spectra = spectra * scale.astype(np.float32)[..., None]
+        if reference_compatible:
+            complex_spectra = (spectra[:, 0] + 1j * spectra[:, 1]).astype(np.complex64)
+        else:
+            complex_spectra = (spectra[..., 0] + 1j * spectra[..., 1]).astype(np.complex64)
+        grey = np.fft.irfftn(complex_spectra, s=shape, axes=(1, 2)).astype(np.float32)
+        expected = mask_select.reference(grey.reshape(n, -1), lo, hi).reshape(n, *shape)
+        np.testing.assert_array_equal(make(keys, lo, hi), expected)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from kernels._launch import cpu_workers, run_parallel
+from kernels._launch import CHUNKS_PER_WORKER, _pool, cpu_workers, run_parallel, scratch
 
 
 def slices_of(n_items, **options):
@@ -30,12 +30,13 @@ def test_slices_cover_every_item_once(n_items):
         assert lo < hi
         covered[lo:hi] += 1
     assert np.all(covered == 1)
-    assert len(slices) <= cpu_workers()
+    assert len(slices) <= cpu_workers() * CHUNKS_PER_WORKER
 
 
 def test_min_items_bounds_the_number_of_slices():
     slices = slices_of(10, min_items=4)
     assert len(slices) <= 2 and all(hi - lo >= 4 for lo, hi in slices)
+    assert all(hi - lo >= 3 for lo, hi in slices_of(1000, min_items=3))
     assert slices_of(3, min_items=4) == [(0, 3)]
 
 
@@ -67,6 +68,67 @@ def test_concurrent_callers_each_get_their_own_result():
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
     assert all(np.all(out == 50) for out in results.values()) and len(results) == 4
+
+
+def test_a_busy_pool_does_not_stall_the_caller():
+    """Slices are claimed, not assigned: with every pool thread held by
+    another caller's long task, the caller runs all the slices itself and
+    returns (an assigned slice would wait for the release)."""
+    release = threading.Event()
+    pool = _pool()
+    blockers = [pool.submit(release.wait, 60) for _ in range(pool._max_workers)]
+    try:
+        done = threading.Event()
+        out = np.zeros(1000, int)
+
+        def fill(lo, hi):
+            out[lo:hi] += 1
+
+        caller = threading.Thread(target=lambda: (run_parallel(fill, out.size), done.set()))
+        caller.start()
+        assert done.wait(30), "run_parallel waited for a busy pool thread"
+        assert np.all(out == 1)
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.result(timeout=60)
+
+
+def test_a_call_from_inside_a_slice_runs_inline():
+    outer_threads, inner_threads = {}, {}
+    lock = threading.Lock()
+    out = np.zeros((12, 100), int)
+
+    def inner(row, lo, hi):
+        with lock:
+            inner_threads.setdefault(row, set()).add(threading.get_ident())
+        out[row, lo:hi] += 1
+
+    def outer(lo, hi):
+        for row in range(lo, hi):
+            with lock:
+                outer_threads[row] = threading.get_ident()
+            run_parallel(inner, out.shape[1], row)
+
+    run_parallel(outer, out.shape[0])
+    assert np.all(out == 1)
+    assert all(inner_threads[row] == {outer_threads[row]} for row in range(out.shape[0]))
+
+
+def test_scratch_is_reused_per_thread_and_grows():
+    a = scratch("test.buffer", (4, 5), np.float32)
+    b = scratch("test.buffer", (2, 3), np.int16)
+    assert b.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+    assert b.shape == (2, 3) and b.dtype == np.int16
+    grown = scratch("test.buffer", (1000,), np.float64)
+    assert grown.shape == (1000,) and grown.nbytes == 8000
+    other = {}
+    worker = threading.Thread(target=lambda: other.setdefault(
+        "address", scratch("test.buffer", (4, 5), np.float32).__array_interface__["data"][0]))
+    worker.start()
+    worker.join()
+    assert other["address"] != scratch("test.buffer", (4, 5), np.float32).__array_interface__[
+        "data"][0]
 
 
 def test_thread_count_follows_the_environment(monkeypatch):
