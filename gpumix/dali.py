@@ -51,6 +51,7 @@ import numpy as np
 from gpumix import fmix, mixing
 from gpumix.config import MixConfig
 from gpumix.params import Draws, pairing, params_from_draws
+from kernels._launch import scratch
 
 PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
 
@@ -153,6 +154,16 @@ class _MixStep:
                      lam_mixup=units[:, _LAM_MIXUP], lam_cutmix=units[:, _LAM_CUTMIX],
                      lam_fmix=units[:, _LAM_FMIX], normal_keys=keys)
 
+    def _mask_maker(self, shape, stream):
+        if not self.config.enabled[2]:
+            return None
+        options = (shape, self.config.decay_power, self.config.reference_compatible)
+        if self.device == "gpu":
+            return fmix.cuda_mask_maker(*options, stream)
+        make = fmix.cpu_mask_maker(*options)
+        return lambda keys, lo, hi: make(keys, lo, hi, out=scratch(
+            "gpumix.dali.masks", (np.size(keys), *shape), np.float32))
+
     def __call__(self, images, draw_vectors, source_info=None):
         b = len(images)
         n_valid = b if source_info is None else count_valid(source_info)
@@ -168,14 +179,14 @@ class _MixStep:
         batch = _stack(images, xp)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
         draws = self.draws(table)
-        maker = None
-        if gpu and self.config.enabled[2]:
-            maker = fmix.cuda_mask_maker((h, w), self.config.decay_power,
-                                         self.config.reference_compatible, stream)
-        params = params_from_draws(self.config, (h, w), draws, b, fmix_masks=maker, pair=pair)
+        params = params_from_draws(self.config, (h, w), draws, b, pair=pair,
+                                   fmix_masks=self._mask_maker((h, w), stream))
         label_ids = table[:, _LABEL].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
-        mixed = mixing.mix_images(batch, params, self.layout, stream=stream)
+        # DALI copies every output before the next call: on the CPU the mixed
+        # batch (and the masks) go to reused buffers, not fresh megabytes.
+        out = None if gpu else scratch("gpumix.dali.mixed", batch.shape, batch.dtype)
+        mixed = mixing.mix_images(batch, params, self.layout, stream=stream, out=out)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
                                       self.config.label_smoothing)
         if gpu:

@@ -209,6 +209,7 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
     """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
     in, NumPy masks out (normals kernel, NumPy FFT, selection kernel).
 
+    ``make(keys, num_low, num_high, out=None)`` writes into ``out`` when given.
     One parallel pass over slices of samples, each slice going keys ->
     spectra -> grey -> masks while its spectra are still in cache, instead of
     three passes over the batch with a barrier after each.
@@ -219,14 +220,17 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
     freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
     shape = tuple(int(s) for s in shape)
 
-    def make(keys, num_low, num_high):
+    def make(keys, num_low, num_high, out=None):
         keys = np.asarray(keys).reshape(-1)
         num_low, num_high = np.asarray(num_low, np.int64), np.asarray(num_high, np.int64)
         n = keys.size
         # Spectra and grey images are dead once the masks exist: reused buffers.
         spectra = scratch("fmix.spectra", (n, *freq, 2), np.float32)
         grey = scratch("fmix.grey", (n, *shape), np.float32)
-        masks = np.empty((n, *shape), np.float32)
+        masks = np.empty((n, *shape), np.float32) if out is None else out
+        if masks.shape != (n, *shape) or masks.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {(n, *shape)}, got "
+                             f"{masks.dtype} {masks.shape}")
 
         def masks_of(lo, hi):
             normals_from_keys(keys[lo:hi], freq, pair_scale=scale, out=spectra[lo:hi])

@@ -58,8 +58,10 @@ def run_operator(batch, labels, layout, options, seed=7, iterations=3):
 
     p = pipe()
     p.build()
-    return [[np.stack([np.array(s) for s in out]) for out in p.run()]
-            for _ in range(iterations)]
+    # Every iteration's outputs are held until the end: the step reuses its
+    # buffers, so an output that aliased them would show the last batch.
+    held = [p.run() for _ in range(iterations)]
+    return [[np.stack([np.array(s) for s in out]) for out in outputs] for outputs in held]
 
 
 @pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float32)])
