@@ -125,12 +125,23 @@ def _stack(batch, xp):
     return xp.stack(samples)
 
 
-# Columns of the per-sample draw vector built by _draw_vectors (float64, all exact).
-_APPLY, _METHOD, _BOX, _ROUND_UP = 0, 1, slice(2, 4), 4  # uniforms in [0, 1)
-_LAM_MIXUP, _LAM_CUTMIX, _LAM_FMIX = 5, 6, 7              # 1 where the method is off
-_LABEL = 8
-_KEY_HALVES = slice(9, 11)  # with FMix: two 31-bit halves of the spectrum key
-_PERMUTATION = -1           # with pairing="permutation": batch_permutation
+def draw_columns(config: MixConfig) -> dict[str, slice]:
+    """Where each draw sits in the per-sample float64 vector of
+    :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
+    x, round up), the lam of each enabled method, the label, with FMix the
+    two 31-bit halves of the spectrum key, with pairing "permutation" the
+    partner index. A method that is off has no column (its lam is 1)."""
+    mixup_on, cutmix_on, fmix_on = config.enabled
+    widths = [("apply", 1), ("method", 1), ("box", 2), ("round_up", 1)]
+    widths += [(name, 1) for name, on in (("lam_mixup", mixup_on), ("lam_cutmix", cutmix_on),
+                                          ("lam_fmix", fmix_on)) if on]
+    widths += [("label", 1)] + ([("key_halves", 2)] if fmix_on else [])
+    widths += [("permutation", 1)] if config.pairing == "permutation" else []
+    columns, start = {}, 0
+    for name, width in widths:
+        columns[name] = slice(start, start + width)
+        start += width
+    return columns
 
 
 class _MixStep:
@@ -141,18 +152,23 @@ class _MixStep:
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.return_params = return_params
         self.device = device
+        self.columns = draw_columns(config)
 
     def draws(self, table: np.ndarray) -> Draws:
         """Draws from the per-sample draw vectors (rows of ``table``)."""
         units = table if self.config.mode == "elem" else table[:1]
+        column = {name: units[:, where] for name, where in self.columns.items()}
+        ones = np.ones(units.shape[0])
         keys = None
-        if self.config.enabled[2]:
-            halves = units[:, _KEY_HALVES].astype(np.int64)
+        if "key_halves" in column:
+            halves = column["key_halves"].astype(np.int64)
             keys = (halves[:, 0] << 31) | halves[:, 1]
-        return Draws(apply_u=units[:, _APPLY], method_u=units[:, _METHOD],
-                     box_u=units[:, _BOX], round_up_u=units[:, _ROUND_UP],
-                     lam_mixup=units[:, _LAM_MIXUP], lam_cutmix=units[:, _LAM_CUTMIX],
-                     lam_fmix=units[:, _LAM_FMIX], normal_keys=keys)
+        return Draws(apply_u=column["apply"][:, 0], method_u=column["method"][:, 0],
+                     box_u=column["box"], round_up_u=column["round_up"][:, 0],
+                     lam_mixup=column["lam_mixup"][:, 0] if "lam_mixup" in column else ones,
+                     lam_cutmix=column["lam_cutmix"][:, 0] if "lam_cutmix" in column else ones,
+                     lam_fmix=column["lam_fmix"][:, 0] if "lam_fmix" in column else ones,
+                     normal_keys=keys)
 
     def _mask_maker(self, shape, stream):
         if not self.config.enabled[2]:
@@ -169,7 +185,8 @@ class _MixStep:
         n_valid = b if source_info is None else count_valid(source_info)
         table = np.stack([_host(v) for v in draw_vectors])
         if self.config.pairing == "permutation":
-            pair = restrict_pairing(table[:, _PERMUTATION].astype(np.int64), n_valid)
+            pair = restrict_pairing(table[:, self.columns["permutation"]][:, 0].astype(np.int64),
+                                    n_valid)
         else:
             pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
@@ -181,7 +198,7 @@ class _MixStep:
         draws = self.draws(table)
         params = params_from_draws(self.config, (h, w), draws, b, pair=pair,
                                    fmix_masks=self._mask_maker((h, w), stream))
-        label_ids = table[:, _LABEL].astype(np.int64)
+        label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
         # DALI copies every output before the next call: on the CPU the mixed
         # batch (and the masks) go to reused buffers, not fresh megabytes.
@@ -217,37 +234,37 @@ def _numba_stream():
 
 def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     """DALI random operators for the draws this config uses and the label,
-    packed into one float64 vector per sample (python_function converts every
-    input sample by sample); the columns are the constants above _MixStep."""
+    as one float64 vector per sample in :func:`draw_columns` order (one input
+    for python_function, which converts every input sample by sample; each
+    DALI operator costs about 60 us of CPU per batch, so the draws are made
+    in float64 and shape [n] directly, with no casts or stacks between)."""
     from nvidia.dali import fn, types
 
+    f64 = types.FLOAT64
     mixup_on, cutmix_on, fmix_on = config.enabled
-    uniforms = fn.random.uniform(range=[0.0, 1.0], shape=[5], dtype=types.FLOAT)
-    one = uniforms[0] * 0.0 + 1.0  # a per-sample constant for methods that are off
-    lam_mixup = fn.random.beta(alpha=config.mixup_alpha, beta=config.mixup_alpha) \
-        if mixup_on else one
-    if not cutmix_on:
-        lam_cutmix = one
-    elif config.cutmix_minmax is not None:
-        lo, hi = config.cutmix_minmax
-        lam_cutmix = fn.random.uniform(range=[lo, hi], dtype=types.FLOAT)
-    else:
-        lam_cutmix = fn.random.beta(alpha=config.cutmix_alpha, beta=config.cutmix_alpha)
-    a = config.fmix_alpha
-    lam_fmix = fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a) \
-        if fmix_on else one
-    parts = [uniforms, fn.stack(fn.cast(lam_mixup, dtype=types.FLOAT),
-                                fn.cast(lam_cutmix, dtype=types.FLOAT),
-                                fn.cast(lam_fmix, dtype=types.FLOAT)),
-             fn.reshape(labels, shape=[1])]
+    parts = [fn.random.uniform(range=[0.0, 1.0], shape=[5], dtype=f64)]
+    if mixup_on:
+        parts.append(fn.random.beta(alpha=config.mixup_alpha, beta=config.mixup_alpha,
+                                    shape=[1], dtype=f64))
+    if cutmix_on and config.cutmix_minmax is not None:
+        parts.append(fn.random.uniform(range=list(config.cutmix_minmax), shape=[1], dtype=f64))
+    elif cutmix_on:
+        parts.append(fn.random.beta(alpha=config.cutmix_alpha, beta=config.cutmix_alpha,
+                                    shape=[1], dtype=f64))
+    if fmix_on:
+        a = config.fmix_alpha
+        parts.append(fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a,
+                                    shape=[1], dtype=f64))
+    parts.append(fn.reshape(fn.cast(labels, dtype=f64), shape=[1]))
     if fmix_on:
         if spatial_shape is None:
             raise ValueError("size=(H, W) is required when fmix_alpha > 0: FMix spectra are "
                              "drawn with a fixed shape")
-        parts.append(fn.random.choice(2**31 - 1, shape=[2]))
+        parts.append(fn.cast(fn.random.choice(2**31 - 1, shape=[2]), dtype=f64))
     if config.pairing == "permutation":
-        parts.append(fn.stack(fn.batch_permutation(no_fixed_points=batch_size != 1)))
-    return fn.cat(*[fn.cast(p, dtype=types.FLOAT64) for p in parts])
+        permutation = fn.batch_permutation(no_fixed_points=batch_size != 1)
+        parts.append(fn.reshape(fn.cast(permutation, dtype=f64), shape=[1]))
+    return fn.cat(*parts)
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from nvidia.dali import fn, pipeline_def
+from scipy import stats
 
 import gpumix.dali as gdali
 from gpumix import mixing
-from gpumix.config import FMIX
+from gpumix.config import FMIX, MIXUP
 from gpumix.datasets import make_image_folder
 from gpumix.params import MixParams
 from gpumix.torch import DALIMixLoader
@@ -92,6 +93,26 @@ def test_operator_equals_reference_on_its_params(layout, dtype, mode, method):
             np.testing.assert_allclose(params.mask[fm].mean(axis=(1, 2)), params.lam[fm],
                                        atol=1e-6)
     assert seen_methods - {0}, "nothing was mixed"
+
+
+@pytest.mark.parametrize("options,method,law", [
+    (dict(mixup_alpha=0.5), MIXUP, stats.beta(0.5, 0.5)),
+    (dict(mixup_alpha=0.0, fmix_alpha=2.0, reformulate=True), FMIX, stats.beta(3.0, 2.0)),
+], ids=["mixup", "fmix-reformulated"])
+def test_operator_lam_follows_its_law(options, method, law):
+    """The DALI draws land in the right columns: lam over many samples of
+    one method follows that method's Beta law (KS test; FMix's k / N is lam
+    rounded to a pixel of 1/120, far below the test's resolution)."""
+    rng = np.random.default_rng(4)
+    batch = (rng.random((32, 10, 12, 3)) * 255).astype(np.uint8)
+    labels = rng.integers(0, 5, 32)
+    lams = []
+    for outputs in run_operator(batch, labels, "HWC", dict(mode="elem", **options),
+                                iterations=10):
+        method_out, lam = outputs[5].reshape(-1), outputs[4].reshape(-1)
+        assert np.all(method_out == method)
+        lams.extend(lam.tolist())
+    assert stats.kstest(lams, law.cdf).pvalue > 1e-3
 
 
 def test_each_pipeline_seed_is_its_own_stream():
