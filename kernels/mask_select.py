@@ -99,37 +99,47 @@ def _hard_mask_cpu(bits, k, out, hist, cand_keys, cand_index):
     """out[e] = 1 for the k top-ranked elements, else 0 (one sample).
 
     One counting pass over the top digit finds the bucket holding the k-th
-    largest key; one pass copies that bucket's keys and indices out (a few
-    percent of the elements); the radix select finishes on that copy; one
-    pass writes the mask and the ties at the threshold are resolved on the
-    copy, whose indices are in increasing order. Keys are recomputed from
-    the bits in every pass rather than stored."""
+    largest key; a second pass writes the mask of every element outside that
+    bucket (1 above it, 0 below) and copies the bucket's keys and indices out
+    (a few percent of the elements); the radix select finishes on that copy,
+    which then sets its own elements, ties at the threshold in increasing
+    index order. Keys are recomputed from the bits rather than stored."""
     n = bits.size
     if k <= 0 or k >= n:
         value = float32(1.0) if k >= n else float32(0.0)
         for e in range(n):
             out[e] = value
         return
+    # Four interleaved histograms: neighbouring grey values are close, so one
+    # histogram would chain every increment on the one before (same bin).
     hist[:] = 0
-    for e in range(n):
-        hist[_order_key_cpu(bits[e]) >> 21] += 1
-    top, above = _bucket_holding(hist, k)
+    body = n - n % 4
+    for e in range(0, body, 4):
+        hist[0, _order_key_cpu(bits[e]) >> 21] += 1
+        hist[1, _order_key_cpu(bits[e + 1]) >> 21] += 1
+        hist[2, _order_key_cpu(bits[e + 2]) >> 21] += 1
+        hist[3, _order_key_cpu(bits[e + 3]) >> 21] += 1
+    for e in range(body, n):
+        hist[0, _order_key_cpu(bits[e]) >> 21] += 1
+    for d in range(_DIGIT_MASK + 1):
+        hist[0, d] += hist[1, d] + hist[2, d] + hist[3, d]
+    top, above = _bucket_holding(hist[0], k)
     m = 0
     for e in range(n):
         key = _order_key_cpu(bits[e])
-        if (key >> 21) == top:
+        digit = key >> 21
+        out[e] = float32(1.0) if digit > top else float32(0.0)
+        if digit == top:
             cand_keys[m] = key
             cand_index[m] = e
             m += 1
-    threshold, ties_left = _kth_largest_key(cand_keys[:m], k - above, hist)
-    for e in range(n):
-        out[e] = float32(1.0) if _order_key_cpu(bits[e]) > threshold else float32(0.0)
+    threshold, ties_left = _kth_largest_key(cand_keys[:m], k - above, hist[0])
     for c in range(m):
-        if ties_left == 0:
-            break
-        if cand_keys[c] == threshold:
+        key = cand_keys[c]
+        if key > threshold or (key == threshold and ties_left > 0):
             out[cand_index[c]] = float32(1.0)
-            ties_left -= 1
+            if key == threshold:
+                ties_left -= 1
 
 
 @njit(cache=True, nogil=True)
@@ -137,7 +147,7 @@ def _select_cpu(bits, num_low, num_high, out, first, stop):
     # Hard masks are one _hard_mask_cpu; soft ones are the top num_high
     # (out) less the top num_low (scratch), the band between sorted by key.
     n = bits.shape[1]
-    hist = np.empty(_DIGIT_MASK + 1, np.int64)
+    hist = np.empty((4, _DIGIT_MASK + 1), np.int64)  # the top digit's four lanes
     cand_keys = np.empty(n, np.int64)
     cand_index = np.empty(n, np.int64)
     in_low = np.empty(n, np.float32)
