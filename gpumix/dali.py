@@ -28,9 +28,11 @@ Mechanism (one small class, :class:`_MixStep`, so it can be swapped):
   python_function converts every input sample by sample): about 1 ms per
   batch of 64 at 224 px alone, 1.9 ms inside a busy pipeline, half of it
   kernels. python_function copies every output into DALI's buffers before
-  it returns, so the step writes the mixed batch and the FMix masks into
-  reused per-thread buffers (``kernels._launch.scratch``): fresh ones cost
-  1600 page faults per FMix batch here, and 27 ms instead of 16.
+  it returns, so the step writes the mixed batch and the FMix masks (and
+  their spectra and grey images) into buffers it keeps between calls
+  (``kernels._launch.scratch``; 48 MB at batch 64, 224 px, with FMix):
+  fresh ones cost 1600 page faults per FMix batch here, and 27 ms instead
+  of 16.
 * GPU pipelines: the same step with ``device="gpu"``: DALI hands CuPy arrays,
   the CUDA kernels run on CuPy's current stream (the one DALI sets for the
   operator), FMix masks come from cupy.fft + the CUDA selection kernel; no
@@ -156,6 +158,7 @@ class _MixStep:
         self.return_params = return_params
         self.device = device
         self.columns = draw_columns(config)
+        self.buffers = {}  # kept between calls: DALI runs one iteration at a time
 
     def draws(self, table: np.ndarray) -> Draws:
         """Draws from the per-sample draw vectors (rows of ``table``)."""
@@ -179,9 +182,9 @@ class _MixStep:
         options = (shape, self.config.decay_power, self.config.reference_compatible)
         if self.device == "gpu":
             return fmix.cuda_mask_maker(*options, stream)
-        make = fmix.cpu_mask_maker(*options)
+        make = fmix.cpu_mask_maker(*options, buffers=self.buffers)
         return lambda keys, lo, hi: make(keys, lo, hi, out=scratch(
-            "gpumix.dali.masks", (np.size(keys), *shape), np.float32))
+            "masks", (np.size(keys), *shape), np.float32, self.buffers))
 
     def __call__(self, images, draw_vectors, source_info=None):
         b = len(images)
@@ -205,7 +208,7 @@ class _MixStep:
         mixing.check_labels(label_ids, b, self.config.num_classes)
         # DALI copies every output before the next call: on the CPU the mixed
         # batch (and the masks) go to reused buffers, not fresh megabytes.
-        out = None if gpu else scratch("gpumix.dali.mixed", batch.shape, batch.dtype)
+        out = None if gpu else scratch("mixed", batch.shape, batch.dtype, self.buffers)
         mixed = mixing.mix_images(batch, params, self.layout, stream=stream, out=out)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
                                       self.config.label_smoothing)

@@ -205,11 +205,14 @@ def _spectrum_layout(shape, decay_power, reference_compatible):
             _pair_scale(shape, float(decay_power), bool(reference_compatible)))
 
 
-def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False):
+def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False,
+                   buffers: dict | None = None):
     """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
     in, NumPy masks out (normals kernel, NumPy FFT, selection kernel).
 
     ``make(keys, num_low, num_high, out=None)`` writes into ``out`` when given.
+    Its spectra and grey images live in ``buffers`` (a dict kept by a caller
+    whose calls never overlap), else in the calling thread's scratch store.
     One parallel pass over slices of samples, each slice going keys ->
     spectra -> grey -> masks while its spectra are still in cache, instead of
     three passes over the batch with a barrier after each.
@@ -225,8 +228,8 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
         num_low, num_high = np.asarray(num_low, np.int64), np.asarray(num_high, np.int64)
         n = keys.size
         # Spectra and grey images are dead once the masks exist: reused buffers.
-        spectra = scratch("fmix.spectra", (n, *freq, 2), np.float32)
-        grey = scratch("fmix.grey", (n, *shape), np.float32)
+        spectra = scratch("fmix.spectra", (n, *freq, 2), np.float32, buffers)
+        grey = scratch("fmix.grey", (n, *shape), np.float32, buffers)
         masks = np.empty((n, *shape), np.float32) if out is None else out
         if masks.shape != (n, *shape) or masks.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape {(n, *shape)}, got "

@@ -183,17 +183,21 @@ def cpu_workers() -> int:
 _SCRATCH = threading.local()
 
 
-def scratch(name: str, shape, dtype) -> np.ndarray:
-    """A per-thread reusable array of ``shape`` and ``dtype`` (contents undefined).
+def scratch(name: str, shape, dtype, store: dict | None = None) -> np.ndarray:
+    """A reusable array of ``shape`` and ``dtype`` (contents undefined).
 
-    The same ``name`` on the same thread returns the same memory (grown when
-    a larger one is asked for), so use a name only for a buffer that is dead
-    before that thread asks for the name again; never return one to a caller.
+    The same ``name`` in the same ``store`` returns the same memory (grown
+    when a larger one is asked for), so use a name only for a buffer that is
+    dead before its store is asked for that name again; never return one to
+    a caller. The default store is the calling thread's; pass an owner's
+    dict instead where calls are serialised anyway (a DALI operator never
+    runs two iterations at once) to keep one set of buffers, not one per
+    thread that happens to run it.
     """
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {}) if store is None else store
     block = buffers.get(name)
     if block is None or block.size < nbytes:
         block = buffers[name] = np.empty(max(nbytes, 1), np.uint8)

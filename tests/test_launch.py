@@ -160,3 +160,15 @@ def test_a_forked_child_gets_its_own_pool():
     child.join(timeout=60)
     assert child.exitcode == 0, "the forked child hung or failed"
     assert queue.get(timeout=5) == 1000
+
+
+def test_scratch_in_an_owners_store_is_shared_across_threads():
+    store = {}
+    here = scratch("owned", (8,), np.float64, store)
+    there = {}
+    worker = threading.Thread(target=lambda: there.setdefault(
+        "array", scratch("owned", (8,), np.float64, store)))
+    worker.start()
+    worker.join()
+    assert there["array"].__array_interface__["data"][0] == here.__array_interface__["data"][0]
+    assert list(store) == ["owned"]
