@@ -61,6 +61,8 @@ class MixParams:
                 raise ValueError(f"params.{name} must have shape {shape}, got {got}")
         if b and (self.pair.min() < 0 or self.pair.max() >= b):
             raise ValueError(f"params.pair must index the batch [0, {b}), got {self.pair}")
+        if b and not (np.all(self.lam >= 0) and np.all(self.lam <= 1)):  # NaN fails too
+            raise ValueError(f"params.lam must lie in [0, 1], got {self.lam}")
         if np.any(self.method == FMIX):
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)

@@ -64,10 +64,18 @@ def _build(jit, fmul, fadd):
         return blend_value(a, b, m)
 
     @jit
+    def round_uint8(v):
+        """Round to nearest, ties to even (as float32), for v in [0, 255.5).
+
+        A blend with lam in [0, 1] of two values in [0, 255] stays there:
+        each product rounds to at most 255 * its weight plus half an ulp, so
+        the sum lies below 255.5 and never needs the clamp."""
+        return (v + float32(_ROUND_MAGIC)) - float32(_ROUND_MAGIC)
+
+    @jit
     def quantize_uint8(v):
         """Clamp to [0, 255] and round to nearest, ties to even (as float32)."""
-        v = min(max(v, float32(0.0)), float32(255.0))
-        return (v + float32(_ROUND_MAGIC)) - float32(_ROUND_MAGIC)
+        return round_uint8(min(max(v, float32(0.0)), float32(255.0)))
 
     @jit
     def mixed_value(a, b, m, quantize):
@@ -128,6 +136,7 @@ def _build(jit, fmul, fadd):
         mask_value=mask_value,
         mixed_value=mixed_value,
         quantize_uint8=quantize_uint8,
+        round_uint8=round_uint8,
         box_contains=box_contains,
         target_value=target_value,
         order_key=order_key,

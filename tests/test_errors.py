@@ -1,5 +1,7 @@
 """Bad input -> a clear exception naming the argument (table-driven)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,12 @@ ARRAY_ERRORS = [
     (lambda: gpumix.soft_targets(np.array([-1, 0]), PARAMS, 10), ValueError, "labels"),
     (lambda: gpumix.soft_targets(np.array([0.0, 1.0]), PARAMS, 10), TypeError, "labels"),
     (lambda: gpumix.soft_targets(np.array([0, 1, 2]), PARAMS, 10), ValueError, "shape"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, lam=np.array([0.5, 1.5],
+                                                                              np.float32))),
+     ValueError, r"params.lam must lie in \[0, 1\]"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, lam=np.array([np.nan, 0.5],
+                                                                              np.float32))),
+     ValueError, "lam must lie"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 0, (4, 4)), ValueError, "batch_size"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 2, (4, 4), rng="seed"), TypeError, "rng"),
 ]
