@@ -32,7 +32,13 @@ Mechanism (one small class, :class:`_MixStep`, so it can be swapped):
   their spectra and grey images) into buffers it keeps between calls
   (``kernels._launch.scratch``; 48 MB at batch 64, 224 px, with FMix):
   fresh ones cost 1600 page faults per FMix batch here, and 27 ms instead
-  of 16.
+  of 16. Tried and measured: splitting the step into a params-only
+  ``python_function``, ``permute_batch`` for the partners and a per-sample
+  ``numba_function`` writing straight into DALI's output (no image copy,
+  no GIL). It removed the 3 ms per batch that DALI spends copying the
+  step's output, but the extra operators and per-sample tasks cost as much:
+  in an A/B of two rounds of ``gpumix bench``, e-mixcut / c was 0.89 and
+  0.86 against 0.95 and 0.98 for this design, so it was not kept.
 * GPU pipelines: the same step with ``device="gpu"``: DALI hands CuPy arrays,
   the CUDA kernels run on CuPy's current stream (the one DALI sets for the
   operator), FMix masks come from cupy.fft + the CUDA selection kernel; no
