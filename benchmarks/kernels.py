@@ -7,6 +7,13 @@
 * per-sample FMix masks for the batch (one FFT call + selection) against
   looping the published per-mask function B times.
 
+Every comparison is timed in pairs: blocks of back-to-back calls of the
+reference (the copy, timm, the published loop) and of gpumix alternate,
+about 250 ms each, and the reported ratio is the median of the per-pair
+ratios. This machine's speed drifts by 20% and more within a minute; timing
+one side's calls and then the other's let a slow phase land on one side only
+(the uint8 MixUp read 29-63% of copy across five runs of one commit).
+
 Run: ``python -m benchmarks.kernels [--quick] [--json PATH]``. Prints a table
 and writes JSON with the machine, versions and commit.
 """
@@ -25,17 +32,46 @@ from pathlib import Path
 import numpy as np
 
 
-def timeit(fn, repeats: int, warmup: int = 2) -> dict:
-    """Median and spread (min, max) of ``repeats`` timed calls, in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+def _stats(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": repeats}
+            "repeats": len(times)}
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+BLOCK_S = 0.25  # each side of a pair runs this long, in back-to-back calls
+
+
+def _calls_per_block(fn) -> int:
+    return max(1, round(BLOCK_S / max(_time(fn), 1e-6)))
+
+
+def _block(fn, calls: int) -> float:
+    """Seconds per call over ``calls`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def paired(fn, reference, repeats: int) -> tuple[dict, dict, float]:
+    """Time ``reference`` and ``fn`` in alternating blocks of back-to-back calls
+    (about BLOCK_S each, so both run warm, as in a loop), ``repeats`` pairs:
+    (per-call stats of fn, of reference, median over pairs of reference /
+    fn). Alternating blocks cancel the machine's slow phases; single calls
+    alternated would make each side start cold after the other."""
+    fn(), reference()  # warm-up and compile
+    calls_fn, calls_ref = _calls_per_block(fn), _calls_per_block(reference)
+    ours, theirs = [], []
+    for _ in range(repeats):
+        theirs.append(_block(reference, calls_ref))
+        ours.append(_block(fn, calls_fn))
+    ratio = statistics.median(t / o for t, o in zip(theirs, ours))
+    return _stats(ours), _stats(theirs), ratio
 
 
 def environment() -> dict:
@@ -66,16 +102,17 @@ def bench_cpu_kernels(batch: int, size: int, repeats: int) -> list[dict]:
     for dtype in (np.uint8, np.float32):
         x = rng.integers(0, 256, (batch, 3, size, size)).astype(dtype)
         out = np.empty_like(x)
-        copy = timeit(lambda: np.copyto(out, x), repeats)
-        copy_bw = 2 * x.nbytes / copy["median_s"]
         for name, method, moved in (("mixup", MIXUP, 3), ("cutmix", CUTMIX, 2)):
             params = MixParams(pair=pair, lam=lam, method=np.full(batch, method, np.int8),
                                box=box if method == CUTMIX else np.zeros((batch, 4), np.int64))
-            t = timeit(lambda: gpumix.mix_images(x, params, "NCHW", out=out), repeats)
-            bw = moved * x.nbytes / t["median_s"]
+            t, copy, copy_over_mix = paired(
+                lambda: gpumix.mix_images(x, params, "NCHW", out=out),
+                lambda: np.copyto(out, x), repeats)
             rows.append({"case": f"cpu {name} {np.dtype(dtype).name}", **t,
-                         "bandwidth_GBps": bw / 1e9, "copy_bandwidth_GBps": copy_bw / 1e9,
-                         "fraction_of_copy": bw / copy_bw})
+                         "bandwidth_GBps": moved * x.nbytes / t["median_s"] / 1e9,
+                         "copy_bandwidth_GBps": 2 * x.nbytes / copy["median_s"] / 1e9,
+                         # bytes per second of the mix over those of the copy, per pair
+                         "fraction_of_copy": copy_over_mix * moved / 2})
     return rows
 
 
@@ -93,11 +130,10 @@ def bench_against_timm(batch: int, size: int, repeats: int) -> list[dict]:
         timm_mix = TimmMixup(**kwargs, num_classes=1000)
         ours = gpumix.torch.Mixup(**kwargs, num_classes=1000, seed=0)
         work = x.clone()
-        t_timm = timeit(lambda: timm_mix(work, y), repeats)
-        t_ours = timeit(lambda: ours(work, y), repeats)
+        t_ours, t_timm, speedup = paired(lambda: ours(work, y), lambda: timm_mix(work, y),
+                                         repeats)
         rows.append({"case": f"torch {name} float32: gpumix vs timm", **t_ours,
-                     "timm_median_s": t_timm["median_s"],
-                     "speedup_vs_timm": t_timm["median_s"] / t_ours["median_s"]})
+                     "timm_median_s": t_timm["median_s"], "speedup_vs_timm": speedup})
     return rows
 
 
@@ -107,13 +143,13 @@ def bench_fmix(batch: int, size: int, repeats: int) -> list[dict]:
 
     config = gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0, mode="elem")
     rng = np.random.default_rng(0)
-    ours = timeit(lambda: gpumix.sample(config, batch, (size, size), rng), repeats)
     np.random.seed(0)
-    loop = timeit(lambda: [published_fmix.sample_mask(1.0, 3.0, (size, size))
-                           for _ in range(batch)], max(2, repeats // 3), warmup=1)
+    ours, loop, speedup = paired(
+        lambda: gpumix.sample(config, batch, (size, size), rng),
+        lambda: [published_fmix.sample_mask(1.0, 3.0, (size, size)) for _ in range(batch)],
+        repeats)
     return [{"case": f"fmix {batch} per-sample masks: gpumix vs published loop", **ours,
-             "published_median_s": loop["median_s"],
-             "speedup_vs_published": loop["median_s"] / ours["median_s"]}]
+             "published_median_s": loop["median_s"], "speedup_vs_published": speedup}]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -45,6 +45,20 @@ def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
         png.verify()
 
 
+def test_kernels_quick_writes_paired_figures(tmp_path):
+    gpumix("kernels", "--quick", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    rows = {r["case"]: r for r in report["results"]}
+    assert {"cpu mixup uint8", "cpu cutmix uint8", "cpu mixup float32",
+            "cpu cutmix float32"} <= set(rows)
+    for row in rows.values():
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+        ratio = next(row[k] for k in ("fraction_of_copy", "speedup_vs_timm",
+                                      "speedup_vs_published") if k in row)
+        assert np.isfinite(ratio) and ratio > 0
+    assert report["environment"]["numpy"] == np.__version__
+
+
 def test_preview_png_has_the_expected_size(tiny_folder, tmp_path):
     out = tmp_path / "preview.png"
     gpumix("preview", "--data", str(tiny_folder), "--out", str(out), "--columns", "4",
