@@ -18,7 +18,8 @@ file needs no GPU.
 
 CPU kernels are serial ``nogil`` Numba loops over a slice ``[lo, hi)`` of
 their samples; :func:`run_parallel` runs the slices on a shared pool of
-Python threads, one per core, the calling thread taking the first. Not
+Python threads, one per core, the calling thread included: up to four
+slices per core, each claimed by whichever thread is free. Not
 Numba's ``parallel=True``: its OpenMP workers spin after every parallel
 loop, and in a data loader, where DALI's thread pool and NumPy's FFT want
 the same cores a moment later, that spinning cost about 30 ms of CPU time
@@ -27,8 +28,8 @@ when idle, and any number of callers (two pipelines, a DALI thread and the
 training loop) can share the pool: tasks never wait on other tasks.
 
 Intermediate buffers that every batch needs again (FMix spectra and grey
-images, a DALI step's output) come from :func:`scratch`: per-thread arrays
-kept between calls. Fresh multi-megabyte allocations are not free: glibc
+images, a DALI step's output) come from :func:`scratch`: arrays kept
+between calls, per thread or in an owner's store. Fresh multi-megabyte allocations are not free: glibc
 hands big blocks back to the kernel when they are freed, and faulting 10 MB
 of pages back in cost more than the FFT itself in this VM (a batch of 64
 FMix masks: 21 ms with fresh buffers, 12 ms reusing them; benchmarks/README.md).
