@@ -107,3 +107,21 @@ def test_hard_selection_matches_reference_with_ties_at_the_threshold(decimals):
     grey[5, ::2] = 0.0
     k = np.array([1, 2500, 5002, 1234, 4000, 2502])
     np.testing.assert_array_equal(mask_select.cpu(grey, k, k), mask_select.reference(grey, k, k))
+
+
+def test_uint8_blend_of_equal_values_is_exact_for_every_value():
+    """blend_uint8 skips blend_value's a == b test: rounding must return a
+    for every uint8 value and any lam in [0, 1] (edges and 3000 random)."""
+    from kernels import blend
+    from kernels._launch import row_view
+
+    rng = np.random.default_rng(11)
+    lam = np.concatenate([rng.random(3000), [0.0, 1.0, 0.5, 1e-8, 1 - 1e-7, 1e-30]])
+    lam = lam.astype(np.float32)
+    n = lam.size
+    x = np.broadcast_to(np.arange(256, dtype=np.uint8), (n, 1, 1, 256)).copy()
+    partner = np.roll(np.arange(n), 1)  # a different sample holding the same values
+    out = np.empty_like(x)
+    view = row_view(x, "NCHW")
+    blend.cpu(view.rows, partner, lam, np.arange(n), out=row_view(out, "NCHW").rows)
+    np.testing.assert_array_equal(out, x)
