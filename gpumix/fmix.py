@@ -156,13 +156,15 @@ def rank_bounds(lam, n_pixels: int, round_up, max_soft: float):
     return k, np.clip(k - soft, 0, n_pixels), np.clip(k + soft, 0, n_pixels)
 
 
-def masks_from_grey(grey: np.ndarray, num_low, num_high) -> np.ndarray:
-    """CPU masks ``(n, *shape)`` float32 by rank selection (kernels.mask_select)."""
+def masks_from_grey(grey: np.ndarray, num_low, num_high, out=None) -> np.ndarray:
+    """CPU masks ``(n, *shape)`` float32 by rank selection (kernels.mask_select),
+    into ``out`` (float32, grey's shape) when given."""
     from kernels import mask_select
 
     n = grey.shape[0]
-    flat = mask_select.cpu(grey.reshape(n, -1), num_low, num_high)
-    return flat.reshape(grey.shape)
+    flat_out = None if out is None else out.reshape(n, -1)
+    return mask_select.cpu(grey.reshape(n, -1), num_low, num_high,
+                           out=flat_out).reshape(grey.shape)
 
 
 def masks_from_grey_cuda(grey, num_low, num_high, stream=None):
@@ -217,7 +219,6 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
     spectra -> grey -> masks while its spectra are still in cache, instead of
     three passes over the batch with a barrier after each.
     """
-    from kernels import mask_select
     from kernels._launch import run_parallel, scratch
 
     freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
@@ -238,8 +239,7 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
         def masks_of(lo, hi):
             normals_from_keys(keys[lo:hi], freq, pair_scale=scale, out=spectra[lo:hi])
             grey_from_spectra(spectra[lo:hi], shape, np, reference_compatible, out=grey[lo:hi])
-            mask_select.cpu(grey[lo:hi].reshape(hi - lo, -1), num_low[lo:hi], num_high[lo:hi],
-                            out=masks[lo:hi].reshape(hi - lo, -1))
+            masks_from_grey(grey[lo:hi], num_low[lo:hi], num_high[lo:hi], out=masks[lo:hi])
 
         run_parallel(masks_of, n)
         return masks

@@ -29,10 +29,11 @@ training loop) can share the pool: tasks never wait on other tasks.
 
 Intermediate buffers that every batch needs again (FMix spectra and grey
 images, a DALI step's output) come from :func:`scratch`: arrays kept
-between calls, per thread or in an owner's store. Fresh multi-megabyte allocations are not free: glibc
-hands big blocks back to the kernel when they are freed, and faulting 10 MB
-of pages back in cost more than the FFT itself in this VM (a batch of 64
-FMix masks: 21 ms with fresh buffers, 12 ms reusing them; benchmarks/README.md).
+between calls, per thread or in an owner's store. Fresh multi-megabyte
+allocations are not free: glibc hands big blocks back to the kernel when
+they are freed, and faulting 10 MB of pages back in cost more than the FFT
+itself in this VM (a batch of 64 FMix masks: 21 ms with fresh buffers,
+12 ms reusing them; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -283,13 +284,14 @@ def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
     error of any slice. Called from inside a slice, it runs inline: the
     cores are busy with the outer call already.
     """
-    n_chunks = min(n_items // max(1, min_items), cpu_workers() * CHUNKS_PER_WORKER)
-    if n_chunks <= 1 or cpu_workers() == 1 or getattr(_IN_SLICE, "active", False):
+    workers = cpu_workers()
+    n_chunks = min(n_items // max(1, min_items), workers * CHUNKS_PER_WORKER)
+    if n_chunks <= 1 or workers == 1 or getattr(_IN_SLICE, "active", False):
         if n_items > 0:
             function(*args, 0, n_items)
         return
     job = _Job(function, args, [n_items * c // n_chunks for c in range(n_chunks + 1)])
-    for _ in range(min(cpu_workers(), n_chunks) - 1):
+    for _ in range(min(workers, n_chunks) - 1):
         _pool().submit(job.work)
     job.work()
     job.finished.wait()

@@ -7,8 +7,8 @@ For every selected sample i with partner j = pair[i]:
 then stored in the image dtype: uint8 is rounded to nearest, ties to even
 (lam in [0, 1], which MixParams.check enforces, keeps a blend of uint8
 values inside [0, 255], so no clamp is needed, and the rounding already
-returns x[i] where x[i] == x[j]: kernels._element.blend_uint8; the two
-made the CPU loop about a quarter faster); float16 is rounded to nearest even
+returns x[i] where x[i] == x[j]: kernels._element.blend_uint8; the two made
+the CPU loop about a quarter faster); float16 is rounded to nearest even
 from float32.
 Where x[i] and x[j] are equal the primary value is returned unchanged, so a
 sample mixed with itself, and lam == 1, are exact identities.
