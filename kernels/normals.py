@@ -251,43 +251,42 @@ _bits_cpu, _normal_cpu = _build(njit(inline="always"))
 
 
 @njit(cache=True, nogil=True)
-def _normals_cpu(seeds, count, chunk, x_edge, f_edge, k_bound, w_scale, r, pair_scale, scaled,
-                 out, first_task, stop_task):
+def _normals_cpu(seeds, count, chunk, x_edge, f_edge, k_bound, w_scale, r, pair_scale, out,
+                 first_task, stop_task):
     # Per chunk, three loops: the first try's bits of every output (integer
     # hashing, which LLVM vectorises); the ziggurat's fast path for every
     # output, noting the ~1.5% that need more; then those, through
     # normal_value from the start (the function the CUDA kernel runs). One
-    # fused loop was about twice as slow.
+    # fused loop was about twice as slow. The fast path always scales (by
+    # ones when there is no pair_scale) and writes through 1-D views of the
+    # chunk: a branch and 2-D indexing fewer in the loop made the kernel 28%
+    # faster (5.75 -> 4.5 ms for a batch of 64 spectra on one core).
     chunks = (count + chunk - 1) // chunk
     first_bits = np.empty(chunk, np.uint64)
     slow = np.empty(chunk, np.int64)
     for task in range(first_task, stop_task):
         s = task // chunks
-        start = (task - s * chunks) * chunk
+        start = (task - s * chunks) * chunk  # even (chunk is), so pairs stay whole
         size = min(chunk, count - start)
         s0 = seeds[s, 0]
         for c in range(size):
             first_bits[c] = _bits_cpu(s0, np.uint64(start + c))
+        o = out[s, start:start + size]
+        scale = pair_scale[start >> 1:]
         n_slow = 0
         for c in range(size):
             h = first_bits[c]
             strip = h & _STRIP_BITS
             position = h >> _S11
             x = float(position) * w_scale[strip]
-            v = np.float32(-x if (h >> _S8) & _ONE else x)
-            if scaled:
-                v = v * pair_scale[(start + c) >> 1]
-            out[s, start + c] = v
+            o[c] = np.float32(-x if (h >> _S8) & _ONE else x) * scale[c >> 1]
             if position >= k_bound[strip]:
                 slow[n_slow] = c
                 n_slow += 1
         for q in range(n_slow):
-            i = start + slow[q]
-            v = np.float32(_normal_cpu(s0, seeds[s, 1], seeds[s, 2], np.uint64(i), x_edge,
-                                       f_edge, k_bound, w_scale, r))
-            if scaled:
-                v = v * pair_scale[i >> 1]
-            out[s, i] = v
+            c = slow[q]
+            o[c] = np.float32(_normal_cpu(s0, seeds[s, 1], seeds[s, 2], np.uint64(start + c),
+                                          x_edge, f_edge, k_bound, w_scale, r)) * scale[c >> 1]
 
 
 def _check(keys, count: int, pair_scale=None) -> np.ndarray:
@@ -303,17 +302,24 @@ def _check(keys, count: int, pair_scale=None) -> np.ndarray:
     return keys
 
 
+@functools.lru_cache(maxsize=4)
+def _ones(size: int) -> np.ndarray:
+    ones = np.ones(size, np.float32)
+    ones.flags.writeable = False
+    return ones
+
+
 def cpu(keys, count: int, out=None, pair_scale=None) -> np.ndarray:
     """``(n, count)`` float32 normals for n keys on the CPU (all cores)."""
     keys = _check(keys, count, pair_scale)
     if out is None:
         out = np.empty((keys.size, count), np.float32)
-    scaled = pair_scale is not None
-    scale = pair_scale if scaled else np.ones(1, np.float32)
+    # Unscaled outputs are scaled by ones: exact, and one loop in the kernel.
+    scale = _ones((count + 1) // 2) if pair_scale is None else pair_scale
     x_edge, f_edge, k_bound, w_scale, r = ziggurat_tables()
     tasks = keys.size * -(-count // CPU_CHUNK)
     run_parallel(_normals_cpu, tasks, lane_seeds(keys), count, CPU_CHUNK, x_edge, f_edge, k_bound,
-                 w_scale, r, scale, scaled, out)
+                 w_scale, r, scale, out)
     return out
 
 
