@@ -16,10 +16,10 @@ that sorts like the float), so every backend ranks identically, -0.0 and
 +0.0 included.
 
 * :func:`reference` - NumPy, a stable argsort of the keys (the oracle);
-* :func:`cpu` - Numba, per sample: radix select of the thresholds (11-bit
-  digits; for hard masks, after the first digit only the threshold's bucket
-  is scanned again, see :func:`_hard_mask_cpu`), then a stable sort of the
-  ramp band only (empty for hard masks);
+* :func:`cpu` - Numba, per sample: radix select of the thresholds (an
+  11-bit top digit over every element, then 7-bit digits over the few
+  elements of the threshold's bucket, see :func:`_hard_mask_cpu`), then a
+  stable sort of the ramp band only (empty for hard masks);
 * :func:`cuda` - Numba CUDA, hard masks: one block per sample, an 8-bit-digit
   radix select of the k-th largest key (four passes of a 256-bin shared
   histogram), then an in-order block scan that takes the tied elements of
@@ -66,44 +66,56 @@ def _bucket_holding(hist, rank):
     """(digit, above): the histogram bucket holding the rank-th largest key
     (1-based) and how many keys lie in higher buckets."""
     above = np.int64(0)
-    for d in range(_DIGIT_MASK, -1, -1):
+    for d in range(hist.size - 1, -1, -1):
         if above + hist[d] >= rank:
             return d, above
         above += hist[d]
     return 0, above
 
 
+_LOW_BITS = 32 - _DIGIT_BITS  # bits below the top digit
+_LOW_DIGIT_BITS = 7            # three 128-bin passes cover them
+_LOW_DIGIT_MASK = (1 << _LOW_DIGIT_BITS) - 1
+
+
 @njit(cache=True, nogil=True)
-def _kth_largest_key(keys, k, hist):
-    """(threshold, ties): the k-th largest key (1 <= k <= n) and how many keys
-    equal to it belong to the top k. Radix select on 32-bit keys, 11-bit
-    digits from the top: three counting passes, O(n), no sort, no copy."""
+def _kth_largest_in_bucket(keys, k, hist):
+    """(threshold, ties): the k-th largest of ``keys`` (1 <= k <= size), which
+    share their top digit, and how many keys equal to it belong to the top k.
+    Radix select on the low 21 bits, 7-bit digits from the top: three
+    counting passes over the bucket's few keys, each with a 128-bin
+    histogram to clear and scan (11-bit digits cost more in bins than the
+    keys themselves), no sort, no copy."""
     prefix = np.int64(0)
     prefix_mask = np.int64(0)
     remaining = np.int64(k)
-    for shift in (21, 10, 0):
-        hist[:] = 0
+    for shift in range(_LOW_BITS - _LOW_DIGIT_BITS, -1, -_LOW_DIGIT_BITS):
+        hist[:_LOW_DIGIT_MASK + 1] = 0
         for e in range(keys.size):
             key = keys[e]
             if (key & prefix_mask) == prefix:
-                hist[(key >> shift) & _DIGIT_MASK] += 1
-        digit, above = _bucket_holding(hist, remaining)
+                hist[(key >> shift) & _LOW_DIGIT_MASK] += 1
+        digit, above = _bucket_holding(hist[:_LOW_DIGIT_MASK + 1], remaining)
         prefix = prefix | (np.int64(digit) << shift)
         remaining -= above
-        prefix_mask = prefix_mask | (np.int64(_DIGIT_MASK) << shift)
-    return prefix, remaining
+        prefix_mask = prefix_mask | (np.int64(_LOW_DIGIT_MASK) << shift)
+    return (keys[0] >> _LOW_BITS << _LOW_BITS) | prefix, remaining
 
 
 @njit(cache=True, nogil=True)
-def _hard_mask_cpu(bits, k, out, hist, cand_keys, cand_index):
+def _hard_mask_cpu(bits, k, out, hist, in_bucket, cand_keys, cand_index):
     """out[e] = 1 for the k top-ranked elements, else 0 (one sample).
 
     One counting pass over the top digit finds the bucket holding the k-th
-    largest key; a second pass writes the mask of every element outside that
-    bucket (1 above it, 0 below) and copies the bucket's keys and indices out
-    (a few percent of the elements); the radix select finishes on that copy,
-    which then sets its own elements, ties at the threshold in increasing
-    index order. Keys are recomputed from the bits rather than stored."""
+    largest key. A second pass writes the mask of every element outside that
+    bucket (1 above it, 0 below) and flags the bucket's elements, both
+    without branches, so LLVM vectorises it; the flags are then read eight
+    at a time, and the flagged keys and indices (a few percent) copied out.
+    The radix select finishes on that copy, which then sets its own
+    elements, ties at the threshold in increasing index order. Keys are
+    recomputed from the bits rather than stored. ``in_bucket`` holds at
+    least ``bits.size`` bytes, rounded up to whole uint64 words, zero past
+    ``bits.size``."""
     n = bits.size
     if k <= 0 or k >= n:
         value = float32(1.0) if k >= n else float32(0.0)
@@ -115,25 +127,29 @@ def _hard_mask_cpu(bits, k, out, hist, cand_keys, cand_index):
     hist[:] = 0
     body = n - n % 4
     for e in range(0, body, 4):
-        hist[0, _order_key_cpu(bits[e]) >> 21] += 1
-        hist[1, _order_key_cpu(bits[e + 1]) >> 21] += 1
-        hist[2, _order_key_cpu(bits[e + 2]) >> 21] += 1
-        hist[3, _order_key_cpu(bits[e + 3]) >> 21] += 1
+        hist[0, _order_key_cpu(bits[e]) >> _LOW_BITS] += 1
+        hist[1, _order_key_cpu(bits[e + 1]) >> _LOW_BITS] += 1
+        hist[2, _order_key_cpu(bits[e + 2]) >> _LOW_BITS] += 1
+        hist[3, _order_key_cpu(bits[e + 3]) >> _LOW_BITS] += 1
     for e in range(body, n):
-        hist[0, _order_key_cpu(bits[e]) >> 21] += 1
+        hist[0, _order_key_cpu(bits[e]) >> _LOW_BITS] += 1
     for d in range(_DIGIT_MASK + 1):
         hist[0, d] += hist[1, d] + hist[2, d] + hist[3, d]
     top, above = _bucket_holding(hist[0], k)
-    m = 0
     for e in range(n):
-        key = _order_key_cpu(bits[e])
-        digit = key >> 21
+        digit = _order_key_cpu(bits[e]) >> _LOW_BITS
         out[e] = float32(1.0) if digit > top else float32(0.0)
-        if digit == top:
-            cand_keys[m] = key
-            cand_index[m] = e
-            m += 1
-    threshold, ties_left = _kth_largest_key(cand_keys[:m], k - above, hist[0])
+        in_bucket[e] = digit == top
+    words = in_bucket.view(np.uint64)
+    m = 0
+    for w in range(words.size):
+        if words[w] != 0:  # bucket elements cluster (grey images are smooth)
+            for e in range(8 * w, min(8 * w + 8, n)):
+                if in_bucket[e]:
+                    cand_keys[m] = _order_key_cpu(bits[e])
+                    cand_index[m] = e
+                    m += 1
+    threshold, ties_left = _kth_largest_in_bucket(cand_keys[:m], k - above, hist[0])
     for c in range(m):
         key = cand_keys[c]
         if key > threshold or (key == threshold and ties_left > 0):
@@ -148,16 +164,17 @@ def _select_cpu(bits, num_low, num_high, out, first, stop):
     # (out) less the top num_low (scratch), the band between sorted by key.
     n = bits.shape[1]
     hist = np.empty((4, _DIGIT_MASK + 1), np.int64)  # the top digit's four lanes
+    in_bucket = np.zeros(-(-n // 8) * 8, np.uint8)   # zero past n: read as words
     cand_keys = np.empty(n, np.int64)
     cand_index = np.empty(n, np.int64)
     in_low = np.empty(n, np.float32)
     for i in range(first, stop):
         lo = num_low[i]
         hi = num_high[i]
-        _hard_mask_cpu(bits[i], hi, out[i], hist, cand_keys, cand_index)
+        _hard_mask_cpu(bits[i], hi, out[i], hist, in_bucket, cand_keys, cand_index)
         if hi == lo:
             continue
-        _hard_mask_cpu(bits[i], lo, in_low, hist, cand_keys, cand_index)
+        _hard_mask_cpu(bits[i], lo, in_low, hist, in_bucket, cand_keys, cand_index)
         band = np.empty(hi - lo, np.int64)
         m = 0
         for e in range(n):
