@@ -67,20 +67,40 @@ def normals_from_keys(keys, freq_shape, pair_scale=None, out=None) -> np.ndarray
         keys.size, *freq_shape, 2)
 
 
+def _fit_spectrum(spectrum, shape):
+    """The spectrum cropped or zero-padded to ``(n, *shape[:-1], shape[-1] // 2
+    + 1)``, what c2r reads: NumPy's ``irfftn(s=shape)`` semantics, which the
+    published maths relies on (its height-axis slice leaves axes of other
+    lengths, and odd widths carry an extra column). A view when it fits."""
+    target = (*shape[:-1], shape[-1] // 2 + 1)
+    if spectrum.shape[1:] == target:
+        return spectrum
+    fitted = np.zeros((spectrum.shape[0], *target), np.complex64)
+    common = tuple(slice(0, min(a, b)) for a, b in zip(spectrum.shape[1:], target))
+    fitted[(slice(None), *common)] = spectrum[(slice(None), *common)]
+    return fitted
+
+
 def _irfftn(spectrum, shape, xp, out=None):
-    """Batched inverse real FFT over the trailing axes, float32 out. NumPy's
-    runs in chunks of samples on all cores (into ``out`` when given); CuPy's
-    is one cuFFT plan."""
+    """Batched inverse real FFT over the trailing axes, float32 out. On the
+    CPU, ducc0's (pocketfft's successor: SIMD across lines, the GIL
+    released) in chunks of samples on all cores, into ``out`` when given:
+    half the time of NumPy's pocketfft here (100 against 200 us for one
+    224 x 224 image). CuPy's is one cuFFT plan."""
     axes = tuple(range(-len(shape), 0))
     if xp is not np:
         return xp.fft.irfftn(spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
+    import ducc0
+
     from kernels._launch import run_parallel
 
     if out is None:
         out = np.empty((spectrum.shape[0], *shape), np.float32)
+    spectrum = _fit_spectrum(spectrum, shape)
 
-    def inverse(lo, hi):  # NumPy's FFT releases the GIL
-        np.fft.irfftn(spectrum[lo:hi], s=shape, axes=axes, out=out[lo:hi])
+    def inverse(lo, hi):
+        ducc0.fft.c2r(spectrum[lo:hi], axes=axes, lastsize=shape[-1], forward=False, inorm=2,
+                      out=out[lo:hi], nthreads=1)
 
     run_parallel(inverse, spectrum.shape[0], min_items=FFT_MIN_SAMPLES)
     return out
