@@ -17,7 +17,8 @@ of each sample's spectrum. The seeded source at the call site draws one key
 per sample; kernels.normals expands it (counter-based, the same numbers on
 CPU and CUDA), so masks can be replayed from their draws. The makers fuse
 the amplitude scaling into that expansion, then run one batched inverse FFT
-(NumPy's, in chunks on every core; cuFFT on the GPU) and the selection.
+(ducc0's c2r on the CPU, in chunks on every core; cuFFT on the GPU) and
+the selection.
 
 The published code builds its complex spectrum as ``s[:, 0] + 1j * s[:, 1]``,
 slicing the height axis rather than the real/imaginary one, which keeps only
@@ -230,7 +231,7 @@ def _spectrum_layout(shape, decay_power, reference_compatible):
 def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False,
                    buffers: dict | None = None):
     """The default ``fmix_masks`` callback of params_from_draws: spectrum keys
-    in, NumPy masks out (normals kernel, NumPy FFT, selection kernel).
+    in, NumPy masks out (normals kernel, ducc0's FFT, selection kernel).
 
     ``make(keys, num_low, num_high, out=None)`` writes into ``out`` when given.
     Its spectra and grey images live in ``buffers`` (a dict kept by a caller

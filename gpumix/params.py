@@ -217,7 +217,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     step passes the pairing restricted to the real samples of a padded batch).
     ``fmix_masks(spectrum_keys, lo, hi) -> masks`` makes the FMix masks of
     the units that use FMix: by default :func:`gpumix.fmix.cpu_mask_maker`
-    (CPU kernels, NumPy's FFT); the CUDA path passes
+    (CPU kernels, ducc0's FFT); the CUDA path passes
     :func:`gpumix.fmix.cuda_mask_maker`.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)

@@ -21,7 +21,7 @@ their samples; :func:`run_parallel` runs the slices on a shared pool of
 Python threads, one per core, the calling thread included: up to four
 slices per core, each claimed by whichever thread is free. Not
 Numba's ``parallel=True``: its OpenMP workers spin after every parallel
-loop, and in a data loader, where DALI's thread pool and NumPy's FFT want
+loop, and in a data loader, where DALI's thread pool and the FMix FFT want
 the same cores a moment later, that spinning cost about 30 ms of CPU time
 per batch of FMix masks here (benchmarks/README.md). Pool threads sleep
 when idle, and any number of callers (two pipelines, a DALI thread and the
@@ -276,7 +276,7 @@ def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
     ``range(n_items)``, on the calling thread and the pool, concurrently.
 
     ``function`` must release the GIL for the slices to overlap (Numba
-    ``nogil`` kernels, NumPy's FFT). Slices hold at least ``min_items``
+    ``nogil`` kernels, ducc0's FFT). Slices hold at least ``min_items``
     items. There are up to ``CHUNKS_PER_WORKER`` slices per core, claimed
     dynamically: a pool thread that wakes late (35-55 us here) or is busy
     with another caller's work takes fewer, so the caller never idles
