@@ -210,6 +210,32 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
     return rows
 
 
+# The issues' targets compare gpumix against these (key, base) pairs.
+PAIRS = (("e-mixcut", "c"), ("e-fmix", "c"), ("e-mixcut", "d-mixup"),
+         ("e-mixcut", "d-cutmix"), ("e-mixcut", "a"), ("e-fmix", "a"))
+
+
+def paired_ratios(rows: list[dict], pairs=PAIRS) -> list[dict]:
+    """Throughput ratio ``key / base`` per round, for the pairs both measured:
+    pass r of both ran in round r, minutes apart at most, so a slow phase of
+    a shared machine that spans a round cancels out of that round's ratio
+    (the ratio of the two medians pairs passes from different rounds). Each
+    entry: key, base, median, min, max over rounds."""
+    rates = {r["key"]: r["rates"] for r in rows}
+    result = []
+    for key, base in pairs:
+        if key in rates and base in rates:
+            ratios = [k / b for k, b in zip(rates[key], rates[base])]
+            result.append({"key": key, "base": base, "median": statistics.median(ratios),
+                           "min": min(ratios), "max": max(ratios)})
+    return result
+
+
+def format_paired(ratios: list[dict]) -> str:
+    return "\n".join(f"{r['key']:>9} / {r['base']:<9} {r['median']:.3f} per-round median "
+                     f"({r['min']:.3f}-{r['max']:.3f})" for r in ratios)
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'':3}{'configuration':44} {'images/s':>9} {'min-max':>15} {'vs a':>6}"]
     for r in rows:

@@ -97,11 +97,13 @@ def cmd_bench(args) -> int:
                                   settle=args.settle)
     rows = throughput.run(settings, only=args.only, progress_factory=tqdm)
     print(throughput.format_table(rows))
+    paired = throughput.paired_ratios(rows)
+    print(throughput.format_paired(paired))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join(["gpumix"] + sys.argv[1:]),
               "settings": {k: v for k, v in vars(settings).items()},
-              "environment": environment(), "results": rows}
+              "environment": environment(), "results": rows, "paired_ratios": paired}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     title = (f"batch {settings.batch_size}, {settings.size} px, {settings.threads} threads, "
              f"{settings.device}")

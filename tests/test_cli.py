@@ -43,6 +43,20 @@ def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
         assert row["batch_shape"][1:] == [3, 96, 96] or row["batch_shape"][1:] == [3, 80, 80]
     with Image.open(tmp_path / "bench.png") as png:
         png.verify()
+    paired = {(r["key"], r["base"]): r for r in report["paired_ratios"]}
+    assert set(paired) == set(throughput.PAIRS)
+    for r in paired.values():
+        assert 0 < r["min"] <= r["median"] <= r["max"]
+
+
+def test_paired_ratios_pair_passes_of_the_same_round():
+    # Round 2 ran in a slow phase for both: per-round ratios are 2, 2, 3,
+    # while the ratio of the medians (3 / 1) mixes rounds.
+    rows = [{"key": "c", "rates": [1.0, 4.0, 1.0]}, {"key": "e-mixcut", "rates": [2.0, 8.0, 3.0]},
+            {"key": "b", "rates": [5.0, 5.0, 5.0]}]
+    [ratio] = throughput.paired_ratios(rows)
+    assert (ratio["key"], ratio["base"]) == ("e-mixcut", "c")
+    assert (ratio["median"], ratio["min"], ratio["max"]) == (2.0, 2.0, 3.0)
 
 
 def test_kernels_quick_writes_paired_figures(tmp_path):
