@@ -53,20 +53,24 @@ def reference(x: np.ndarray, pair: np.ndarray, lam: np.ndarray, samples=None) ->
 
 
 @njit(cache=True, nogil=True)
+def blend_sample_cpu(a, b, w, quantize, out):
+    """One sample's rows (R, L): ``out = w * a + (1 - w) * b`` (``out`` must
+    not alias ``b``). The batch kernel and gpumix.dali's per-batch applier
+    both run it."""
+    for r in range(a.shape[0]):
+        if quantize:
+            for k in range(a.shape[1]):
+                out[r, k] = _blend_uint8_cpu(a[r, k], b[r, k], w)
+        else:
+            for k in range(a.shape[1]):
+                out[r, k] = _blend_value_cpu(a[r, k], b[r, k], w)
+
+
+@njit(cache=True, nogil=True)
 def _blend_rows_cpu(x, pair, lam, samples, quantize, out, lo, hi):
-    n_rows = x.shape[1]
-    n_cols = x.shape[2]
     for s in range(lo, hi):
         i = samples[s]
-        j = pair[i]
-        w = lam[i]
-        for r in range(n_rows):
-            if quantize:
-                for k in range(n_cols):
-                    out[i, r, k] = _blend_uint8_cpu(x[i, r, k], x[j, r, k], w)
-            else:
-                for k in range(n_cols):
-                    out[i, r, k] = _blend_value_cpu(x[i, r, k], x[j, r, k], w)
+        blend_sample_cpu(x[i], x[pair[i]], lam[i], quantize, out[i])
 
 
 @float16_via_float32

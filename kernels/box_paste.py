@@ -43,30 +43,32 @@ def reference(x: np.ndarray, pair, box, layout: str, samples=None) -> np.ndarray
 
 
 @njit(cache=True, nogil=True)
-def _paste_rows_cpu(x, pair, box, samples, height, cstride, out, lo, hi):
+def paste_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, out):
+    """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with the box
+    rows [y0, y1) x pixels [x0, x1) taken from ``b``. The batch kernel and
+    gpumix.dali's per-batch applier both run it."""
     # Byte copies (LLVM's memcpy): the sample, then the partner's segment of
     # every row the box covers (same predicate as the CUDA kernel). Numba
     # cannot tell LLVM that out and x do not overlap, so plain copy loops
     # stay scalar here: 10x slower.
-    n_rows = x.shape[1]
-    item = x.itemsize
-    row_bytes = x.shape[2] * item
-    sample_bytes = n_rows * row_bytes
-    src = x.ctypes.data
-    dst = out.ctypes.data
+    n_rows = a.shape[0]
+    item = a.itemsize
+    row_bytes = a.shape[1] * item
+    c0 = x0 * cstride
+    c1 = x1 * cstride
+    copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * row_bytes)
+    for r in range(n_rows):
+        if _box_contains_cpu(r % height, c0, y0, y1, c0, c1):
+            offset = r * row_bytes + c0 * item
+            copy_bytes(out.ctypes.data + offset, b.ctypes.data + offset, (c1 - c0) * item)
+
+
+@njit(cache=True, nogil=True)
+def _paste_rows_cpu(x, pair, box, samples, height, cstride, out, lo, hi):
     for s in range(lo, hi):
         i = samples[s]
-        j = pair[i]
-        y0 = box[i, 0]
-        y1 = box[i, 1]
-        c0 = box[i, 2] * cstride
-        c1 = box[i, 3] * cstride
-        copy_bytes(dst + i * sample_bytes, src + i * sample_bytes, sample_bytes)
-        for r in range(n_rows):
-            if _box_contains_cpu(r % height, c0, y0, y1, c0, c1):
-                offset = r * row_bytes + c0 * item
-                copy_bytes(dst + i * sample_bytes + offset, src + j * sample_bytes + offset,
-                           (c1 - c0) * item)
+        paste_sample_cpu(x[i], x[pair[i]], box[i, 0], box[i, 1], box[i, 2], box[i, 3], height,
+                         cstride, out[i])
 
 
 def cpu(x, pair, box, samples, height: int, cstride: int, *, out):

@@ -54,40 +54,47 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
 
 
 @njit(cache=True, nogil=True)
-def _mask_rows_cpu(x, pair, mask, samples, height, cstride, quantize, paste, out, lo, hi):
+def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row):
+    """One sample's rows (R, L) mixed by its (H, W) ``mask`` into ``out``
+    (``mask_row``: float32 scratch of L). The batch kernel and gpumix.dali's
+    per-batch applier both run it."""
     # Row by row: first the mask row widened to the row's columns (each
     # pixel's value repeated for its cstride channels) in a scratch row, then
     # one contiguous pass over the columns that LLVM vectorises. Going pixel
     # by pixel with an inner channel loop, or dividing k by a run-time
     # cstride, was 7-20x slower.
-    n_rows = x.shape[1]
-    n_cols = x.shape[2]
-    mask_row = np.empty(n_cols, np.float32)
+    n_cols = a.shape[1]
+    for r in range(a.shape[0]):
+        y = r % height
+        if cstride == 1:
+            for k in range(n_cols):
+                mask_row[k] = mask[y, k]
+        elif cstride == 3:  # RGB, unrolled
+            for px in range(n_cols // 3):
+                m = mask[y, px]
+                mask_row[3 * px] = m
+                mask_row[3 * px + 1] = m
+                mask_row[3 * px + 2] = m
+        else:
+            for px in range(n_cols // cstride):
+                m = mask[y, px]
+                for c in range(cstride):
+                    mask_row[px * cstride + c] = m
+        if paste:
+            for k in range(n_cols):
+                out[r, k] = a[r, k] if mask_row[k] >= 0.5 else b[r, k]
+        else:
+            for k in range(n_cols):
+                out[r, k] = _mixed_value_cpu(a[r, k], b[r, k], mask_row[k], quantize)
+
+
+@njit(cache=True, nogil=True)
+def _mask_rows_cpu(x, pair, mask, samples, height, cstride, quantize, paste, out, lo, hi):
+    mask_row = np.empty(x.shape[2], np.float32)
     for s in range(lo, hi):
         i = samples[s]
-        j = pair[i]
-        for r in range(n_rows):
-            y = r % height
-            if cstride == 1:
-                for k in range(n_cols):
-                    mask_row[k] = mask[i, y, k]
-            elif cstride == 3:  # RGB, unrolled
-                for px in range(n_cols // 3):
-                    m = mask[i, y, px]
-                    mask_row[3 * px] = m
-                    mask_row[3 * px + 1] = m
-                    mask_row[3 * px + 2] = m
-            else:
-                for px in range(n_cols // cstride):
-                    m = mask[i, y, px]
-                    for c in range(cstride):
-                        mask_row[px * cstride + c] = m
-            if paste:
-                for k in range(n_cols):
-                    out[i, r, k] = x[i, r, k] if mask_row[k] >= 0.5 else x[j, r, k]
-            else:
-                for k in range(n_cols):
-                    out[i, r, k] = _mixed_value_cpu(x[i, r, k], x[j, r, k], mask_row[k], quantize)
+        mask_sample_cpu(x[i], x[pair[i]], mask[i], height, cstride, quantize, paste, out[i],
+                        mask_row)
 
 
 def _cpu_any_dtype(x, pair, mask, samples, height, cstride, paste=False, *, out):
