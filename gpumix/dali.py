@@ -16,30 +16,34 @@ of 224 x 224 spectra, and its values would have to cross to the GPU); all
 after them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
 path runs. In mode "batch" the first sample's draws serve the whole batch.
 
-Mechanism (one small class, :class:`_MixStep`, so it can be swapped):
+Mechanism (two small classes and one Numba function, so it can be swapped):
 
-* CPU pipelines (``device_id=None``): one ``python_function`` with
-  ``batch_processing=True`` per batch. It stacks the batch, derives params and
-  runs the Numba CPU kernels (parallel over samples, ``nogil``), and NumPy's
-  FFT for FMix masks. Per sample, DALI's CPU ``numba_function`` would avoid
-  the Python call, but mixing needs the whole batch (partners) and FMix needs
-  an FFT, which no ``numba_function`` can call. The step takes the images and
-  one float64 vector per sample (its draws and label, see :func:`_draw_vectors`:
-  python_function converts every input sample by sample): about 1 ms per
-  batch of 64 at 224 px alone, 1.9 ms inside a busy pipeline, half of it
-  kernels. python_function copies every output into DALI's buffers before
-  it returns, so the step writes the mixed batch and the FMix masks (and
-  their spectra and grey images) into buffers it keeps between calls
-  (``kernels._launch.scratch``; 48 MB at batch 64, 224 px, with FMix):
-  fresh ones cost 1600 page faults per FMix batch here, and 27 ms instead
-  of 16. Tried and measured: splitting the step into a params-only
-  ``python_function``, ``permute_batch`` for the partners and a per-sample
-  ``numba_function`` writing straight into DALI's output (no image copy,
-  no GIL). It removed the 3 ms per batch that DALI spends copying the
-  step's output, but the extra operators and per-sample tasks cost as much:
-  in an A/B of two rounds of ``gpumix bench``, e-mixcut / c was 0.89 and
-  0.86 against 0.95 and 0.98 for this design, so it was not kept.
-* GPU pipelines: the same step with ``device="gpu"``: DALI hands CuPy arrays,
+* CPU pipelines (``device_id=None``), uint8 or float32 images: a
+  ``python_function`` (:class:`_ParamsStep`, ``batch_processing=True``)
+  turns the draws into params and makes the soft targets, one apply vector
+  per sample (partner, lam, method, box) and the FMix masks (numbers in,
+  numbers out: NumPy, the Numba kernels and ducc0's FFT); then DALI's CPU
+  ``numba_function`` in batch mode (:func:`apply_batch_cpu`, compiled once
+  per process and layout, about 3 s) mixes the images straight into DALI's
+  output buffer with the CPU kernels' per-sample bodies: no Python, no GIL,
+  and no copy of the mixed batch (python_function copies every output it
+  returns). It replaced mixing inside the python_function: in loader-style
+  runs here (DALIGenericIterator, 30 paired rounds) the mixing step cost
+  4.8 against 5.9 ms of CPU per batch of 64 at 224 px, and throughput
+  matched or beat it in four comparisons (0.905 against 0.897, 0.982
+  against 0.963 of the no-mixing pipeline, 0.985 against 0.968 with a
+  Python-busy main thread, and one tie) -- within this machine's noise, but
+  all one way. The step takes one float64 vector per sample (its draws,
+  label and the images' shape, see :func:`_draw_vectors`: python_function
+  converts every input sample by sample) and keeps its masks, spectra and
+  grey images in buffers it reuses (``kernels._launch.scratch``): fresh
+  ones cost 1600 page faults per FMix batch here, and 27 ms instead of 16.
+  Tried and not kept: a per-sample ``numba_function`` fed by
+  ``permute_batch`` for the partners (an extra copy of the batch; e-mixcut
+  / c 0.89 and 0.86 against 0.95 and 0.98).
+* float16 CPU images (Numba has no CPU float16): :class:`_MixStep`, the
+  whole step in one ``python_function``, as on the GPU.
+* GPU pipelines: :class:`_MixStep` with ``device="gpu"``: DALI hands CuPy arrays,
   the CUDA kernels run on CuPy's current stream (the one DALI sets for the
   operator), FMix masks come from cupy.fft + the CUDA selection kernel; no
   image data goes to the host. The draws are small and go to the GPU stage
@@ -58,10 +62,12 @@ themselves (the permutation restricted to them, :func:`restrict_pairing`).
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from gpumix import fmix, mixing
-from gpumix.config import MixConfig
+from gpumix.config import FMIX, MIXUP, MixConfig
 from gpumix.params import Draws, pairing, params_from_draws
+from kernels import blend, box_paste, mask_mix
 from kernels._launch import scratch
 
 PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
@@ -136,18 +142,20 @@ def _stack(batch, xp):
     return xp.stack(samples)
 
 
-def draw_columns(config: MixConfig) -> dict[str, slice]:
+def draw_columns(config: MixConfig, with_shape: bool = False) -> dict[str, slice]:
     """Where each draw sits in the per-sample float64 vector of
     :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
     x, round up), the lam of each enabled method, the label, with FMix the
     two 31-bit halves of the spectrum key, with pairing "permutation" the
-    partner index. A method that is off has no column (its lam is 1)."""
+    partner index, and ``with_shape`` the images' sample shape (3). A
+    method that is off has no column (its lam is 1)."""
     mixup_on, cutmix_on, fmix_on = config.enabled
     widths = [("apply", 1), ("method", 1), ("box", 2), ("round_up", 1)]
     widths += [(name, 1) for name, on in (("lam_mixup", mixup_on), ("lam_cutmix", cutmix_on),
                                           ("lam_fmix", fmix_on)) if on]
     widths += [("label", 1)] + ([("key_halves", 2)] if fmix_on else [])
     widths += [("permutation", 1)] if config.pairing == "permutation" else []
+    widths += [("shape", 3)] if with_shape else []
     columns, start = {}, 0
     for name, width in widths:
         columns[name] = slice(start, start + width)
@@ -155,15 +163,19 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
     return columns
 
 
-class _MixStep:
-    """The per-batch function DALI calls: draws in, mixed batch out."""
+class _ParamsStep:
+    """Draws in, params out: the CPU pipelines' ``python_function``. Outputs
+    the soft targets, one apply vector per sample (:data:`APPLY_COLUMNS`),
+    the FMix masks when FMix is on, then the params when asked; the
+    ``numba_function`` applier (:func:`_cpu_applier`) mixes the images."""
 
-    def __init__(self, config: MixConfig, layout: str, return_params: bool, device: str):
+    def __init__(self, config: MixConfig, layout: str, return_params: bool, device: str,
+                 with_shape: bool = True):
         self.config = config
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.return_params = return_params
         self.device = device
-        self.columns = draw_columns(config)
+        self.columns = draw_columns(config, with_shape)
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
 
     def draws(self, table: np.ndarray) -> Draws:
@@ -192,26 +204,81 @@ class _MixStep:
         return lambda keys, lo, hi: make(keys, lo, hi, out=scratch(
             "masks", (np.size(keys), *shape), np.float32, self.buffers))
 
-    def __call__(self, images, draw_vectors, source_info=None):
-        b = len(images)
+    def _params(self, table, source_info, spatial_shape, stream=None):
+        """(params, label ids) of the batch whose draw vectors are ``table``."""
+        b = table.shape[0]
         n_valid = b if source_info is None else count_valid(source_info)
-        table = np.stack([_host(v) for v in draw_vectors])
         if self.config.pairing == "permutation":
             pair = restrict_pairing(table[:, self.columns["permutation"]][:, 0].astype(np.int64),
                                     n_valid)
         else:
             pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
+        params = params_from_draws(self.config, spatial_shape, self.draws(table), b, pair=pair,
+                                   fmix_masks=self._mask_maker(spatial_shape, stream))
+        label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
+        mixing.check_labels(label_ids, b, self.config.num_classes)
+        return params, label_ids
+
+    def _spatial_shape(self, table) -> tuple[int, int]:
+        """(H, W) from the images' shape columns, checked like mixing.check_images."""
+        shapes = table[:, self.columns["shape"]].astype(np.int64)
+        if np.any(shapes != shapes[0]):
+            raise ValueError(f"images: every sample of a batch must have the same shape to be "
+                             f"mixed, got {sorted(set(map(tuple, shapes.tolist())))}")
+        c, h, w = shapes[0] if self.layout == "NCHW" else shapes[0][[2, 0, 1]]
+        if c not in mixing.VALID_CHANNELS:
+            raise ValueError(f"images have {c} channels in layout {self.layout[1:]} (sample "
+                             f"shape {tuple(shapes[0].tolist())}); expected 1, 3 or 4 - is the "
+                             f"layout right?")
+        return int(h), int(w)
+
+    def _masks(self, params, b, spatial_shape, xp=np):
+        """Every sample's FMix mask (zeros where the batch has none)."""
+        if params.mask is not None:
+            return params.mask
+        if xp is not np:
+            return xp.zeros((b, *spatial_shape), xp.float32)
+        zeros = scratch("no_masks", (b, *spatial_shape), np.float32, self.buffers)
+        zeros.fill(0.0)
+        return zeros
+
+    def _param_outputs(self, params, label_ids) -> list:
+        b = params.batch_size
+        return [list(label_ids.reshape(b, 1)), list(params.pair.reshape(b, 1)),
+                list(params.lam.reshape(b, 1)), list(params.method.reshape(b, 1)),
+                list(params.box)]
+
+    def __call__(self, draw_vectors, source_info=None):
+        table = np.stack([_host(v) for v in draw_vectors])
+        spatial = self._spatial_shape(table)
+        params, label_ids = self._params(table, source_info, spatial)
+        targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
+                                      self.config.label_smoothing)
+        outputs = [list(targets), list(apply_vectors(params))]
+        if self.config.enabled[2]:
+            outputs.append(list(self._masks(params, table.shape[0], spatial)))
+        if self.return_params:
+            outputs += self._param_outputs(params, label_ids)
+        return tuple(outputs)
+
+
+class _MixStep(_ParamsStep):
+    """The whole step in one python_function: draws and images in, mixed
+    batch out (GPU pipelines, and CPU images the applier does not take)."""
+
+    def __init__(self, config: MixConfig, layout: str, return_params: bool, device: str):
+        super().__init__(config, layout, return_params, device, with_shape=False)
+
+    def __call__(self, images, draw_vectors, source_info=None):
         gpu = self.device == "gpu"
         xp = _cupy() if gpu else np
         stream = _numba_stream() if gpu else None
         batch = _stack(images, xp)
+        b = len(images)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
-        draws = self.draws(table)
-        params = params_from_draws(self.config, (h, w), draws, b, pair=pair,
-                                   fmix_masks=self._mask_maker((h, w), stream))
-        label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
-        mixing.check_labels(label_ids, b, self.config.num_classes)
+        table = np.stack([_host(v) for v in draw_vectors])
+        params, label_ids = self._params(table, source_info, (h, w), stream)
         # DALI copies every output before the next call: on the CPU the mixed
         # batch (and the masks) go to reused buffers, not fresh megabytes.
         out = None if gpu else scratch("mixed", batch.shape, batch.dtype, self.buffers)
@@ -222,14 +289,90 @@ class _MixStep:
             targets = xp.asarray(targets)
         outputs = [list(mixed), list(targets)]
         if self.return_params:
-            outputs += [list(label_ids.reshape(b, 1)), list(params.pair.reshape(b, 1)),
-                        list(params.lam.reshape(b, 1)), list(params.method.reshape(b, 1)),
-                        list(params.box)]
+            outputs += self._param_outputs(params, label_ids)
             if self.config.enabled[2]:
-                mask = params.mask if params.mask is not None else xp.zeros((b, h, w),
-                                                                            xp.float32)
-                outputs.append(list(mask))
+                outputs.append(list(self._masks(params, b, (h, w), xp)))
         return tuple(outputs)
+
+
+APPLY_COLUMNS = ("pair", "lam", "method", "y0", "y1", "x0", "x1")
+
+
+def apply_vectors(params) -> np.ndarray:
+    """(B, 7) float64, one row per sample in :data:`APPLY_COLUMNS` order:
+    what the applier needs besides the masks (exact: int64 values below 2^53
+    and float32 lams survive float64)."""
+    return np.concatenate([params.pair[:, None], params.lam[:, None], params.method[:, None],
+                           params.box], axis=1).astype(np.float64)
+
+
+@njit(cache=True, nogil=True)
+def apply_batch_cpu(outs, images, vectors, masks, chw, quantize):
+    """Mix a DALI batch (lists of per-sample HWC or CHW arrays) by its apply
+    vectors, sample by sample, with the CPU kernels' per-sample bodies; runs
+    inside DALI's ``numba_function``, so no Python and no GIL. ``masks`` is
+    None when FMix is off."""
+    mask_row = np.empty(1, np.float32)
+    for i in range(len(images)):
+        v = vectors[i]
+        j = np.int64(v[0])
+        method = np.int64(v[2])
+        x = images[i]
+        if chw:
+            height, cstride = x.shape[1], 1
+            a = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+            b = images[j].reshape(a.shape)
+            o = outs[i].reshape(a.shape)
+        else:
+            height, cstride = x.shape[0], x.shape[2]
+            a = x.reshape(x.shape[0], x.shape[1] * x.shape[2])
+            b = images[j].reshape(a.shape)
+            o = outs[i].reshape(a.shape)
+        if method == MIXUP:
+            blend.blend_sample_cpu(a, b, np.float32(v[1]), quantize, o)
+        elif method == FMIX:
+            if masks is not None:
+                if mask_row.size != a.shape[1]:
+                    mask_row = np.empty(a.shape[1], np.float32)
+                mask_mix.mask_sample_cpu(a, b, masks[i], height, cstride, quantize, False, o,
+                                         mask_row)
+        else:  # CutMix, or no mixing (an empty box): a copy and the box
+            box_paste.paste_sample_cpu(a, b, np.int64(v[3]), np.int64(v[4]), np.int64(v[5]),
+                                       np.int64(v[6]), height, cstride, o)
+
+
+def _same_shapes(out_shapes, in_shapes):
+    """numba_function setup: the mixed batch has the images' shapes."""
+    for i in range(len(out_shapes[0])):
+        for d in range(len(out_shapes[0][i])):
+            out_shapes[0][i][d] = in_shapes[0][i][d]
+
+
+_APPLIERS: dict = {}
+
+
+def _cpu_applier(layout: str, dtype, with_masks: bool):
+    """The ``numba_function`` operator that applies params on the CPU, built
+    (and compiled, about 3 s) once per process for each layout, dtype and
+    FMix on/off: an ops-API operator can be called in any pipeline."""
+    key = (layout, dtype, with_masks)
+    if key not in _APPLIERS:
+        from nvidia.dali import types
+        from nvidia.dali.plugin.numba import NumbaFunction
+
+        chw, quantize = layout == "CHW", dtype == types.UINT8
+        if with_masks:
+            def run(outs, images, vectors, masks):
+                apply_batch_cpu(outs, images, vectors, masks, chw, quantize)
+        else:
+            def run(outs, images, vectors):
+                apply_batch_cpu(outs, images, vectors, None, chw, quantize)
+        _APPLIERS[key] = NumbaFunction(
+            run_fn=run, setup_fn=_same_shapes, batch_processing=True, device="cpu",
+            out_types=[dtype], outs_ndim=[3],
+            in_types=[dtype, types.FLOAT64] + ([types.FLOAT] if with_masks else []),
+            ins_ndim=[3, 1] + ([2] if with_masks else []))
+    return _APPLIERS[key]
 
 
 def _cupy():
@@ -244,7 +387,7 @@ def _numba_stream():
     return cuda.external_stream(_cupy().cuda.get_current_stream().ptr)
 
 
-def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
+def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels, images=None):
     """DALI random operators for the draws this config uses and the label,
     as one float64 vector per sample in :func:`draw_columns` order (one input
     for python_function, which converts every input sample by sample; each
@@ -276,39 +419,58 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     if config.pairing == "permutation":
         permutation = fn.batch_permutation(no_fixed_points=batch_size != 1)
         parts.append(fn.reshape(fn.cast(permutation, dtype=f64), shape=[1]))
+    if images is not None:  # the step that does not see the images needs their shape
+        parts.append(images.shape(dtype=f64))
     return fn.cat(*parts)
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
-        source_info=None, return_params: bool = False, device: str = "cpu", **options):
+        source_info=None, return_params: bool = False, device: str = "cpu", dtype=None,
+        **options):
     """Mix a DALI batch inside ``pipeline_def``; returns ``(images, targets[, params...])``.
 
     ``images``: HWC (uint8, from decoders/crops) or CHW (float32/float16, from
-    crop_mirror_normalize) -- say which with ``layout``. ``labels``: integer
-    class ids in [0, num_classes). ``size=(H, W)`` is needed for FMix.
-    ``options``: every :class:`gpumix.MixConfig` option (mixup_alpha,
+    crop_mirror_normalize) -- say which with ``layout``; ``dtype`` (a DALI
+    type) is uint8 for HWC and float32 for CHW unless given. ``labels``:
+    integer class ids in [0, num_classes). ``size=(H, W)`` is needed for
+    FMix. ``options``: every :class:`gpumix.MixConfig` option (mixup_alpha,
     cutmix_alpha, fmix_alpha, prob, mode, ...). With ``return_params`` the
-    per-sample pair (int64), lam (float32), method (int8) and box (int64 x 4)
-    follow. ``device``: "cpu" or "gpu" (images already on the GPU stage).
+    per-sample labels, pair (int64), lam (float32), method (int8), box
+    (int64 x 4) and, with FMix, mask (float32 H x W) follow. ``device``:
+    "cpu" or "gpu" (images already on the GPU stage).
     """
-    from nvidia.dali import fn
+    from nvidia.dali import fn, types
 
     if layout not in ("HWC", "CHW"):
         raise ValueError(f"layout must be 'HWC' or 'CHW', got {layout!r}")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    dtype = (types.UINT8 if layout == "HWC" else types.FLOAT) if dtype is None else dtype
+    if dtype not in (types.UINT8, types.FLOAT16, types.FLOAT):
+        raise TypeError(f"dtype must be DALI's UINT8, FLOAT16 or FLOAT, got {dtype!r}")
     from nvidia.dali.pipeline import Pipeline
 
     config = MixConfig(num_classes=num_classes, **options)
     batch_size = Pipeline.current().max_batch_size
-    inputs = [_draw_vectors(config, size, batch_size, labels)]
-    if source_info is not None:
-        inputs.append(source_info)
+    extra = [] if source_info is None else [source_info]
+    n_params = len(param_names(config)) if return_params else 0
+    if device == "cpu" and dtype != types.FLOAT16:
+        # Params in Python; the images mixed by the numba_function applier.
+        fmix_on = config.enabled[2]
+        step = _ParamsStep(config, layout, return_params, device)
+        draw_vectors = _draw_vectors(config, size, batch_size, labels, images=images)
+        targets, vectors, *rest = fn.python_function(
+            draw_vectors, *extra, function=step, batch_processing=True,
+            num_outputs=2 + fmix_on + (len(PARAM_NAMES) if return_params else 0))
+        masks = [rest.pop(0)] if fmix_on else []
+        mixed = _cpu_applier(layout, dtype, fmix_on)(images, vectors, *masks)
+        params = rest + masks if return_params else []
+        return (fn.reshape(mixed, layout=layout), targets, *params)
+    inputs = [_draw_vectors(config, size, batch_size, labels)] + extra
     if device == "gpu":
         inputs = [n.gpu() for n in inputs]
     step = _MixStep(config, layout, return_params, device)
-    n_out = 2 + (len(param_names(config)) if return_params else 0)
     outputs = fn.python_function(images, *inputs, function=step, batch_processing=True,
-                                 num_outputs=n_out, device=device,
-                                 output_layouts=[layout] + [""] * (n_out - 1))
+                                 num_outputs=2 + n_params, device=device,
+                                 output_layouts=[layout] + [""] * (1 + n_params))
     return tuple(outputs)

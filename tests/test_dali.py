@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from nvidia.dali import fn, pipeline_def
+from nvidia.dali import fn, pipeline_def, types
 from scipy import stats
 
 import gpumix.dali as gdali
@@ -46,6 +46,7 @@ METHODS = {
 
 
 def run_operator(batch, labels, layout, options, seed=7, iterations=3):
+    """Outputs of ``iterations`` runs of gdali.mix on ``batch`` (NumPy)."""
     b = len(batch)
     h, w = batch.shape[1:3] if layout == "HWC" else batch.shape[2:4]
 
@@ -54,7 +55,8 @@ def run_operator(batch, labels, layout, options, seed=7, iterations=3):
         images = fn.external_source(source=lambda: list(batch), batch=True, layout=layout)
         label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
                                    batch=True)
-        return gdali.mix(images, label, num_classes=5, layout=layout, size=(h, w),
+        dtype = types.FLOAT16 if batch.dtype == np.float16 else None
+        return gdali.mix(images, label, num_classes=5, layout=layout, size=(h, w), dtype=dtype,
                          return_params=True, label_smoothing=0.1, **options)
 
     p = pipe()
@@ -65,7 +67,10 @@ def run_operator(batch, labels, layout, options, seed=7, iterations=3):
     return [[np.stack([np.array(s) for s in out]) for out in outputs] for outputs in held]
 
 
-@pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float32)])
+# uint8 and float32 are mixed by the numba_function applier, float16 by the
+# one-step python_function (the GPU pipelines' mechanism).
+@pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float32),
+                                          ("CHW", np.float16)])
 @pytest.mark.parametrize("mode", ["batch", "elem"])
 @pytest.mark.parametrize("method", METHODS)
 def test_operator_equals_reference_on_its_params(layout, dtype, mode, method):

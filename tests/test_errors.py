@@ -148,7 +148,8 @@ def test_loader_bad_input_table(small_folder, tmp_path):
     (dict(fmix_alpha=1.0), ValueError, "size=\\(H, W\\)"),
     (dict(cutmix_alpha=-2.0), ValueError, "cutmix_alpha"),
     (dict(mode="pair"), ValueError, "mode"),
-], ids=["layout", "device", "fmix-size", "alpha", "mode"])
+    (dict(dtype="uint8"), TypeError, "dtype must be DALI's"),
+], ids=["layout", "device", "fmix-size", "alpha", "mode", "dtype"])
 def test_dali_operator_bad_arguments(options, error, pattern):
     from nvidia.dali import fn, pipeline_def
 
@@ -163,6 +164,28 @@ def test_dali_operator_bad_arguments(options, error, pattern):
 
     with pytest.raises(error, match=pattern):
         pipe()
+
+
+@pytest.mark.parametrize("samples,layout,pattern", [
+    ([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)], "HWC",
+     "same shape to be mixed"),
+    ([np.zeros((4, 4, 5), np.uint8)] * 2, "HWC", "5 channels in layout HWC"),
+], ids=["ragged", "channels"])
+def test_dali_operator_bad_batches_fail_at_run_time(samples, layout, pattern):
+    from nvidia.dali import fn, pipeline_def
+
+    import gpumix.dali
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: samples, batch=True, layout=layout)
+        labels = fn.external_source(source=lambda: [np.array([0], np.int32)] * 2, batch=True)
+        return gpumix.dali.mix(images, labels, num_classes=3, layout=layout, mixup_alpha=1.0)
+
+    p = pipe()
+    p.build()
+    with pytest.raises(RuntimeError, match=pattern):
+        p.run()
 
 
 def test_gpu_device_without_cuda_is_a_clear_error(small_folder):
