@@ -331,7 +331,7 @@ def apply_batch_cpu(outs, images, vectors, masks, chw, quantize):
         if method == MIXUP:
             blend.blend_sample_cpu(a, b, np.float32(v[1]), quantize, o)
         elif method == FMIX:
-            if masks is not None:
+            if masks is not None:  # always, for FMix is on whenever a sample uses it
                 if mask_row.size != a.shape[1]:
                     mask_row = np.empty(a.shape[1], np.float32)
                 mask_mix.mask_sample_cpu(a, b, masks[i], height, cstride, quantize, False, o,
