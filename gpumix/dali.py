@@ -243,11 +243,13 @@ class _ParamsStep:
         zeros.fill(0.0)
         return zeros
 
-    def _param_outputs(self, params, label_ids) -> list:
+    def _param_outputs(self, params, label_ids, xp=np) -> list:
+        """Labels, pairs, lams, methods and boxes, one list of samples each
+        (CuPy arrays on the GPU stage, whose outputs must all be on the device)."""
         b = params.batch_size
-        return [list(label_ids.reshape(b, 1)), list(params.pair.reshape(b, 1)),
-                list(params.lam.reshape(b, 1)), list(params.method.reshape(b, 1)),
-                list(params.box)]
+        columns = (label_ids.reshape(b, 1), params.pair.reshape(b, 1), params.lam.reshape(b, 1),
+                   params.method.reshape(b, 1), params.box)
+        return [list(xp.asarray(c)) for c in columns]
 
     def __call__(self, draw_vectors, source_info=None):
         table = np.stack([_host(v) for v in draw_vectors])
@@ -273,7 +275,7 @@ class _MixStep(_ParamsStep):
     def __call__(self, images, draw_vectors, source_info=None):
         gpu = self.device == "gpu"
         xp = _cupy() if gpu else np
-        stream = _numba_stream() if gpu else None
+        stream = _kernel_stream() if gpu else None
         batch = _stack(images, xp)
         b = len(images)
         h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
@@ -289,7 +291,7 @@ class _MixStep(_ParamsStep):
             targets = xp.asarray(targets)
         outputs = [list(mixed), list(targets)]
         if self.return_params:
-            outputs += self._param_outputs(params, label_ids)
+            outputs += self._param_outputs(params, label_ids, xp)
             if self.config.enabled[2]:
                 outputs.append(list(self._masks(params, b, (h, w), xp)))
         return tuple(outputs)
@@ -381,10 +383,11 @@ def _cupy():
     return cupy
 
 
-def _numba_stream():
-    from numba import cuda
+def _kernel_stream():
+    """CuPy's current stream (DALI sets it to the operator's stream) for the kernels."""
+    from kernels._launch import StreamHandle
 
-    return cuda.external_stream(_cupy().cuda.get_current_stream().ptr)
+    return StreamHandle(_cupy().cuda.get_current_stream().ptr)
 
 
 def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels, images=None):

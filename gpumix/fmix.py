@@ -282,7 +282,7 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
     def make(keys, num_low, num_high):
         import cupy as cp
 
-        from gpumix.mixing import cupy_stream
+        from kernels._launch import cupy_stream
 
         keys = np.asarray(keys).reshape(-1)
         with cupy_stream(stream):

@@ -23,7 +23,8 @@ import numpy as np
 from gpumix.config import CUTMIX, FMIX, MIXUP, NONE
 from gpumix.params import MixParams
 from kernels import blend, box_paste, mask_mix, soft_targets as targets_kernel
-from kernels._launch import check_image_dtype, numpy_dtype, row_view, spatial_shape
+from kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_view,
+                             spatial_shape, upload_many)
 
 VALID_CHANNELS = (1, 3, 4)
 
@@ -124,43 +125,46 @@ def _run_cpu(x, params: MixParams, layout: str, out, paste: bool):
     return out
 
 
-def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
-    from numba import cuda
-
-    def device(a, dtype=None):
-        if is_cuda_array(a):
-            return cuda.as_cuda_array(a)
-        return cuda.to_device(np.ascontiguousarray(a, dtype=dtype), stream=stream or 0)
-
-    view = row_view(cuda.as_cuda_array(x), layout)
-    out_rows = row_view(cuda.as_cuda_array(out), layout).rows
-    pair = device(params.pair, np.int64)
-    box_samples = _box_samples(params)
-    if box_samples.size:
-        box_paste.cuda(view.rows, pair, device(params.box, np.int64), device(box_samples),
-                       view.height, view.cstride, out=out_rows, stream=stream)
-    mixup = params.samples(MIXUP)
-    if mixup.size:
-        blend.cuda(view.rows, pair, device(params.lam, np.float32), device(mixup),
-                   out=out_rows, stream=stream)
-    fm = params.samples(FMIX)
-    if fm.size:
-        mask_mix.cuda(view.rows, pair, device(params.mask, np.float32), device(fm),
-                      view.height, view.cstride, paste, out=out_rows, stream=stream)
-    return out
-
-
-def cupy_stream(stream):
-    """A context making CuPy work on the same CUDA stream as a Numba ``stream``
-    (None: CuPy's current stream), so copies and kernels stay ordered."""
-    import contextlib
-
-    if stream is None:
-        return contextlib.nullcontext()
+def as_cupy(x):
+    """A zero-copy CuPy view of a CUDA array (CuPy, torch, Numba, anything
+    with ``__cuda_array_interface__``). torch tensors are wrapped from their
+    pointer: the kernels run on torch's current stream, so the interface's
+    stream synchronisation (CuPy's default) would only stall the host."""
     import cupy as cp
 
-    handle = stream.handle
-    return cp.cuda.ExternalStream(int(getattr(handle, "value", handle) or 0))
+    if isinstance(x, cp.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        dtype = numpy_dtype(x.dtype)
+        itemsize = dtype.itemsize
+        extent = 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride())) if x.numel() else 0
+        memory = cp.cuda.UnownedMemory(x.data_ptr(), extent * itemsize, x, x.device.index)
+        return cp.ndarray(tuple(x.shape), dtype, cp.cuda.MemoryPointer(memory, 0),
+                          tuple(s * itemsize for s in x.stride()))
+    return cp.asarray(x)
+
+
+def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
+    view = row_view(as_cupy(x), layout)
+    out_rows = row_view(as_cupy(out), layout).rows
+    box_samples, mixup, fm = _box_samples(params), params.samples(MIXUP), params.samples(FMIX)
+    host = {"pair": (params.pair, np.int64), "box": (params.box, np.int64),
+            "box_samples": (box_samples, np.int64), "lam": (params.lam, np.float32),
+            "mixup": (mixup, np.int64), "fmix": (fm, np.int64)}
+    mask = params.mask
+    if fm.size and not is_cuda_array(mask):
+        host["mask"] = (mask, np.float32)
+    dev = dict(zip(host, upload_many(host.values(), stream)))  # one copy for them all
+    if box_samples.size:
+        box_paste.cuda(view.rows, dev["pair"], dev["box"], dev["box_samples"], view.height,
+                       view.cstride, out=out_rows, stream=stream)
+    if mixup.size:
+        blend.cuda(view.rows, dev["pair"], dev["lam"], dev["mixup"], out=out_rows, stream=stream)
+    if fm.size:
+        masks = dev["mask"] if "mask" in dev else as_cupy(mask).astype(np.float32, copy=False)
+        mask_mix.cuda(view.rows, dev["pair"], masks, dev["fmix"], view.height, view.cstride,
+                      paste, out=out_rows, stream=stream)
+    return out
 
 
 def _empty_like(x, stream=None):
@@ -179,8 +183,8 @@ def _snapshot(x, scratch, stream):
 
         with cupy_stream(stream):
             if scratch is None:
-                return cp.asarray(x).copy()
-            cp.copyto(scratch, cp.asarray(x))
+                return as_cupy(x).copy()
+            cp.copyto(scratch, as_cupy(x))
             return scratch
     if scratch is None:
         return x.copy()
@@ -230,27 +234,29 @@ def mix_dense(dense, params: MixParams, layout: str = "NHW", *, out=None, stream
 
 
 def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float = 0.0, *,
-                 out=None, stream=None):
-    """Float32 soft targets (B, K) for integer labels (B,)."""
+                 out=None, stream=None, check_range: bool = True):
+    """Float32 soft targets (B, K) for integer labels (B,). On CUDA the range
+    check costs one device-to-host copy; ``check_range=False`` skips it for
+    labels the caller has checked."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if is_cuda_array(labels):
         import cupy as cp
-        from numba import cuda
 
-        labels_dev = cp.asarray(labels).astype(cp.int64)
-        low, high = int(labels_dev.min()), int(labels_dev.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"labels must be in [0, {num_classes}), got {low if low < 0 else high}")
-        if out is None:
-            with cupy_stream(stream):
+        with cupy_stream(stream):
+            labels_dev = as_cupy(labels).astype(cp.int64, copy=False)
+            if check_range:
+                low, high = (int(v) for v in cp.stack([labels_dev.min(), labels_dev.max()]).get())
+                if low < 0 or high >= num_classes:
+                    raise ValueError(f"labels must be in [0, {num_classes}), "
+                                     f"got {low if low < 0 else high}")
+            if out is None:
                 out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
-        targets_kernel.cuda(cuda.as_cuda_array(labels_dev),
-                            cuda.to_device(params.pair, stream=stream or 0),
-                            cuda.to_device(params.lam, stream=stream or 0), num_classes,
-                            smoothing, out=cuda.as_cuda_array(out), stream=stream)
+        pair, lam = upload_many([(params.pair, np.int64), (params.lam, np.float32)], stream)
+        targets_kernel.cuda(labels_dev, pair, lam, num_classes, smoothing, out=as_cupy(out),
+                            stream=stream)
         return out
     labels = check_labels(labels, params.batch_size, num_classes)
     return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)

@@ -36,6 +36,7 @@ import torch
 from gpumix import fmix, mixing
 from gpumix.config import MixConfig
 from gpumix.params import as_numpy_generator, draw, params_from_draws
+from kernels._launch import StreamHandle
 
 __all__ = ["Mixup", "DALIMixLoader"]
 
@@ -60,10 +61,8 @@ def _layout_view(x: torch.Tensor):
     raise ValueError("x must be contiguous (NCHW) or channels_last; call .contiguous() first")
 
 
-def _cuda_stream():
-    from numba import cuda
-
-    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+def _cuda_stream() -> StreamHandle:
+    return StreamHandle(torch.cuda.current_stream().cuda_stream)
 
 
 class Mixup:
@@ -140,8 +139,8 @@ class Mixup:
         stream = _cuda_stream()
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
-        with torch.no_grad():
-            low, high = int(target.min()), int(target.max())
+        with torch.no_grad():  # one device-to-host copy for both bounds
+            low, high = torch.stack(torch.aminmax(target)).tolist()
         if low < 0 or high >= self.config.num_classes:
             raise ValueError(f"labels must be in [0, {self.config.num_classes}), "
                              f"got {low if low < 0 else high}")
@@ -149,6 +148,7 @@ class Mixup:
                           stream=stream)
         targets = torch.empty((x.shape[0], self.config.num_classes), dtype=torch.float32,
                               device=x.device)
-        mixing.soft_targets(target.to(torch.int64), params, self.config.num_classes,
-                            self.config.label_smoothing, out=targets, stream=stream)
+        mixing.soft_targets(target, params, self.config.num_classes,
+                            self.config.label_smoothing, out=targets, stream=stream,
+                            check_range=False)
         return out, targets

@@ -292,8 +292,5 @@ def cuda(bits, num_top, *, out, stream=None, threads: int = SELECT_THREADS):
     if n_samples == 0:
         return out
     grid = min(n_samples, 65535)
-    if stream is None:
-        cuda_kernel.kernel[grid, threads](bits, num_top, out)
-    else:
-        cuda_kernel.kernel[grid, threads, stream](bits, num_top, out)
+    cuda_kernel.launch(grid, threads, stream, bits, num_top, out)
     return out

@@ -55,7 +55,7 @@ import math
 import numpy as np
 from numba import cuda as _cuda_api, njit
 
-from kernels._launch import LazyCudaKernel, run_parallel
+from kernels._launch import LazyCudaKernel, run_parallel, upload_many
 
 STRIPS = 256
 GAMMA = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, odd
@@ -364,12 +364,10 @@ def cuda(keys, count: int, *, out, pair_scale=None, stream=None):
     if total == 0:
         return out
     x_edge, f_edge, k_bound, w_scale, r = _device_tables(numba_cuda.get_current_device().id)
-    seeds = numba_cuda.to_device(lane_seeds(keys), stream=stream or 0)
     scaled = pair_scale is not None
-    scale = numba_cuda.to_device(pair_scale if scaled else np.ones(1, np.float32),
-                                 stream=stream or 0)
+    seeds, scale = upload_many([(lane_seeds(keys), None),
+                                (pair_scale if scaled else np.ones(1, np.float32), None)], stream)
     blocks = max(1, min(-(-total // CUDA_THREADS), CUDA_MAX_BLOCKS))
-    launch = cuda_kernel.kernel[blocks, CUDA_THREADS] if stream is None else \
-        cuda_kernel.kernel[blocks, CUDA_THREADS, stream]
-    launch(seeds, count, x_edge, f_edge, k_bound, w_scale, r, scale, scaled, out)
+    cuda_kernel.launch(blocks, CUDA_THREADS, stream, seeds, count, x_edge, f_edge, k_bound,
+                       w_scale, r, scale, scaled, out)
     return out

@@ -172,3 +172,20 @@ def test_scratch_in_an_owners_store_is_shared_across_threads():
     worker.join()
     assert there["array"].__array_interface__["data"][0] == here.__array_interface__["data"][0]
     assert list(store) == ["owned"]
+
+
+@pytest.mark.cuda
+def test_upload_many_gives_back_every_array_exactly():
+    import cupy as cp
+
+    from kernels._launch import STAGING_SLOTS, upload_many
+
+    rng = np.random.default_rng(0)
+    for call in range(2 * STAGING_SLOTS + 1):  # every staging buffer reused twice
+        host = [rng.integers(-5, 5, 7), rng.random(3).astype(np.float32), np.zeros(0, np.int64),
+                rng.integers(0, 9, (call + 1, 4)), np.array([True, False])]
+        dtypes = [np.int64, None, np.int64, np.int64, None]
+        device = upload_many(list(zip(host, dtypes)), cp.cuda.Stream())
+        for h, d, dtype in zip(host, device, dtypes):
+            assert d.dtype == (dtype or h.dtype) and d.shape == h.shape
+            np.testing.assert_array_equal(d.get(), h)

@@ -12,11 +12,13 @@ import shutil
 import subprocess
 
 import numba
+import numpy as np
 import pytest
 from numba import cuda
 from numba.core import types
 
 from kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
+from kernels._launch import DirectLaunch, parameter_converters
 
 assert not numba.config.ENABLE_CUDASIM
 
@@ -84,3 +86,28 @@ def test_blend_products_are_not_fused(name):
     ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0))
     assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx
     assert "fma.rn.f32" not in ptx
+
+
+def _ptx_parameters(ptx: str) -> list[tuple[str, int]]:
+    """(kind, bytes) of each parameter of the PTX entry: kind 'f' for floats."""
+    entry = ptx[ptx.index(".entry"):]
+    entry = entry[:entry.index(")")]
+    return [("f" if kind == "f" else "i", int(bits) // 8)
+            for kind, bits in re.findall(r"\.param \.([usbf])(\d+) ", entry)]
+
+
+def _example(t):
+    if isinstance(t, types.Array):
+        return np.zeros((2,) * t.ndim, np.dtype(str(t.dtype)))
+    return np.dtype(t.name).type(1)
+
+
+@pytest.mark.parametrize("name,pyfunc,signature", CASES, ids=[c[0] for c in CASES])
+def test_direct_launch_parameters_match_numbas_ptx(name, pyfunc, signature):
+    """The parameters a direct (CuPy) launch passes have the kinds and widths
+    of the compiled kernel's PTX parameter list, in order."""
+    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0))
+    launch = DirectLaunch(None, parameter_converters(signature))
+    params = launch.parameters([_example(t) for t in signature])
+    assert [("f" if p.dtype.kind == "f" else "i", p.dtype.itemsize) for p in params] \
+        == _ptx_parameters(ptx)
