@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def normals_from_keys(keys, freq_shape, pair_scale=None, out=None) -> np.ndarray
         keys.size, *freq_shape, 2)
 
 
-def _fit_spectrum(spectrum, shape):
+def _fit_spectrum(spectrum, shape, xp=np):
     """The spectrum cropped or zero-padded to ``(n, *shape[:-1], shape[-1] // 2
     + 1)``, what c2r reads: NumPy's ``irfftn(s=shape)`` semantics, which the
     published maths relies on (its height-axis slice leaves axes of other
@@ -76,10 +77,38 @@ def _fit_spectrum(spectrum, shape):
     target = (*shape[:-1], shape[-1] // 2 + 1)
     if spectrum.shape[1:] == target:
         return spectrum
-    fitted = np.zeros((spectrum.shape[0], *target), np.complex64)
+    fitted = xp.zeros((spectrum.shape[0], *target), xp.complex64)
     common = tuple(slice(0, min(a, b)) for a, b in zip(spectrum.shape[1:], target))
     fitted[(slice(None), *common)] = spectrum[(slice(None), *common)]
     return fitted
+
+
+_CUFFT_PLANS = {}  # (device, stream, spectrum shape, shape) -> cuFFT plan, for the process
+_CUFFT_LOCK = threading.Lock()
+
+
+def _cupy_irfftn(spectrum, shape, axes):
+    """cuFFT c2r with one plan per device, stream and shape for the whole
+    process. CuPy's own plan cache is per thread, and DALI calls
+    python_function from threads whose Python state (threading.local
+    included) is new at every call: a plan was made and destroyed per batch,
+    220 ms of a GPU pipeline's batch against 6 ms with a kept plan (an H100;
+    benchmarks/README.md). A plan per stream, because its work area must not
+    be shared by two streams at once."""
+    import cupy as cp
+    from cupyx.scipy import fft as cupy_fft
+
+    spectrum = _fit_spectrum(cp.ascontiguousarray(spectrum), shape, cp)
+    stream = cp.cuda.get_current_stream()
+    key = (cp.cuda.Device().id, stream.ptr, spectrum.shape, shape)
+    with _CUFFT_LOCK:
+        plan = _CUFFT_PLANS.get(key)
+        if plan is None:
+            plan = _CUFFT_PLANS[key] = cupy_fft.get_fft_plan(spectrum, shape=shape, axes=axes,
+                                                             value_type="C2R")
+        with plan:
+            grey = cp.fft.irfftn(spectrum, s=shape, axes=axes)
+    return grey.astype(cp.float32, copy=False)
 
 
 def _irfftn(spectrum, shape, xp, out=None):
@@ -87,10 +116,10 @@ def _irfftn(spectrum, shape, xp, out=None):
     CPU, ducc0's (pocketfft's successor: SIMD across lines, the GIL
     released) in chunks of samples on all cores, into ``out`` when given:
     half the time of NumPy's pocketfft here (100 against 200 us for one
-    224 x 224 image). CuPy's is one cuFFT plan."""
+    224 x 224 image). On CUDA, one cuFFT plan (:func:`_cupy_irfftn`)."""
     axes = tuple(range(-len(shape), 0))
     if xp is not np:
-        return xp.fft.irfftn(spectrum, s=shape, axes=axes).astype(xp.float32, copy=False)
+        return _cupy_irfftn(spectrum, shape, axes)
     import ducc0
 
     from kernels._launch import run_parallel

@@ -274,9 +274,8 @@ def cupy_stream(stream):
     return cp.cuda.ExternalStream(handle.ptr)
 
 
-STAGING_SLOTS = 8  # pinned staging buffers per thread, used in turn
+STAGING_SLOTS = 8  # pinned staging buffers of the process, used in turn
 STAGING_LIMIT = 1 << 20  # bytes per call staged through them
-_staging = threading.local()
 
 
 class _PinnedSlot:
@@ -290,28 +289,40 @@ class _PinnedSlot:
         self.event = cp.cuda.Event(disable_timing=True)
 
 
-def _pinned_slot(nbytes: int) -> _PinnedSlot:
-    """The next staging buffer of this thread's ring, once its last copy is done."""
-    ring = getattr(_staging, "ring", None)
-    if ring is None:
-        ring = _staging.ring = {"slots": [None] * STAGING_SLOTS, "next": 0}
-    i = ring["next"]
-    ring["next"] = (i + 1) % STAGING_SLOTS
-    slot = ring["slots"][i]
-    if slot is None or slot.buffer.size < nbytes:
-        slot = ring["slots"][i] = _PinnedSlot(max(nbytes, 4096))
-    else:
-        slot.event.synchronize()  # the copy from 8 calls ago: long finished
-    return slot
+# One ring for the process, not one per thread: DALI runs python_function
+# callbacks on threads whose Python state (threading.local included) is new
+# at every call.
+_STAGING = {"slots": [None] * STAGING_SLOTS, "next": 0}
+_STAGING_LOCK = threading.Lock()
+
+
+def _staged_copy(parts, offsets, total: int, stream):
+    """Pack ``parts`` into the next pinned slot (once its last copy is done)
+    and copy them to a new device block on ``stream``; returns the block."""
+    import cupy as cp
+
+    with _STAGING_LOCK:
+        i = _STAGING["next"]
+        _STAGING["next"] = (i + 1) % STAGING_SLOTS
+        slot = _STAGING["slots"][i]
+        if slot is None or slot.buffer.size < total:
+            slot = _STAGING["slots"][i] = _PinnedSlot(max(total, 4096))
+        else:
+            slot.event.synchronize()  # the copy from 8 uploads ago: long finished
+        for part, offset in zip(parts, offsets):
+            slot.buffer[offset:offset + part.nbytes] = part.reshape(-1).view(np.uint8)
+        device = cp.empty(total, cp.uint8)
+        device.set(slot.buffer[:total], stream=stream)
+        slot.event.record(stream)
+    return device
 
 
 def upload_many(arrays, stream=None) -> list:
     """CuPy copies of small host arrays, given as ``(array, dtype)`` pairs, in
     one asynchronous copy on ``stream``: packed (8-byte aligned) into a
     pinned staging buffer, copied to one block of CuPy's memory pool, and
-    returned as views of it. Separate copies from pageable memory each cost
-    a synchronous ``cudaMemcpy`` (about 50 us on an H100 host, waiting for
-    the kernels queued before it)."""
+    returned as views of it, where separate copies from pageable memory
+    would each be a synchronous ``cudaMemcpy``."""
     import cupy as cp
 
     parts = [np.ascontiguousarray(a, dtype=d) for a, d in arrays]
@@ -323,13 +334,7 @@ def upload_many(arrays, stream=None) -> list:
     with cupy_stream(stream):
         if total > STAGING_LIMIT:  # big arrays: their own (pageable) copies
             return [cp.asarray(part) for part in parts]
-        slot = _pinned_slot(total)
-        for part, offset in zip(parts, offsets):
-            slot.buffer[offset:offset + part.nbytes] = part.reshape(-1).view(np.uint8)
-        device = cp.empty(total, cp.uint8)
-        current = cp.cuda.get_current_stream()
-        device.set(slot.buffer[:total], stream=current)
-        slot.event.record(current)
+        device = _staged_copy(parts, offsets, total, cp.cuda.get_current_stream())
     return [device[offset:offset + part.nbytes].view(part.dtype).reshape(part.shape)
             for part, offset in zip(parts, offsets)]
 

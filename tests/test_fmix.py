@@ -141,3 +141,19 @@ def test_cpu_mask_maker_equals_the_staged_references_across_batch_sizes(referenc
         grey = np.fft.irfftn(complex_spectra, s=shape, axes=(1, 2)).astype(np.float32)
         expected = mask_select.reference(grey.reshape(n, -1), lo, hi).reshape(n, *shape)
         np.testing.assert_array_equal(make(keys, lo, hi), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(32, 32), (31, 20)])
+@pytest.mark.parametrize("reference_compatible", [False, True])
+def test_cuda_grey_images_match_the_cpu(shape, reference_compatible):
+    import cupy as cp
+
+    rng = np.random.default_rng(0)
+    freq = fmix.frequency_shape(shape, reference_compatible)
+    spectra = rng.standard_normal((4, *freq, 2)).astype(np.float32)
+    cpu = fmix.grey_from_spectra(spectra, shape, np, reference_compatible)
+    for _ in range(2):  # the second call runs the kept cuFFT plan
+        gpu = fmix.grey_from_spectra(cp.asarray(spectra), shape, cp, reference_compatible)
+        assert gpu.dtype == cp.float32
+        np.testing.assert_allclose(gpu.get(), cpu, rtol=1e-4, atol=1e-5 * np.abs(cpu).max())
