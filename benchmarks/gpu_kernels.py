@@ -17,10 +17,7 @@ Run: ``python -m benchmarks.gpu_kernels [--json PATH]``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
 
 import numpy as np
 
@@ -150,29 +147,19 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     import torch
 
-    from benchmarks.kernels import environment
+    from benchmarks.kernels import parser_for, write_report
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", type=Path, default=Path("results/gpu_kernels.json"))
+    parser = parser_for(__doc__, 7, "results/gpu_kernels.json")
+    parser.add_argument("--calls", type=int, default=50, help="back-to-back calls per repeat")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu_kernels needs a CUDA GPU (torch.cuda.is_available() "
                          "is False); `gpumix kernels` measures the CPU kernels")
     sizes = (args.batch_size, args.size, args.calls, args.repeats)
     rows = bench_mixing(*sizes) + bench_fmix_masks(*sizes) + bench_torch_module(*sizes)
-    report = {"settings": {"batch_size": args.batch_size, "size": args.size,
-                           "calls": args.calls, "repeats": args.repeats,
-                           "device": torch.cuda.get_device_name()},
-              "environment": environment(), "results": rows}
-    print(format_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
-    return report
+    settings = {"batch_size": args.batch_size, "size": args.size, "calls": args.calls,
+                "repeats": args.repeats, "device": torch.cuda.get_device_name()}
+    return write_report(rows, settings, args.json, format_table(rows))
 
 
 if __name__ == "__main__":

@@ -168,27 +168,38 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser_for(doc: str, repeats: int, json_path: str) -> argparse.ArgumentParser:
+    """The options both kernel benchmarks take (this one and gpu_kernels)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--json", type=Path, default=Path(json_path))
+    return parser
+
+
+def write_report(rows: list[dict], settings: dict, path: Path, table: str) -> dict:
+    """Print the table and write the JSON report (settings, machine, rows)."""
+    report = {"settings": settings, "environment": environment(), "results": rows}
+    print(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return report
+
+
+def main(argv=None) -> dict:
+    parser = parser_for(__doc__, 15, "results/kernels.json")
     parser.add_argument("--quick", action="store_true", help="small batch, few repeats")
-    parser.add_argument("--json", type=Path, default=Path("results/kernels.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.size, args.repeats = 8, 64, 3
     rows = (bench_cpu_kernels(args.batch_size, args.size, args.repeats)
             + bench_against_timm(args.batch_size, args.size, args.repeats)
             + bench_fmix(args.batch_size, args.size, args.repeats))
-    report = {"settings": {"batch_size": args.batch_size, "size": args.size,
-                           "repeats": args.repeats, "device": "cpu"},
-              "environment": environment(), "results": rows}
-    print(format_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
-    return report
+    settings = {"batch_size": args.batch_size, "size": args.size, "repeats": args.repeats,
+                "device": "cpu"}
+    return write_report(rows, settings, args.json, format_table(rows))
 
 
 if __name__ == "__main__":
