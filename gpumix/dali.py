@@ -18,11 +18,17 @@ path runs. In mode "batch" the first sample's draws serve the whole batch.
 
 Mechanism (two small classes and one Numba function, so it can be swapped):
 
-* CPU pipelines (``device_id=None``), uint8 or float32 images: a
-  ``python_function`` (:class:`_ParamsStep`, ``batch_processing=True``)
-  turns the draws into params and makes the soft targets, one apply vector
-  per sample (partner, lam, method, box) and the FMix masks (numbers in,
-  numbers out: NumPy, the Numba kernels and ducc0's FFT); then DALI's CPU
+* Every pipeline makes its params on the CPU stage: a ``python_function``
+  (:class:`_ParamsStep`, ``batch_processing=True``) turns the draws into
+  params and makes the soft targets, one apply vector per sample (partner,
+  lam, method, box) and the FMix masks (numbers in, numbers out: NumPy, the
+  Numba kernels and ducc0's FFT). The step takes one float64 vector per
+  sample (its draws, label and, on CPU pipelines, the images' shape, see
+  :func:`_draw_vectors`: python_function converts every input sample by
+  sample) and keeps its masks, spectra and grey images in buffers it reuses
+  (``kernels._launch.scratch``): fresh ones cost 1600 page faults per FMix
+  batch here, and 27 ms instead of 16.
+* CPU pipelines (``device_id=None``), uint8 or float32 images: DALI's CPU
   ``numba_function`` in batch mode (:func:`apply_batch_cpu`, compiled once
   per process and layout, about 3 s) mixes the images straight into DALI's
   output buffer with the CPU kernels' per-sample bodies: no Python, no GIL,
@@ -33,28 +39,23 @@ Mechanism (two small classes and one Numba function, so it can be swapped):
   matched or beat it in four comparisons (0.905 against 0.897, 0.982
   against 0.963 of the no-mixing pipeline, 0.985 against 0.968 with a
   Python-busy main thread, and one tie) -- within this machine's noise, but
-  all one way. The step takes one float64 vector per sample (its draws,
-  label and the images' shape, see :func:`_draw_vectors`: python_function
-  converts every input sample by sample) and keeps its masks, spectra and
-  grey images in buffers it reuses (``kernels._launch.scratch``): fresh
-  ones cost 1600 page faults per FMix batch here, and 27 ms instead of 16.
-  Tried and not kept: a per-sample ``numba_function`` fed by
+  all one way. Tried and not kept: a per-sample ``numba_function`` fed by
   ``permute_batch`` for the partners (an extra copy of the batch; e-mixcut
   / c 0.89 and 0.86 against 0.95 and 0.98).
-* float16 CPU images (Numba has no CPU float16): :class:`_MixStep`, the
-  whole step in one ``python_function``, as on the GPU.
-* GPU pipelines: :class:`_MixStep` with ``device="gpu"``: DALI hands CuPy arrays,
-  the CUDA kernels run on CuPy's current stream (the one DALI sets for the
-  operator), FMix masks come from cupy.fft + the CUDA selection kernel; no
-  image data goes to the host. The draws are small and go to the GPU stage
-  with ``.gpu()``. DALI's GPU ``numba_function`` launches one kernel per
-  sample and needs uniform shapes, and cannot call an FFT, so it was not
-  chosen. Measured on an H100 (benchmarks/GPU.md): the step costs about
-  3 ms of host work per batch of 64 (a pipeline at 25 k images/s without
-  mixing runs at 11 k with it) while its kernels take well under 1 ms; the
-  next move is the params step on the CPU stage (a CPU python_function
-  emitting the apply vectors and FMix keys, as CPU pipelines do), leaving
-  only the launches here.
+* GPU pipelines: the apply vectors and masks go to the GPU stage with
+  ``.gpu()`` and :class:`_ApplyStep`, a GPU ``python_function``, launches the
+  CUDA kernels on CuPy's current stream (the one DALI sets for the
+  operator); no image data goes to the host. ``size=(H, W)`` is required,
+  since the CPU stage cannot read the GPU images' shapes. DALI's GPU
+  ``numba_function`` launches one kernel per sample, needs uniform shapes
+  and cannot call an FFT, so it was not chosen. Measured on an H100
+  (benchmarks/GPU.md): with the whole step on the GPU stage (params, cuFFT
+  masks, launches) it cost about 3 ms of host work per batch of 64 while
+  its kernels took well under 1 ms, and a pipeline at 25 k images/s without
+  mixing ran at 11 k with it; hence the params on the CPU stage, where they
+  overlap the GPU's work.
+* float16 CPU images (Numba has no CPU float16): :class:`_ApplyStep` as a
+  CPU ``python_function``.
 
 Partial batches. DALI runs every iteration at full batch size; the reader
 pads the epoch's last batch (``pad_last_batch=True``) by repeating its last
@@ -71,7 +72,7 @@ from numba import njit
 
 from gpumix import fmix, mixing
 from gpumix.config import FMIX, MIXUP, MixConfig
-from gpumix.params import Draws, pairing, params_from_draws
+from gpumix.params import Draws, MixParams, pairing, params_from_draws
 from kernels import blend, box_paste, mask_mix
 from kernels._launch import scratch
 
@@ -174,13 +175,13 @@ class _ParamsStep:
     the FMix masks when FMix is on, then the params when asked; the
     ``numba_function`` applier (:func:`_cpu_applier`) mixes the images."""
 
-    def __init__(self, config: MixConfig, layout: str, return_params: bool, device: str,
-                 with_shape: bool = True):
+    def __init__(self, config: MixConfig, layout: str, return_params: bool,
+                 with_shape: bool = True, spatial_shape=None):
         self.config = config
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.return_params = return_params
-        self.device = device
         self.columns = draw_columns(config, with_shape)
+        self.spatial_shape = spatial_shape  # (H, W) when the draws carry no shape
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
 
     def draws(self, table: np.ndarray) -> Draws:
@@ -199,17 +200,15 @@ class _ParamsStep:
                      lam_fmix=column["lam_fmix"][:, 0] if "lam_fmix" in column else ones,
                      normal_keys=keys)
 
-    def _mask_maker(self, shape, stream):
+    def _mask_maker(self, shape):
         if not self.config.enabled[2]:
             return None
         options = (shape, self.config.decay_power, self.config.reference_compatible)
-        if self.device == "gpu":
-            return fmix.cuda_mask_maker(*options, stream)
         make = fmix.cpu_mask_maker(*options, buffers=self.buffers)
         return lambda keys, lo, hi: make(keys, lo, hi, out=scratch(
             "masks", (np.size(keys), *shape), np.float32, self.buffers))
 
-    def _params(self, table, source_info, spatial_shape, stream=None):
+    def _params(self, table, source_info, spatial_shape):
         """(params, label ids) of the batch whose draw vectors are ``table``."""
         b = table.shape[0]
         n_valid = b if source_info is None else count_valid(source_info)
@@ -220,7 +219,7 @@ class _ParamsStep:
             pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
         params = params_from_draws(self.config, spatial_shape, self.draws(table), b, pair=pair,
-                                   fmix_masks=self._mask_maker(spatial_shape, stream))
+                                   fmix_masks=self._mask_maker(spatial_shape))
         label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
         return params, label_ids
@@ -238,27 +237,24 @@ class _ParamsStep:
                              f"layout right?")
         return int(h), int(w)
 
-    def _masks(self, params, b, spatial_shape, xp=np):
+    def _masks(self, params, b, spatial_shape):
         """Every sample's FMix mask (zeros where the batch has none)."""
         if params.mask is not None:
             return params.mask
-        if xp is not np:
-            return xp.zeros((b, *spatial_shape), xp.float32)
         zeros = scratch("no_masks", (b, *spatial_shape), np.float32, self.buffers)
         zeros.fill(0.0)
         return zeros
 
-    def _param_outputs(self, params, label_ids, xp=np) -> list:
-        """Labels, pairs, lams, methods and boxes, one list of samples each
-        (CuPy arrays on the GPU stage, whose outputs must all be on the device)."""
+    def _param_outputs(self, params, label_ids) -> list:
+        """Labels, pairs, lams, methods and boxes, one list of samples each."""
         b = params.batch_size
         columns = (label_ids.reshape(b, 1), params.pair.reshape(b, 1), params.lam.reshape(b, 1),
                    params.method.reshape(b, 1), params.box)
-        return [list(xp.asarray(c)) for c in columns]
+        return [list(c) for c in columns]
 
     def __call__(self, draw_vectors, source_info=None):
         table = np.stack([_host(v) for v in draw_vectors])
-        spatial = self._spatial_shape(table)
+        spatial = self._spatial_shape(table) if "shape" in self.columns else self.spatial_shape
         params, label_ids = self._params(table, source_info, spatial)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
                                       self.config.label_smoothing)
@@ -270,39 +266,48 @@ class _ParamsStep:
         return tuple(outputs)
 
 
-class _MixStep(_ParamsStep):
-    """The whole step in one python_function: draws and images in, mixed
-    batch out (GPU pipelines, and CPU images the applier does not take)."""
+class _ApplyStep:
+    """Apply vectors (and FMix masks) in, the mixed batch out: the
+    ``python_function`` of GPU pipelines, and of CPU float16 images (which
+    the ``numba_function`` applier cannot take). The params were made by
+    :class:`_ParamsStep` on the CPU stage, so what runs here per batch is a
+    stack of the samples, one small device-to-host copy of the vectors and
+    the kernel launches."""
 
-    def __init__(self, config: MixConfig, layout: str, return_params: bool, device: str):
-        super().__init__(config, layout, return_params, device, with_shape=False)
+    def __init__(self, layout: str, device: str, spatial_shape=None):
+        self.layout = "NHWC" if layout == "HWC" else "NCHW"
+        self.device = device
+        self.spatial_shape = spatial_shape  # (H, W) the params were made for, if fixed
+        self.buffers = {}
 
-    def __call__(self, images, draw_vectors, source_info=None):
+    def __call__(self, images, vectors, masks=None):
         gpu = self.device == "gpu"
         xp = _cupy() if gpu else np
-        stream = _kernel_stream() if gpu else None
         batch = _stack(images, xp)
-        b = len(images)
-        h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
-        table = np.stack([_host(v) for v in draw_vectors])
-        params, label_ids = self._params(table, source_info, (h, w), stream)
+        h, w = mixing.check_images(batch, self.layout)
+        if self.spatial_shape is not None and (h, w) != self.spatial_shape:
+            raise ValueError(f"images are {h} x {w} but mix() was given size="
+                             f"{self.spatial_shape}: the params were made for that size")
+        table = _host(_stack(vectors, xp))  # (B, 7): one copy, not one per sample
+        mask_batch = None if masks is None else _stack(masks, xp)
+        params = params_from_apply_vectors(table, mask_batch)
         # DALI copies every output before the next call: on the CPU the mixed
-        # batch (and the masks) go to reused buffers, not fresh megabytes.
+        # batch goes to a reused buffer, not fresh megabytes.
         out = None if gpu else scratch("mixed", batch.shape, batch.dtype, self.buffers)
-        mixed = mixing.mix_images(batch, params, self.layout, stream=stream, out=out)
-        targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
-                                      self.config.label_smoothing)
-        if gpu:
-            targets = xp.asarray(targets)
-        outputs = [list(mixed), list(targets)]
-        if self.return_params:
-            outputs += self._param_outputs(params, label_ids, xp)
-            if self.config.enabled[2]:
-                outputs.append(list(self._masks(params, b, (h, w), xp)))
-        return tuple(outputs)
+        mixed = mixing.mix_images(batch, params, self.layout,
+                                  stream=_kernel_stream() if gpu else None, out=out)
+        return list(mixed)
 
 
 APPLY_COLUMNS = ("pair", "lam", "method", "y0", "y1", "x0", "x1")
+
+
+def params_from_apply_vectors(table: np.ndarray, masks=None) -> MixParams:
+    """The MixParams that :func:`apply_vectors` wrote (and the masks, NumPy or
+    CuPy, when FMix is on)."""
+    return MixParams(pair=table[:, 0].astype(np.int64), lam=table[:, 1].astype(np.float32),
+                     method=table[:, 2].astype(np.int8), box=table[:, 3:7].astype(np.int64),
+                     mask=masks)
 
 
 def apply_vectors(params) -> np.ndarray:
@@ -459,26 +464,33 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     from nvidia.dali.pipeline import Pipeline
 
     config = MixConfig(num_classes=num_classes, **options)
+    gpu = device == "gpu"
+    if gpu and size is None:
+        raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
+                         "the CPU stage, which cannot read the GPU images' shapes")
+    spatial_shape = None if size is None else tuple(int(n) for n in size)
     batch_size = Pipeline.current().max_batch_size
     extra = [] if source_info is None else [source_info]
-    n_params = len(param_names(config)) if return_params else 0
+    fmix_on = config.enabled[2]
+    # The params, soft targets, apply vectors and FMix masks: always a CPU
+    # python_function (on the CPU stage, ahead of the GPU stage's work).
+    step = _ParamsStep(config, layout, return_params, with_shape=not gpu,
+                       spatial_shape=spatial_shape)
+    draw_vectors = _draw_vectors(config, size, batch_size, labels,
+                                 images=None if gpu else images)
+    targets, vectors, *rest = fn.python_function(
+        draw_vectors, *extra, function=step, batch_processing=True,
+        num_outputs=2 + fmix_on + (len(PARAM_NAMES) if return_params else 0))
+    masks = [rest.pop(0)] if fmix_on else []
+    params = rest + masks if return_params else []
     if device == "cpu" and dtype != types.FLOAT16:
-        # Params in Python; the images mixed by the numba_function applier.
-        fmix_on = config.enabled[2]
-        step = _ParamsStep(config, layout, return_params, device)
-        draw_vectors = _draw_vectors(config, size, batch_size, labels, images=images)
-        targets, vectors, *rest = fn.python_function(
-            draw_vectors, *extra, function=step, batch_processing=True,
-            num_outputs=2 + fmix_on + (len(PARAM_NAMES) if return_params else 0))
-        masks = [rest.pop(0)] if fmix_on else []
         mixed = _cpu_applier(layout, dtype, fmix_on)(images, vectors, *masks)
-        params = rest + masks if return_params else []
         return (fn.reshape(mixed, layout=layout), targets, *params)
-    inputs = [_draw_vectors(config, size, batch_size, labels)] + extra
-    if device == "gpu":
-        inputs = [n.gpu() for n in inputs]
-    step = _MixStep(config, layout, return_params, device)
-    outputs = fn.python_function(images, *inputs, function=step, batch_processing=True,
-                                 num_outputs=2 + n_params, device=device,
-                                 output_layouts=[layout] + [""] * (1 + n_params))
-    return tuple(outputs)
+    apply_inputs = [vectors] + masks
+    if gpu:
+        apply_inputs = [n.gpu() for n in apply_inputs]
+        targets, params = targets.gpu(), [p.gpu() for p in params]
+    mixed = fn.python_function(images, *apply_inputs, function=_ApplyStep(layout, device, spatial_shape),
+                               batch_processing=True, num_outputs=1, device=device,
+                               output_layouts=[layout])
+    return (mixed, targets, *params)

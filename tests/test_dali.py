@@ -68,7 +68,7 @@ def run_operator(batch, labels, layout, options, seed=7, iterations=3):
 
 
 # uint8 and float32 are mixed by the numba_function applier, float16 by the
-# one-step python_function (the GPU pipelines' mechanism).
+# apply python_function (the GPU pipelines' mechanism, run on the CPU).
 @pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float32),
                                           ("CHW", np.float16)])
 @pytest.mark.parametrize("mode", ["batch", "elem"])
@@ -98,6 +98,34 @@ def test_operator_equals_reference_on_its_params(layout, dtype, mode, method):
             np.testing.assert_allclose(params.mask[fm].mean(axis=(1, 2)), params.lam[fm],
                                        atol=1e-6)
     assert seen_methods - {0}, "nothing was mixed"
+
+
+def test_apply_step_refuses_images_of_another_size_than_given():
+    batch = np.zeros((3, 3, 12, 10), np.float16)
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=1)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout="CHW")
+        label = fn.external_source(source=lambda: [np.array([0], np.int32)] * 3, batch=True)
+        return gdali.mix(images, label, num_classes=2, layout="CHW", size=(10, 12),
+                         dtype=types.FLOAT16, mixup_alpha=1.0)
+
+    p = pipe()
+    p.build()
+    with pytest.raises(Exception, match=r"images are 12 x 10 but mix\(\) was given size"):
+        p.run()
+
+
+def test_gpu_mixing_needs_a_size():
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: [np.zeros((4, 4, 3), np.uint8)] * 2,
+                                    batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: [np.array([0], np.int32)] * 2, batch=True)
+        return gdali.mix(images, label, num_classes=2, device="gpu")
+
+    with pytest.raises(ValueError, match=r"size=\(H, W\) is required with device='gpu'"):
+        pipe()
 
 
 @pytest.mark.parametrize("options,method,law", [
