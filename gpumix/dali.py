@@ -42,18 +42,21 @@ Mechanism (two small classes and one Numba function, so it can be swapped):
   all one way. Tried and not kept: a per-sample ``numba_function`` fed by
   ``permute_batch`` for the partners (an extra copy of the batch; e-mixcut
   / c 0.89 and 0.86 against 0.95 and 0.98).
-* GPU pipelines: the apply vectors and masks go to the GPU stage with
-  ``.gpu()`` and :class:`_ApplyStep`, a GPU ``python_function``, launches the
-  CUDA kernels on CuPy's current stream (the one DALI sets for the
-  operator); no image data goes to the host. ``size=(H, W)`` is required,
-  since the CPU stage cannot read the GPU images' shapes. DALI's GPU
-  ``numba_function`` launches one kernel per sample, needs uniform shapes
-  and cannot call an FFT, so it was not chosen. Measured on an H100
-  (benchmarks/GPU.md): with the whole step on the GPU stage (params, cuFFT
-  masks, launches) it cost about 3 ms of host work per batch of 64 while
-  its kernels took well under 1 ms, and a pipeline at 25 k images/s without
-  mixing ran at 11 k with it; hence the params on the CPU stage, where they
-  overlap the GPU's work.
+* GPU pipelines: the apply vectors go to the GPU stage with ``.gpu()`` and
+  :class:`_ApplyStep`, a GPU ``python_function``, launches the CUDA kernels
+  on CuPy's current stream (the one DALI sets for the operator); no image
+  data goes to the host. ``size=(H, W)`` is required, since the CPU stage
+  cannot read the GPU images' shapes. With FMix on, the whole step runs on
+  the GPU stage instead (:class:`_GpuMixStep`), for its masks come from
+  cuFFT and the CUDA selection kernel there. DALI's GPU ``numba_function``
+  launches one kernel per sample, needs uniform shapes and cannot call an
+  FFT, so it was not chosen. Measured on an H100 (benchmarks/GPU.md, 4
+  threads, batch 64 at 224 px): with the whole step on the GPU stage,
+  MixUp/CutMix ran at 0.44 of the no-mixing pipeline's throughput (about
+  3 ms of host work per batch, kernels well under 1 ms); with the params on
+  the CPU stage, where they overlap the GPU's work, at 0.59. FMix's masks
+  made on the CPU stage held it to 0.10 of it against 0.37 on the GPU stage.
+  Next: FMix keys in the apply vectors and the masks made in _ApplyStep.
 * float16 CPU images (Numba has no CPU float16): :class:`_ApplyStep` as a
   CPU ``python_function``.
 
@@ -245,12 +248,13 @@ class _ParamsStep:
         zeros.fill(0.0)
         return zeros
 
-    def _param_outputs(self, params, label_ids) -> list:
-        """Labels, pairs, lams, methods and boxes, one list of samples each."""
+    def _param_outputs(self, params, label_ids, xp=np) -> list:
+        """Labels, pairs, lams, methods and boxes, one list of samples each
+        (CuPy arrays, ``xp=cupy``, for a GPU step)."""
         b = params.batch_size
         columns = (label_ids.reshape(b, 1), params.pair.reshape(b, 1), params.lam.reshape(b, 1),
                    params.method.reshape(b, 1), params.box)
-        return [list(c) for c in columns]
+        return [list(xp.asarray(c)) for c in columns]
 
     def __call__(self, draw_vectors, source_info=None):
         table = np.stack([_host(v) for v in draw_vectors])
@@ -263,6 +267,39 @@ class _ParamsStep:
             outputs.append(list(self._masks(params, table.shape[0], spatial)))
         if self.return_params:
             outputs += self._param_outputs(params, label_ids)
+        return tuple(outputs)
+
+
+class _GpuMixStep(_ParamsStep):
+    """The whole step in one GPU ``python_function`` (draws and images in,
+    mixed batch and targets out), for GPU pipelines with FMix on: their
+    masks come from cuFFT and the CUDA selection kernel on the GPU stage. On
+    an H100, FMix masks made on the CPU stage instead (ducc0, the selection
+    kernel) held the pipeline to 2,054 images/s against 9,280 with this step
+    (benchmarks/GPU.md)."""
+
+    def __init__(self, config: MixConfig, layout: str, return_params: bool):
+        super().__init__(config, layout, return_params, with_shape=False)
+
+    def _mask_maker(self, shape):
+        options = (shape, self.config.decay_power, self.config.reference_compatible)
+        return fmix.cuda_mask_maker(*options, _kernel_stream())
+
+    def __call__(self, images, draw_vectors, source_info=None):
+        cp = _cupy()
+        batch = _stack(images, cp)
+        b = len(images)
+        h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
+        table = _host(_stack(draw_vectors, cp))  # one copy, not one per sample
+        params, label_ids = self._params(table, source_info, (h, w))
+        mixed = mixing.mix_images(batch, params, self.layout, stream=_kernel_stream())
+        targets = cp.asarray(mixing.soft_targets(label_ids, params, self.config.num_classes,
+                                                 self.config.label_smoothing))
+        outputs = [list(mixed), list(targets)]
+        if self.return_params:  # every output of a GPU python_function is on the device
+            outputs += self._param_outputs(params, label_ids, cp)
+            masks = params.mask if params.mask is not None else cp.zeros((b, h, w), cp.float32)
+            outputs.append(list(cp.asarray(masks)))
         return tuple(outputs)
 
 
@@ -465,13 +502,20 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
 
     config = MixConfig(num_classes=num_classes, **options)
     gpu = device == "gpu"
+    batch_size = Pipeline.current().max_batch_size
+    extra = [] if source_info is None else [source_info]
+    fmix_on = config.enabled[2]
+    if gpu and fmix_on:  # FMix's masks from cuFFT: the whole step on the GPU stage
+        n_outputs = 2 + (len(param_names(config)) if return_params else 0)
+        inputs = [n.gpu() for n in [_draw_vectors(config, size, batch_size, labels)] + extra]
+        return tuple(fn.python_function(
+            images, *inputs, function=_GpuMixStep(config, layout, return_params),
+            batch_processing=True, num_outputs=n_outputs, device="gpu",
+            output_layouts=[layout] + [""] * (n_outputs - 1)))
     if gpu and size is None:
         raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
                          "the CPU stage, which cannot read the GPU images' shapes")
     spatial_shape = None if size is None else tuple(int(n) for n in size)
-    batch_size = Pipeline.current().max_batch_size
-    extra = [] if source_info is None else [source_info]
-    fmix_on = config.enabled[2]
     # The params, soft targets, apply vectors and FMix masks: always a CPU
     # python_function (on the CPU stage, ahead of the GPU stage's work).
     step = _ParamsStep(config, layout, return_params, with_shape=not gpu,
