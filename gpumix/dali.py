@@ -483,7 +483,7 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     crop_mirror_normalize) -- say which with ``layout``; ``dtype`` (a DALI
     type) is uint8 for HWC and float32 for CHW unless given. ``labels``:
     integer class ids in [0, num_classes). ``size=(H, W)`` is needed for
-    FMix. ``options``: every :class:`gpumix.MixConfig` option (mixup_alpha,
+    FMix and with ``device="gpu"``. ``options``: every :class:`gpumix.MixConfig` option (mixup_alpha,
     cutmix_alpha, fmix_alpha, prob, mode, ...). With ``return_params`` the
     per-sample labels, pair (int64), lam (float32), method (int8), box
     (int64 x 4) and, with FMix, mask (float32 H x W) follow. ``device``:
