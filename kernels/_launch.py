@@ -148,6 +148,8 @@ class LazyCudaKernel:
         """Launch with ``grid`` x ``block`` on ``stream`` (a Numba stream, a
         :class:`StreamHandle`, or None for the default stream)."""
         key = argument_key(args)
+        if key is not None:  # a module is loaded per device
+            key = (_current_device(), key)
         direct = self._direct.get(key) if key is not None else None
         if direct is not None:
             direct(grid, block, stream, args)
@@ -170,6 +172,12 @@ class LazyCudaKernel:
             return
         grid, block = row_grid(n_rows, row_length)
         self.launch(grid, block, stream, *args)
+
+
+def _current_device() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
 
 
 def _device_array_kind(a):
