@@ -123,6 +123,12 @@ def _host(value) -> np.ndarray:
         else np.asarray(value)
 
 
+def _table(vectors, xp=np) -> np.ndarray:
+    """The per-sample float64 vectors of a batch as one host array (B, n):
+    one copy from the device, not one per sample."""
+    return _host(_stack(vectors, xp))
+
+
 def count_valid(source_info) -> int:
     """Number of real samples: the batch less the trailing repeats of its last one."""
     def name(i):
@@ -240,10 +246,12 @@ class _ParamsStep:
                              f"layout right?")
         return int(h), int(w)
 
-    def _masks(self, params, b, spatial_shape):
+    def _masks(self, params, b, spatial_shape, xp=np):
         """Every sample's FMix mask (zeros where the batch has none)."""
         if params.mask is not None:
             return params.mask
+        if xp is not np:
+            return xp.zeros((b, *spatial_shape), xp.float32)
         zeros = scratch("no_masks", (b, *spatial_shape), np.float32, self.buffers)
         zeros.fill(0.0)
         return zeros
@@ -257,7 +265,7 @@ class _ParamsStep:
         return [list(xp.asarray(c)) for c in columns]
 
     def __call__(self, draw_vectors, source_info=None):
-        table = np.stack([_host(v) for v in draw_vectors])
+        table = _table(draw_vectors)
         spatial = self._spatial_shape(table) if "shape" in self.columns else self.spatial_shape
         params, label_ids = self._params(table, source_info, spatial)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
@@ -288,9 +296,8 @@ class _GpuMixStep(_ParamsStep):
     def __call__(self, images, draw_vectors, source_info=None):
         cp = _cupy()
         batch = _stack(images, cp)
-        b = len(images)
-        h, w = batch.shape[1:3] if self.layout == "NHWC" else batch.shape[2:4]
-        table = _host(_stack(draw_vectors, cp))  # one copy, not one per sample
+        h, w = mixing.check_images(batch, self.layout)
+        table = _table(draw_vectors, cp)
         params, label_ids = self._params(table, source_info, (h, w))
         mixed = mixing.mix_images(batch, params, self.layout, stream=_kernel_stream())
         targets = cp.asarray(mixing.soft_targets(label_ids, params, self.config.num_classes,
@@ -298,8 +305,7 @@ class _GpuMixStep(_ParamsStep):
         outputs = [list(mixed), list(targets)]
         if self.return_params:  # every output of a GPU python_function is on the device
             outputs += self._param_outputs(params, label_ids, cp)
-            masks = params.mask if params.mask is not None else cp.zeros((b, h, w), cp.float32)
-            outputs.append(list(cp.asarray(masks)))
+            outputs.append(list(self._masks(params, len(images), (h, w), cp)))
         return tuple(outputs)
 
 
@@ -325,7 +331,7 @@ class _ApplyStep:
         if self.spatial_shape is not None and (h, w) != self.spatial_shape:
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{self.spatial_shape}: the params were made for that size")
-        table = _host(_stack(vectors, xp))  # (B, 7): one copy, not one per sample
+        table = _table(vectors, xp)  # (B, 7)
         mask_batch = None if masks is None else _stack(masks, xp)
         params = params_from_apply_vectors(table, mask_batch)
         # DALI copies every output before the next call: on the CPU the mixed

@@ -234,10 +234,9 @@ def mix_dense(dense, params: MixParams, layout: str = "NHW", *, out=None, stream
 
 
 def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float = 0.0, *,
-                 out=None, stream=None, check_range: bool = True):
-    """Float32 soft targets (B, K) for integer labels (B,). On CUDA the range
-    check costs one device-to-host copy; ``check_range=False`` skips it for
-    labels the caller has checked."""
+                 out=None, stream=None):
+    """Float32 soft targets (B, K) for integer labels (B,). On CUDA the label
+    range check costs one device-to-host copy."""
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
     if num_classes < 1:
@@ -247,11 +246,10 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
 
         with cupy_stream(stream):
             labels_dev = as_cupy(labels).astype(cp.int64, copy=False)
-            if check_range:
-                low, high = (int(v) for v in cp.stack([labels_dev.min(), labels_dev.max()]).get())
-                if low < 0 or high >= num_classes:
-                    raise ValueError(f"labels must be in [0, {num_classes}), "
-                                     f"got {low if low < 0 else high}")
+            low, high = (int(v) for v in cp.stack([labels_dev.min(), labels_dev.max()]).get())
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"labels must be in [0, {num_classes}), "
+                                 f"got {low if low < 0 else high}")
             if out is None:
                 out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
         pair, lam = upload_many([(params.pair, np.int64), (params.lam, np.float32)], stream)

@@ -120,13 +120,14 @@ class Mixup:
         self.last_params = params
         if x.is_cuda:
             return self._call_cuda(x, view, layout, target, params)
+        # Targets first: their label check fails before x is written in place.
+        targets = mixing.soft_targets(target.numpy(), params, self.config.num_classes,
+                                      self.config.label_smoothing)
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
         source = view.numpy()
         mixing.mix_images(source, params, layout, out=source if self.inplace else out_view.numpy(),
                           scratch=self._scratch_like(source) if self.inplace else None)
-        targets = mixing.soft_targets(target.numpy(), params, self.config.num_classes,
-                                      self.config.label_smoothing)
         return out, torch.from_numpy(targets)
 
     def _scratch_like(self, array: np.ndarray) -> np.ndarray:
@@ -137,18 +138,14 @@ class Mixup:
 
     def _call_cuda(self, x, view, layout, target, params):
         stream = _cuda_stream()
-        out = x if self.inplace else torch.empty_like(x)
-        out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
-        with torch.no_grad():  # one device-to-host copy for both bounds
-            low, high = torch.stack(torch.aminmax(target)).tolist()
-        if low < 0 or high >= self.config.num_classes:
-            raise ValueError(f"labels must be in [0, {self.config.num_classes}), "
-                             f"got {low if low < 0 else high}")
-        mixing.mix_images(view, params, layout, out=view if self.inplace else out_view,
-                          stream=stream)
+        # Targets first: their label check (one device-to-host copy) fails
+        # before x is written in place.
         targets = torch.empty((x.shape[0], self.config.num_classes), dtype=torch.float32,
                               device=x.device)
         mixing.soft_targets(target, params, self.config.num_classes,
-                            self.config.label_smoothing, out=targets, stream=stream,
-                            check_range=False)
+                            self.config.label_smoothing, out=targets, stream=stream)
+        out = x if self.inplace else torch.empty_like(x)
+        out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
+        mixing.mix_images(view, params, layout, out=view if self.inplace else out_view,
+                          stream=stream)
         return out, targets

@@ -383,7 +383,9 @@ class DirectLaunch:
     def __call__(self, grid, block, stream, args) -> None:
         grid = tuple(grid) if isinstance(grid, tuple) else (grid,)
         block = tuple(block) if isinstance(block, tuple) else (block,)
-        self.function(grid, block, self.parameters(args), stream=StreamHandle(stream))
+        if not isinstance(stream, StreamHandle):
+            stream = StreamHandle(stream)
+        self.function(grid, block, self.parameters(args), stream=stream)
 
 
 def as_index_array(indices) -> np.ndarray:

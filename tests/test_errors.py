@@ -101,6 +101,14 @@ def test_torch_module_errors(call, error, pattern):
         call(gpumix.torch.Mixup(num_classes=10, seed=0))
 
 
+def test_torch_module_refuses_bad_labels_before_mixing_in_place():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        gpumix.torch.Mixup(num_classes=10, seed=0)(x, torch.tensor([0, 10]))
+    assert torch.equal(x, before)
+
+
 # ------------------------------------------------------------- loader & DALI
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory):
