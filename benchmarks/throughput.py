@@ -10,7 +10,10 @@ normalisation, float32 NCHW batches with soft targets unless said):
     a0 torchvision (no mixing)      the same without mixing (reference)
     b  torchvision+timm FastCollate timm ``FastCollateMixup``: uint8 mixing in
                                     the collate, then normalisation
-    c  DALI (no mixing)             gpumix's pipeline with mixing off
+    c  gpumix loader (no mixing)    gpumix's pipeline with mixing off (its
+                                    normalise step without the mixing)
+    c-dali DALI stock (no mixing)   fn.flip + crop_mirror_normalize, what a
+                                    DALI user would write
     d  DALI pure MixUp / CutMix     DALI-only mixing (batch_permutation,
                                     arithmetic, multi_paste)
     e  gpumix MixUp+CutMix / FMix   per-sample ("elem") mixing inside DALI
@@ -110,7 +113,9 @@ def configurations(settings) -> list[Config]:
         Config("a", "torchvision + timm Mixup", lambda s: torchvision_timm(s)),
         Config("a0", "torchvision (no mixing)", lambda s: torchvision_timm(s, mix=False)),
         Config("b", "torchvision + timm FastCollateMixup", torchvision_fast_collate),
-        Config("c", "DALI (no mixing)", lambda s: dali_loader(s, "none")),
+        Config("c", "gpumix loader (no mixing)", lambda s: dali_loader(s, "none")),
+        Config("c-dali", "DALI stock (no mixing)",
+               lambda s: dali_loader(s, "dali", mixup_alpha=0.0, cutmix_alpha=0.0)),
         Config("d-mixup", "DALI pure MixUp", lambda s: dali_loader(s, "dali", mixup_alpha=0.8)),
         Config("d-cutmix", "DALI pure CutMix",
                lambda s: dali_loader(s, "dali", mixup_alpha=0.0, cutmix_alpha=1.0)),

@@ -37,7 +37,7 @@ def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
     assert {"numpy", "torch", "nvidia.dali", "commit", "auto_device"} <= set(
         report["environment"])
     keys = [r["key"] for r in report["results"]]
-    assert keys == ["a", "a0", "b", "c", "d-mixup", "d-cutmix", "e-mixcut", "e-fmix"]
+    assert keys == ["a", "a0", "b", "c", "c-dali", "d-mixup", "d-cutmix", "e-mixcut", "e-fmix"]
     for row in report["results"]:
         assert row["images_per_s"] > 0 and row["min"] <= row["images_per_s"] <= row["max"]
         assert row["batch_shape"][1:] == [3, 96, 96] or row["batch_shape"][1:] == [3, 80, 80]

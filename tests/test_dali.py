@@ -100,6 +100,98 @@ def test_operator_equals_reference_on_its_params(layout, dtype, mode, method):
     assert seen_methods - {0}, "nothing was mixed"
 
 
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def crop_mirror_normalize(batch, output_layout, mean=MEAN, std=STD):
+    """DALI's own crop_mirror_normalize (no crop, no mirror) of a NumPy HWC batch."""
+    @pipeline_def(batch_size=len(batch), num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=output_layout,
+                                        mean=mean, std=std)
+
+    p = pipe()
+    p.build()
+    return np.stack([np.array(s) for s in p.run()[0]])
+
+
+# The fused CPU applier against DALI's own operators: the core reference mix
+# on the params it returns, then DALI's crop_mirror_normalize.
+@pytest.mark.parametrize("output_layout", ["CHW", "HWC"])
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+@pytest.mark.parametrize("method", METHODS)
+def test_mix_normalize_equals_reference_then_crop_mirror_normalize(output_layout, mode, method):
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (5, 12, 10, 3), np.uint8)
+    labels = rng.integers(0, 5, 5)
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None, seed=11)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
+                                   batch=True)
+        return gdali.mix_normalize(images, label, num_classes=5, mean=MEAN, std=STD,
+                                   output_layout=output_layout, size=(12, 10),
+                                   return_params=True, label_smoothing=0.1, mode=mode,
+                                   **METHODS[method])
+
+    p = pipe()
+    p.build()
+    seen_methods = set()
+    for _ in range(3):
+        images, targets, _, pair, lam, method_out, box, *mask = [
+            np.stack([np.array(s) for s in out]) for out in p.run()]
+        params = MixParams(pair=pair.reshape(-1).astype(np.int64), lam=lam.reshape(-1),
+                           method=method_out.reshape(-1), box=box.astype(np.int64),
+                           mask=mask[0] if mask else None)
+        seen_methods |= set(params.method.tolist())
+        expected = crop_mirror_normalize(mixing.reference_mix_images(batch, params, "NHWC"),
+                                         output_layout)
+        assert images.dtype == np.float32 and images.shape == expected.shape
+        # One grey level is 1/57 here: a tolerance of 1e-5 lets no mixing error through.
+        np.testing.assert_allclose(images, expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(targets, mixing.reference_soft_targets(labels, params, 5, 0.1),
+                                   rtol=0, atol=1e-7)
+    assert seen_methods - {0}, "nothing was mixed"
+
+
+@pytest.mark.parametrize("output_layout", ["CHW", "HWC"])
+@pytest.mark.parametrize("mean,std", [(MEAN, STD), ([127.5], [64.0])], ids=["rgb", "one-for-all"])
+def test_normalize_equals_crop_mirror_normalize(output_layout, mean, std):
+    batch = np.random.default_rng(2).integers(0, 256, (3, 9, 7, 3), np.uint8)
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
+        return gdali.normalize(images, mean=mean, std=std, output_layout=output_layout)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    assert out.layout() == output_layout
+    np.testing.assert_allclose(np.stack([np.array(s) for s in out]),
+                               crop_mirror_normalize(batch, output_layout, mean, std),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(mean=[1, 2, 3], std=[1, 2]), ValueError, "mean and std"),
+    (dict(mean=[1, 2, 3], std=[1, 0, 2]), ValueError, "std positive"),
+    (dict(mean=[1], std=[1], output_layout="NCHW"), ValueError, "output_layout"),
+    (dict(mean=[1], std=[1], dtype=types.UINT8), TypeError, "dtype"),
+])
+def test_normalize_refuses_bad_options(options, error, match):
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: [np.zeros((4, 4, 3), np.uint8)],
+                                    batch=True, layout="HWC")
+        return gdali.normalize(images, **options)
+
+    with pytest.raises(error, match=match):
+        pipe().build()
+
+
 def test_apply_step_refuses_images_of_another_size_than_given():
     batch = np.zeros((3, 3, 12, 10), np.float16)
 
