@@ -16,32 +16,41 @@ of 224 x 224 spectra, and its values would have to cross to the GPU); all
 after them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
 path runs. In mode "batch" the first sample's draws serve the whole batch.
 
-Mechanism (two small classes and one Numba function, so it can be swapped):
+Mechanism (two small classes here and the appliers of gpumix/dali_cpu.py,
+so it can be swapped):
 
 * Every pipeline makes its params on the CPU stage: a ``python_function``
   (:class:`_ParamsStep`, ``batch_processing=True``) turns the draws into
   params and makes the soft targets, one apply vector per sample (partner,
   lam, method, box) and the FMix masks (numbers in, numbers out: NumPy, the
   Numba kernels and ducc0's FFT). The step takes one float64 vector per
-  sample (its draws, label and, on CPU pipelines, the images' shape, see
-  :func:`_draw_vectors`: python_function converts every input sample by
-  sample) and keeps its masks, spectra and grey images in buffers it reuses
+  sample (its draws and label, :func:`_draw_vectors`: python_function
+  converts every input sample by sample) and, on CPU pipelines, the images
+  themselves, for their shape and buffer addresses (no pixel is read). It
+  keeps its masks, spectra and grey images in buffers it reuses
   (``kernels._launch.scratch``): fresh ones cost 1600 page faults per FMix
   batch here, and 27 ms instead of 16.
 * CPU pipelines (``device_id=None``), uint8 or float32 images: DALI's CPU
-  ``numba_function`` in batch mode (:func:`apply_batch_cpu`, compiled once
-  per process and layout, about 3 s) mixes the images straight into DALI's
-  output buffer with the CPU kernels' per-sample bodies: no Python, no GIL,
-  and no copy of the mixed batch (python_function copies every output it
-  returns). It replaced mixing inside the python_function: in loader-style
-  runs here (DALIGenericIterator, 30 paired rounds) the mixing step cost
-  4.8 against 5.9 ms of CPU per batch of 64 at 224 px, and throughput
-  matched or beat it in four comparisons (0.905 against 0.897, 0.982
-  against 0.963 of the no-mixing pipeline, 0.985 against 0.968 with a
-  Python-busy main thread, and one tie) -- within this machine's noise, but
-  all one way. Tried and not kept: a per-sample ``numba_function`` fed by
-  ``permute_batch`` for the partners (an extra copy of the batch; e-mixcut
-  / c 0.89 and 0.86 against 0.95 and 0.98).
+  ``numba_function`` in per-sample mode (gpumix/dali_cpu.py) mixes each
+  sample straight into DALI's output buffer with the CPU kernels'
+  per-sample bodies, on DALI's thread pool: no Python, no GIL, no copy of
+  the batch, and no thread left idle (DALI runs CPU operators one at a
+  time). A sample reads its partner through the address the params step
+  put in its apply vector. History: mixing inside the python_function cost
+  5.9 ms of CPU per batch of 64 at 224 px against 4.8 for a batch-mode
+  ``numba_function`` (which copies nothing: python_function copies every
+  output it returns); a per-sample ``numba_function`` fed the partners by
+  ``permute_batch`` (a copy of the batch) ran at 0.89 and 0.86 of the
+  no-mixing pipeline against 0.95 and 0.98.
+* :func:`mix_normalize` on the CPU (what the loader runs): the applier also
+  normalises, HWC uint8 in, float32 CHW (or HWC) out, each mixed value
+  normalised as it is made, so neither the mixed copy of the batch nor
+  ``crop_mirror_normalize``'s pass over it is left. Per batch of 64 at 224
+  px on one thread here: normalising alone 1.2-1.5 ms against 5.6-7 ms for
+  ``crop_mirror_normalize``; mixing and normalising 2.0-2.5 ms (MixUp,
+  CutMix), 2.9 ms (FMix). What mixing adds to the loader is then mostly
+  the params step (its ``python_function``, about 1 ms of CPU per batch,
+  and the random operators).
 * GPU pipelines: the apply vectors go to the GPU stage with ``.gpu()`` and
   :class:`_ApplyStep`, a GPU ``python_function``, launches the CUDA kernels
   on CuPy's current stream (the one DALI sets for the operator); no image
@@ -54,22 +63,12 @@ Mechanism (two small classes and one Numba function, so it can be swapped):
   threads, batch 64 at 224 px): with the whole step on the GPU stage,
   MixUp/CutMix ran at 0.44 of the no-mixing pipeline's throughput (about
   3 ms of host work per batch, kernels well under 1 ms); with the params on
-  the CPU stage, where they overlap the GPU's work, at 0.59. FMix's masks
-  made on the CPU stage held it to 0.10 of it against 0.37 on the GPU stage.
-  Next: FMix keys in the apply vectors and the masks made in _ApplyStep.
+  the CPU stage, where they overlap the GPU's work, at 0.49-0.59. FMix's
+  masks made on the CPU stage held it to 0.10 of it against 0.37-0.45 on
+  the GPU stage. Next: FMix keys in the apply vectors and the masks made in
+  _ApplyStep.
 * float16 CPU images (Numba has no CPU float16): :class:`_ApplyStep` as a
   CPU ``python_function``.
-* :func:`mix_normalize` on the CPU (what the loader runs): the applier also
-  normalises, HWC uint8 in, float32 CHW (or HWC) out
-  (:func:`mix_normalize_batch_cpu`): each mixed sample goes through a
-  cache-sized scratch image into the normalisation, so the mixed copy of
-  the batch and ``crop_mirror_normalize``'s pass over it disappear. Here,
-  per batch of 64 at 224 px on one thread: normalising alone 1.2 ms
-  against 5.6-7 ms for ``crop_mirror_normalize``; mixing and normalising
-  2.0-2.5 ms (MixUp, CutMix), 3.9 ms (FMix), against about 1 ms for
-  :func:`apply_batch_cpu` plus ``crop_mirror_normalize``. With it, what
-  mixing adds to the loader is the params step (its ``python_function``,
-  about 1 ms of CPU per batch, and the random operators), not the mixing.
 
 Partial batches. DALI runs every iteration at full batch size; the reader
 pads the epoch's last batch (``pad_last_batch=True``) by repeating its last
@@ -82,12 +81,10 @@ themselves (the permutation restricted to them, :func:`restrict_pairing`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from gpumix import fmix, mixing
-from gpumix.config import FMIX, MIXUP, MixConfig
+from gpumix import dali_cpu, fmix, mixing
+from gpumix.config import MixConfig
 from gpumix.params import Draws, MixParams, pairing, params_from_draws
-from kernels import blend, box_paste, mask_mix
 from kernels._launch import scratch
 
 PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
@@ -168,20 +165,18 @@ def _stack(batch, xp):
     return xp.stack(samples)
 
 
-def draw_columns(config: MixConfig, with_shape: bool = False) -> dict[str, slice]:
+def draw_columns(config: MixConfig) -> dict[str, slice]:
     """Where each draw sits in the per-sample float64 vector of
     :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
     x, round up), the lam of each enabled method, the label, with FMix the
-    two 31-bit halves of the spectrum key, with pairing "permutation" the
-    partner index, and ``with_shape`` the images' sample shape (3). A
-    method that is off has no column (its lam is 1)."""
+    two 31-bit halves of the spectrum key, and with pairing "permutation"
+    the partner index. A method that is off has no column (its lam is 1)."""
     mixup_on, cutmix_on, fmix_on = config.enabled
     widths = [("apply", 1), ("method", 1), ("box", 2), ("round_up", 1)]
     widths += [(name, 1) for name, on in (("lam_mixup", mixup_on), ("lam_cutmix", cutmix_on),
                                           ("lam_fmix", fmix_on)) if on]
     widths += [("label", 1)] + ([("key_halves", 2)] if fmix_on else [])
     widths += [("permutation", 1)] if config.pairing == "permutation" else []
-    widths += [("shape", 3)] if with_shape else []
     columns, start = {}, 0
     for name, width in widths:
         columns[name] = slice(start, start + width)
@@ -190,18 +185,22 @@ def draw_columns(config: MixConfig, with_shape: bool = False) -> dict[str, slice
 
 
 class _ParamsStep:
-    """Draws in, params out: the CPU pipelines' ``python_function``. Outputs
-    the soft targets, one apply vector per sample (:data:`APPLY_COLUMNS`),
-    the FMix masks when FMix is on, then the params when asked; the
-    ``numba_function`` applier (:func:`_cpu_applier`) mixes the images."""
+    """Draws in, params out: the CPU stage's ``python_function``. Outputs the
+    soft targets, one apply vector per sample (:data:`APPLY_COLUMNS`, then on
+    CPU pipelines the partner's and the sample's own pixel addresses,
+    :data:`gpumix.dali_cpu.ADDRESS_COLUMNS`), the FMix masks when FMix is
+    on, then the params when asked. ``reads_images``: the CPU pipelines'
+    step is also given the images (their shape and buffers: no pixel is
+    read); a GPU pipeline's step is not, and takes ``spatial_shape``."""
 
     def __init__(self, config: MixConfig, layout: str, return_params: bool,
-                 with_shape: bool = True, spatial_shape=None):
+                 reads_images: bool = True, spatial_shape=None):
         self.config = config
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.return_params = return_params
-        self.columns = draw_columns(config, with_shape)
-        self.spatial_shape = spatial_shape  # (H, W) when the draws carry no shape
+        self.columns = draw_columns(config)
+        self.reads_images = reads_images
+        self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
 
     def draws(self, table: np.ndarray) -> Draws:
@@ -244,17 +243,25 @@ class _ParamsStep:
         mixing.check_labels(label_ids, b, self.config.num_classes)
         return params, label_ids
 
-    def _spatial_shape(self, table) -> tuple[int, int]:
-        """(H, W) from the images' shape columns, checked like mixing.check_images."""
-        shapes = table[:, self.columns["shape"]].astype(np.int64)
-        if np.any(shapes != shapes[0]):
+    def _spatial_shape(self, images) -> tuple[int, int]:
+        """(H, W) of the batch, checked like mixing.check_images, and against
+        ``size=`` when it was given."""
+        shapes = sorted({tuple(image.shape) for image in images})
+        if len(shapes) != 1:
             raise ValueError(f"images: every sample of a batch must have the same shape to be "
-                             f"mixed, got {sorted(set(map(tuple, shapes.tolist())))}")
-        c, h, w = shapes[0] if self.layout == "NCHW" else shapes[0][[2, 0, 1]]
+                             f"mixed, got {shapes}")
+        mixing.check_image_dtype(images[0].dtype, "images")
+        shape = shapes[0]
+        if len(shape) != 3:
+            raise ValueError(f"images must be 3-D per sample ({self.layout[1:]}), got sample "
+                             f"shape {shape}")
+        c, h, w = shape if self.layout == "NCHW" else (shape[2], shape[0], shape[1])
         if c not in mixing.VALID_CHANNELS:
             raise ValueError(f"images have {c} channels in layout {self.layout[1:]} (sample "
-                             f"shape {tuple(shapes[0].tolist())}); expected 1, 3 or 4 - is the "
-                             f"layout right?")
+                             f"shape {shape}); expected 1, 3 or 4 - is the layout right?")
+        if self.spatial_shape is not None and (h, w) != tuple(self.spatial_shape):
+            raise ValueError(f"images are {h} x {w} but mix() was given size="
+                             f"{tuple(self.spatial_shape)}")
         return int(h), int(w)
 
     def _masks(self, params, b, spatial_shape, xp=np):
@@ -275,13 +282,18 @@ class _ParamsStep:
                    params.method.reshape(b, 1), params.box)
         return [list(xp.asarray(c)) for c in columns]
 
-    def __call__(self, draw_vectors, source_info=None):
+    def __call__(self, draw_vectors, *inputs):
+        images = inputs[0] if self.reads_images else None
+        source_info = inputs[-1] if len(inputs) > self.reads_images else None
         table = _table(draw_vectors)
-        spatial = self._spatial_shape(table) if "shape" in self.columns else self.spatial_shape
+        spatial = self._spatial_shape(images) if self.reads_images else self.spatial_shape
         params, label_ids = self._params(table, source_info, spatial)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
                                       self.config.label_smoothing)
-        outputs = [list(targets), list(apply_vectors(params))]
+        vectors = apply_vectors(params)
+        if self.reads_images:
+            vectors = np.concatenate([vectors, _addresses(images, params.pair)], axis=1)
+        outputs = [list(targets), list(vectors)]
         if self.config.enabled[2]:
             outputs.append(list(self._masks(params, table.shape[0], spatial)))
         if self.return_params:
@@ -298,7 +310,7 @@ class _GpuMixStep(_ParamsStep):
     (benchmarks/GPU.md)."""
 
     def __init__(self, config: MixConfig, layout: str, return_params: bool):
-        super().__init__(config, layout, return_params, with_shape=False)
+        super().__init__(config, layout, return_params, reads_images=False)
 
     def _mask_maker(self, shape):
         options = (shape, self.config.decay_power, self.config.reference_compatible)
@@ -356,6 +368,16 @@ class _ApplyStep:
 APPLY_COLUMNS = ("pair", "lam", "method", "y0", "y1", "x0", "x1")
 
 
+def _addresses(images, pair) -> np.ndarray:
+    """(B, 2) float64: each sample's partner's and own pixel address, for the
+    per-sample CPU appliers (gpumix/dali_cpu.py). Exact in float64: x86-64
+    and AArch64 user addresses are below 2^48."""
+    own = np.array([image.ctypes.data for image in images], np.int64)
+    if own.size and own.max() >= 2**53:
+        raise RuntimeError("an image buffer's address does not fit a float64 exactly")
+    return np.stack([own[pair], own], axis=1).astype(np.float64)
+
+
 def params_from_apply_vectors(table: np.ndarray, masks=None) -> MixParams:
     """The MixParams that :func:`apply_vectors` wrote (and the masks, NumPy or
     CuPy, when FMix is on)."""
@@ -372,191 +394,6 @@ def apply_vectors(params) -> np.ndarray:
                            params.box], axis=1).astype(np.float64)
 
 
-@njit(cache=True, nogil=True)
-def apply_batch_cpu(outs, images, vectors, masks, chw, quantize):
-    """Mix a DALI batch (lists of per-sample HWC or CHW arrays) by its apply
-    vectors, sample by sample, with the CPU kernels' per-sample bodies; runs
-    inside DALI's ``numba_function``, so no Python and no GIL. ``masks`` is
-    None when FMix is off."""
-    mask_row = np.empty(1, np.float32)
-    for i in range(len(images)):
-        v = vectors[i]
-        j = np.int64(v[0])
-        method = np.int64(v[2])
-        x = images[i]
-        if chw:
-            height, cstride = x.shape[1], 1
-            a = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
-            b = images[j].reshape(a.shape)
-            o = outs[i].reshape(a.shape)
-        else:
-            height, cstride = x.shape[0], x.shape[2]
-            a = x.reshape(x.shape[0], x.shape[1] * x.shape[2])
-            b = images[j].reshape(a.shape)
-            o = outs[i].reshape(a.shape)
-        if method == MIXUP:
-            blend.blend_sample_cpu(a, b, np.float32(v[1]), quantize, o)
-        elif method == FMIX:
-            if masks is not None:  # always, for FMix is on whenever a sample uses it
-                if mask_row.size != a.shape[1]:
-                    mask_row = np.empty(a.shape[1], np.float32)
-                mask_mix.mask_sample_cpu(a, b, masks[i], height, cstride, quantize, False, o,
-                                         mask_row)
-        else:  # CutMix, or no mixing (an empty box): a copy and the box
-            box_paste.paste_sample_cpu(a, b, np.int64(v[3]), np.int64(v[4]), np.int64(v[5]),
-                                       np.int64(v[6]), height, cstride, o)
-
-
-@njit(cache=True, nogil=True)
-def _normalize_image(src, out, width, channels, mean, inv_std, chw):
-    """``(src - mean) * inv_std`` per channel, ``src`` (H, W * C) uint8, into
-    ``out``: a 2-D view of the output sample, (C * H, W) for CHW or
-    (H, W * C) for HWC. The float32 arithmetic of DALI's
-    crop_mirror_normalize (the tests compare the two)."""
-    height = src.shape[0]
-    n_means = mean.shape[0]
-    for y in range(height):
-        row = src[y]
-        if chw and channels == 3 and n_means == 3:  # RGB, unrolled: LLVM vectorises it
-            m0, m1, m2 = mean[0], mean[1], mean[2]
-            s0, s1, s2 = inv_std[0], inv_std[1], inv_std[2]
-            r1, r2 = height + y, 2 * height + y
-            for px in range(width):
-                out[y, px] = (np.float32(row[3 * px]) - m0) * s0
-                out[r1, px] = (np.float32(row[3 * px + 1]) - m1) * s1
-                out[r2, px] = (np.float32(row[3 * px + 2]) - m2) * s2
-        elif chw:
-            for px in range(width):
-                for c in range(channels):
-                    k = c % n_means
-                    out[c * height + y, px] = (np.float32(row[px * channels + c]) - mean[k]) \
-                        * inv_std[k]
-        else:
-            for q in range(width * channels):
-                k = (q % channels) % n_means
-                out[y, q] = (np.float32(row[q]) - mean[k]) * inv_std[k]
-
-
-@njit(cache=True, nogil=True)
-def mix_normalize_batch_cpu(outs, images, vectors, masks, mean, inv_std, chw):
-    """Mix and normalise a DALI batch of HWC uint8 images: equal to
-    :func:`mix` then ``fn.crop_mirror_normalize`` (no crop, no mirror), in
-    one pass per sample that reads the mixed image from a cache-sized
-    scratch image instead of a mixed copy of the batch. ``vectors`` None:
-    normalise only; ``masks`` None when FMix is off. The mixing is the CPU
-    kernels' per-sample bodies, as in :func:`apply_batch_cpu`."""
-    mixed = np.empty((1, 1), np.uint8)
-    mask_row = np.empty(1, np.float32)
-    for i in range(len(images)):
-        x = images[i]
-        height, width, channels = x.shape[0], x.shape[1], x.shape[2]
-        n_cols = width * channels
-        a = x.reshape(height, n_cols)
-        o = outs[i].reshape(channels * height, width) if chw else outs[i].reshape(height, n_cols)
-        if vectors is None:
-            _normalize_image(a, o, width, channels, mean, inv_std, chw)
-            continue
-        v = vectors[i]
-        method = np.int64(v[2])
-        y0, y1, x0, x1 = np.int64(v[3]), np.int64(v[4]), np.int64(v[5]), np.int64(v[6])
-        if method != MIXUP and method != FMIX and not (y0 < y1 and x0 < x1):
-            _normalize_image(a, o, width, channels, mean, inv_std, chw)  # not mixed
-            continue
-        if mixed.shape[0] != height or mixed.shape[1] != n_cols:
-            mixed = np.empty((height, n_cols), np.uint8)
-            mask_row = np.empty(n_cols, np.float32)
-        b = images[np.int64(v[0])].reshape(height, n_cols)
-        if method == MIXUP:
-            blend.blend_sample_cpu(a, b, np.float32(v[1]), True, mixed)
-        elif method == FMIX:
-            if masks is not None:  # always, for FMix is on whenever a sample uses it
-                mask_mix.mask_sample_cpu(a, b, masks[i], height, channels, True, False, mixed,
-                                         mask_row)
-        else:  # CutMix
-            box_paste.paste_sample_cpu(a, b, y0, y1, x0, x1, height, channels, mixed)
-        _normalize_image(mixed, o, width, channels, mean, inv_std, chw)
-
-
-def _same_shapes(out_shapes, in_shapes):
-    """numba_function setup: the mixed batch has the images' shapes."""
-    for i in range(len(out_shapes[0])):
-        for d in range(len(out_shapes[0][i])):
-            out_shapes[0][i][d] = in_shapes[0][i][d]
-
-
-_APPLIERS: dict = {}
-
-
-def _cpu_applier(layout: str, dtype, with_masks: bool):
-    """The ``numba_function`` operator that applies params on the CPU, built
-    (and compiled, about 3 s) once per process for each layout, dtype and
-    FMix on/off: an ops-API operator can be called in any pipeline."""
-    key = (layout, dtype, with_masks)
-    if key not in _APPLIERS:
-        from nvidia.dali import types
-        from nvidia.dali.plugin.numba import NumbaFunction
-
-        chw, quantize = layout == "CHW", dtype == types.UINT8
-        if with_masks:
-            def run(outs, images, vectors, masks):
-                apply_batch_cpu(outs, images, vectors, masks, chw, quantize)
-        else:
-            def run(outs, images, vectors):
-                apply_batch_cpu(outs, images, vectors, None, chw, quantize)
-        _APPLIERS[key] = NumbaFunction(
-            run_fn=run, setup_fn=_same_shapes, batch_processing=True, device="cpu",
-            out_types=[dtype], outs_ndim=[3],
-            in_types=[dtype, types.FLOAT64] + ([types.FLOAT] if with_masks else []),
-            ins_ndim=[3, 1] + ([2] if with_masks else []))
-    return _APPLIERS[key]
-
-
-def _hwc_to_chw_shapes(out_shapes, in_shapes):
-    """numba_function setup: CHW outputs of HWC inputs."""
-    for i in range(len(out_shapes[0])):
-        out_shapes[0][i][0] = in_shapes[0][i][2]
-        out_shapes[0][i][1] = in_shapes[0][i][0]
-        out_shapes[0][i][2] = in_shapes[0][i][1]
-
-
-def _mix_normalize_run(chw, mean, inv_std, with_vectors, with_masks):
-    """The ``run_fn`` of a normalising applier: numba_function passes exactly
-    its inputs, so each set of them has its own small function (mean,
-    inv_std and chw are compile-time constants there)."""
-    if with_masks:
-        def run(outs, images, vectors, masks):
-            mix_normalize_batch_cpu(outs, images, vectors, masks, mean, inv_std, chw)
-    elif with_vectors:
-        def run(outs, images, vectors):
-            mix_normalize_batch_cpu(outs, images, vectors, None, mean, inv_std, chw)
-    else:
-        def run(outs, images):
-            mix_normalize_batch_cpu(outs, images, None, None, mean, inv_std, chw)
-    return run
-
-
-def _normalizing_applier(output_layout: str, mean, std, with_vectors: bool, with_masks: bool):
-    """The CPU ``numba_function`` running :func:`mix_normalize_batch_cpu`
-    (HWC uint8 in, float32 out), built once per process for each output
-    layout, mean and std and set of inputs."""
-    key = ("normalize", output_layout, tuple(mean), tuple(std), with_vectors, with_masks)
-    if key not in _APPLIERS:
-        from nvidia.dali import types
-        from nvidia.dali.plugin.numba import NumbaFunction
-
-        chw = output_layout == "CHW"
-        mean32 = np.asarray(mean, np.float32)
-        inv_std32 = (np.float32(1.0) / np.asarray(std, np.float32)).astype(np.float32)
-        inputs = [(types.UINT8, 3)] + [(types.FLOAT64, 1)] * with_vectors \
-            + [(types.FLOAT, 2)] * with_masks
-        _APPLIERS[key] = NumbaFunction(
-            run_fn=_mix_normalize_run(chw, mean32, inv_std32, with_vectors, with_masks),
-            setup_fn=_hwc_to_chw_shapes if chw else _same_shapes, batch_processing=True,
-            device="cpu", out_types=[types.FLOAT], outs_ndim=[3],
-            in_types=[t for t, _ in inputs], ins_ndim=[d for _, d in inputs])
-    return _APPLIERS[key]
-
-
 def _cupy():
     import cupy
 
@@ -570,7 +407,7 @@ def _kernel_stream():
     return StreamHandle(_cupy().cuda.get_current_stream().ptr)
 
 
-def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels, images=None):
+def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     """DALI random operators for the draws this config uses and the label,
     as one float64 vector per sample in :func:`draw_columns` order (one input
     for python_function, which converts every input sample by sample; each
@@ -602,8 +439,6 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels, ima
     if config.pairing == "permutation":
         permutation = fn.batch_permutation(no_fixed_points=batch_size != 1)
         parts.append(fn.reshape(fn.cast(permutation, dtype=f64), shape=[1]))
-    if images is not None:  # the step that does not see the images needs their shape
-        parts.append(images.shape(dtype=f64))
     return fn.cat(*parts)
 
 
@@ -623,15 +458,14 @@ def _params_stage(config: MixConfig, images, labels, *, layout: str, size, sourc
         raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
                          "the CPU stage, which cannot read the GPU images' shapes")
     spatial_shape = None if size is None else tuple(int(n) for n in size)
-    step = _ParamsStep(config, layout, return_params, with_shape=not gpu,
+    step = _ParamsStep(config, layout, return_params, reads_images=not gpu,
                        spatial_shape=spatial_shape)
     batch_size = Pipeline.current().max_batch_size
-    draw_vectors = _draw_vectors(config, size, batch_size, labels,
-                                 images=None if gpu else images)
-    extra = [] if source_info is None else [source_info]
+    inputs = [_draw_vectors(config, size, batch_size, labels)] + ([] if gpu else [images])
+    inputs += [] if source_info is None else [source_info]
     fmix_on = config.enabled[2]
     targets, vectors, *rest = fn.python_function(
-        draw_vectors, *extra, function=step, batch_processing=True,
+        *inputs, function=step, batch_processing=True,
         num_outputs=2 + fmix_on + (len(PARAM_NAMES) if return_params else 0))
     masks = [rest.pop(0)] if fmix_on else []
     params = rest + masks if return_params else []
@@ -676,7 +510,8 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         config, images, labels, layout=layout, size=size, source_info=source_info,
         return_params=return_params, gpu=gpu)
     if not gpu and dtype != types.FLOAT16:
-        mixed = _cpu_applier(layout, dtype, bool(masks))(images, vectors, *masks)
+        mixed = dali_cpu.applier("mix", layout=layout, dtype=dtype,
+                                 with_masks=bool(masks))(images, vectors, *masks)
         return (fn.reshape(mixed, layout=layout), targets, *params)
     apply_inputs = [vectors] + masks
     if gpu:
@@ -725,7 +560,7 @@ def normalize(images, *, mean, std, output_layout: str = "CHW", dtype=None,
     if not fused:
         return fn.crop_mirror_normalize(images, dtype=dtype, output_layout=output_layout,
                                         mean=mean, std=std)
-    applier = _normalizing_applier(output_layout, mean, std, False, False)
+    applier = dali_cpu.applier("normalize", layout=output_layout, mean=mean, std=std)
     return fn.reshape(applier(images), layout=output_layout)
 
 
@@ -752,6 +587,7 @@ def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout:
     targets, vectors, masks, params = _params_stage(
         config, images, labels, layout="HWC", size=size, source_info=source_info,
         return_params=return_params, gpu=False)
-    applier = _normalizing_applier(output_layout, mean, std, True, bool(masks))
+    applier = dali_cpu.applier("mix_normalize", layout=output_layout, mean=mean, std=std,
+                               with_masks=bool(masks))
     return (fn.reshape(applier(images, vectors, *masks), layout=output_layout), targets,
             *params)
