@@ -117,21 +117,24 @@ def crop_mirror_normalize(batch, output_layout, mean=MEAN, std=STD):
 
 
 # The fused CPU applier against DALI's own operators: the core reference mix
-# on the params it returns, then DALI's crop_mirror_normalize.
-@pytest.mark.parametrize("output_layout", ["CHW", "HWC"])
+# on the params it returns, then DALI's crop_mirror_normalize. RGB to CHW has
+# its own loops; HWC output and grey images take the row-by-row path.
+@pytest.mark.parametrize("output_layout,channels", [("CHW", 3), ("HWC", 3), ("CHW", 1)])
 @pytest.mark.parametrize("mode", ["batch", "elem"])
 @pytest.mark.parametrize("method", METHODS)
-def test_mix_normalize_equals_reference_then_crop_mirror_normalize(output_layout, mode, method):
+def test_mix_normalize_equals_reference_then_crop_mirror_normalize(output_layout, channels, mode,
+                                                                   method):
     rng = np.random.default_rng(1)
-    batch = rng.integers(0, 256, (5, 12, 10, 3), np.uint8)
+    batch = rng.integers(0, 256, (5, 12, 10, channels), np.uint8)
     labels = rng.integers(0, 5, 5)
+    mean, std = (MEAN, STD) if channels == 3 else ([127.5], [64.0])
 
     @pipeline_def(batch_size=5, num_threads=1, device_id=None, seed=11)
     def pipe():
         images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
         label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
                                    batch=True)
-        return gdali.mix_normalize(images, label, num_classes=5, mean=MEAN, std=STD,
+        return gdali.mix_normalize(images, label, num_classes=5, mean=mean, std=std,
                                    output_layout=output_layout, size=(12, 10),
                                    return_params=True, label_smoothing=0.1, mode=mode,
                                    **METHODS[method])
@@ -147,13 +150,30 @@ def test_mix_normalize_equals_reference_then_crop_mirror_normalize(output_layout
                            mask=mask[0] if mask else None)
         seen_methods |= set(params.method.tolist())
         expected = crop_mirror_normalize(mixing.reference_mix_images(batch, params, "NHWC"),
-                                         output_layout)
+                                         output_layout, mean, std)
         assert images.dtype == np.float32 and images.shape == expected.shape
         # One grey level is 1/57 here: a tolerance of 1e-5 lets no mixing error through.
         np.testing.assert_allclose(images, expected, rtol=0, atol=1e-5)
         np.testing.assert_allclose(targets, mixing.reference_soft_targets(labels, params, 5, 0.1),
                                    rtol=0, atol=1e-7)
     assert seen_methods - {0}, "nothing was mixed"
+
+
+def test_partner_is_read_only_through_the_buffer_the_step_saw():
+    """The per-sample applier follows the partner address only when the own
+    address in the vector is the buffer it was given (gpumix/dali_cpu.py)."""
+    from numba import njit
+
+    from gpumix import dali_cpu
+
+    images = [np.full((4, 3, 3), value, np.uint8) for value in (10, 20)]
+    vectors = gdali._addresses(images, np.array([1, 0]))
+    vector = np.concatenate([np.zeros(7), vectors[0]])
+    partner = njit(lambda image, v: dali_cpu.partner_of(image, v).copy())
+    np.testing.assert_array_equal(partner(images[0], vector), images[1])
+    stale = vector.copy()
+    stale[dali_cpu.OWN_ADDRESS] += 64  # not this buffer: the sample pairs with itself
+    np.testing.assert_array_equal(partner(images[0], stale), images[0])
 
 
 @pytest.mark.parametrize("output_layout", ["CHW", "HWC"])
