@@ -178,13 +178,11 @@ def mix_normalize_sample_cpu(out, image, partner, vector, mask, mean, inv_std, c
             elif method == FMIX:
                 if mask is not None:  # always, for FMix is on whenever a sample uses it
                     _rgb_mask(a[y], b[y], mask[y], o0, o1, o2, mean, inv_std)
-            elif y0 <= y < y1 and x0 < x1:  # CutMix: a row through the box
-                _rgb_copy(a[y][:3 * x0], o0[:x0], o1[:x0], o2[:x0], mean, inv_std)
-                _rgb_copy(b[y][3 * x0:3 * x1], o0[x0:x1], o1[x0:x1], o2[x0:x1], mean,
-                          inv_std)
-                _rgb_copy(a[y][3 * x1:], o0[x1:], o1[x1:], o2[x1:], mean, inv_std)
             else:
                 _rgb_copy(a[y], o0, o1, o2, mean, inv_std)
+                if y0 <= y < y1 and x0 < x1:  # CutMix: the box's span from the partner
+                    _rgb_copy(b[y][3 * x0:3 * x1], o0[x0:x1], o1[x0:x1], o2[x0:x1], mean,
+                              inv_std)
         return
     row = np.empty((1, n_cols), np.uint8)
     mask_row = np.empty(n_cols, np.float32)
