@@ -29,7 +29,11 @@ so it can be swapped):
   themselves, for their shape and buffer addresses (no pixel is read). It
   keeps its masks, spectra and grey images in buffers it reuses
   (``kernels._launch.scratch``): fresh ones cost 1600 page faults per FMix
-  batch here, and 27 ms instead of 16.
+  batch here, and 27 ms instead of 16. With ``mix_normalize(...,
+  fast_params=True)`` (what the loader runs) the same step is called from a
+  batch-mode ``numba_function`` through Numba's objmode instead
+  (gpumix/dali_cpu.py), without the python_function's per-sample
+  conversions; its errors then surface through ``dali_cpu.raise_pending``.
 * CPU pipelines (``device_id=None``), uint8 or float32 images: DALI's CPU
   ``numba_function`` in per-sample mode (gpumix/dali_cpu.py) mixes each
   sample straight into DALI's output buffer with the CPU kernels'
@@ -202,6 +206,7 @@ class _ParamsStep:
         self.reads_images = reads_images
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
+        self.errors: list = []  # met as a fast params operator: dali_cpu.raise_pending
 
     def draws(self, table: np.ndarray) -> Draws:
         """Draws from the per-sample draw vectors (rows of ``table``)."""
@@ -227,10 +232,10 @@ class _ParamsStep:
         return lambda keys, lo, hi: make(keys, lo, hi, out=scratch(
             "masks", (np.size(keys), *shape), np.float32, self.buffers))
 
-    def _params(self, table, source_info, spatial_shape):
-        """(params, label ids) of the batch whose draw vectors are ``table``."""
+    def _params(self, table, n_valid: int, spatial_shape):
+        """(params, label ids) of the batch whose draw vectors are ``table``
+        and whose first ``n_valid`` samples are real (the rest padding)."""
         b = table.shape[0]
-        n_valid = b if source_info is None else count_valid(source_info)
         if self.config.pairing == "permutation":
             pair = restrict_pairing(table[:, self.columns["permutation"]][:, 0].astype(np.int64),
                                     n_valid)
@@ -243,14 +248,14 @@ class _ParamsStep:
         mixing.check_labels(label_ids, b, self.config.num_classes)
         return params, label_ids
 
-    def _spatial_shape(self, images) -> tuple[int, int]:
-        """(H, W) of the batch, checked like mixing.check_images, and against
-        ``size=`` when it was given."""
-        shapes = sorted({tuple(image.shape) for image in images})
+    def _spatial_shape(self, shapes, dtype) -> tuple[int, int]:
+        """(H, W) of a batch of samples of these shapes and dtype, checked like
+        mixing.check_images, and against ``size=`` when it was given."""
+        shapes = sorted(set(shapes))
         if len(shapes) != 1:
             raise ValueError(f"images: every sample of a batch must have the same shape to be "
                              f"mixed, got {shapes}")
-        mixing.check_image_dtype(images[0].dtype, "images")
+        mixing.check_image_dtype(dtype, "images")
         shape = shapes[0]
         if len(shape) != 3:
             raise ValueError(f"images must be 3-D per sample ({self.layout[1:]}), got sample "
@@ -263,6 +268,20 @@ class _ParamsStep:
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{tuple(self.spatial_shape)}")
         return int(h), int(w)
+
+    def compute(self, table, n_valid: int, shapes=None, dtype=None, addresses=None):
+        """(targets, apply vectors, masks or None, params, label ids) of one
+        batch: draw vectors ``table``, ``n_valid`` real samples, and on CPU
+        pipelines the samples' shapes, dtype and pixel addresses."""
+        spatial = self.spatial_shape if shapes is None else self._spatial_shape(shapes, dtype)
+        params, label_ids = self._params(table, n_valid, spatial)
+        targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
+                                      self.config.label_smoothing)
+        vectors = apply_vectors(params)
+        if addresses is not None:
+            vectors = np.concatenate([vectors, _address_columns(addresses, params.pair)], axis=1)
+        masks = self._masks(params, table.shape[0], spatial) if self.config.enabled[2] else None
+        return targets, vectors, masks, params, label_ids
 
     def _masks(self, params, b, spatial_shape, xp=np):
         """Every sample's FMix mask (zeros where the batch has none)."""
@@ -286,19 +305,28 @@ class _ParamsStep:
         images = inputs[0] if self.reads_images else None
         source_info = inputs[-1] if len(inputs) > self.reads_images else None
         table = _table(draw_vectors)
-        spatial = self._spatial_shape(images) if self.reads_images else self.spatial_shape
-        params, label_ids = self._params(table, source_info, spatial)
-        targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
-                                      self.config.label_smoothing)
-        vectors = apply_vectors(params)
-        if self.reads_images:
-            vectors = np.concatenate([vectors, _addresses(images, params.pair)], axis=1)
-        outputs = [list(targets), list(vectors)]
-        if self.config.enabled[2]:
-            outputs.append(list(self._masks(params, table.shape[0], spatial)))
+        n_valid = table.shape[0] if source_info is None else count_valid(source_info)
+        if images is None:
+            targets, vectors, masks, params, label_ids = self.compute(table, n_valid)
+        else:
+            targets, vectors, masks, params, label_ids = self.compute(
+                table, n_valid, [tuple(im.shape) for im in images], images[0].dtype,
+                np.array([im.ctypes.data for im in images], np.int64))
+        outputs = [list(targets), list(vectors)] + ([] if masks is None else [list(masks)])
         if self.return_params:
             outputs += self._param_outputs(params, label_ids)
         return tuple(outputs)
+
+    def fast_outputs(self, table, n_valid, shapes, addresses):
+        """:meth:`compute` for the numba_function params operator
+        (gpumix/dali_cpu.py): targets, vectors and masks (empty without FMix)."""
+        targets, vectors, masks, _, _ = self.compute(
+            table, n_valid, [tuple(int(n) for n in shape) for shape in shapes], np.uint8,
+            addresses)
+        if masks is None:
+            masks = np.zeros((0, 0, 0), np.float32)
+        return (np.ascontiguousarray(targets, np.float32), np.ascontiguousarray(vectors),
+                np.ascontiguousarray(masks, np.float32))
 
 
 class _GpuMixStep(_ParamsStep):
@@ -321,7 +349,8 @@ class _GpuMixStep(_ParamsStep):
         batch = _stack(images, cp)
         h, w = mixing.check_images(batch, self.layout)
         table = _table(draw_vectors, cp)
-        params, label_ids = self._params(table, source_info, (h, w))
+        n_valid = table.shape[0] if source_info is None else count_valid(source_info)
+        params, label_ids = self._params(table, n_valid, (h, w))
         mixed = mixing.mix_images(batch, params, self.layout, stream=_kernel_stream())
         targets = cp.asarray(mixing.soft_targets(label_ids, params, self.config.num_classes,
                                                  self.config.label_smoothing))
@@ -368,11 +397,10 @@ class _ApplyStep:
 APPLY_COLUMNS = ("pair", "lam", "method", "y0", "y1", "x0", "x1")
 
 
-def _addresses(images, pair) -> np.ndarray:
-    """(B, 2) float64: each sample's partner's and own pixel address, for the
-    per-sample CPU appliers (gpumix/dali_cpu.py). Exact in float64: x86-64
-    and AArch64 user addresses are below 2^48."""
-    own = np.array([image.ctypes.data for image in images], np.int64)
+def _address_columns(own, pair) -> np.ndarray:
+    """(B, 2) float64: each sample's partner's and own pixel address (``own``,
+    int64), for the per-sample CPU appliers (gpumix/dali_cpu.py). Exact in
+    float64: x86-64 and AArch64 user addresses are below 2^48."""
     if own.size and own.max() >= 2**53:
         raise RuntimeError("an image buffer's address does not fit a float64 exactly")
     return np.stack([own[pair], own], axis=1).astype(np.float64)
@@ -472,6 +500,22 @@ def _params_stage(config: MixConfig, images, labels, *, layout: str, size, sourc
     return targets, vectors, masks, params
 
 
+def _fast_params_stage(config: MixConfig, images, labels, size, source_info):
+    """(targets, apply vectors, [masks]) from the numba_function params
+    operator (gpumix/dali_cpu.py), for HWC uint8 images on the CPU."""
+    from nvidia.dali.pipeline import Pipeline
+
+    spatial_shape = None if size is None else tuple(int(n) for n in size)
+    step = _ParamsStep(config, "HWC", False, spatial_shape=spatial_shape)
+    batch_size = Pipeline.current().max_batch_size
+    fmix_on = config.enabled[2]
+    operator = dali_cpu.params_operator(step, num_classes=config.num_classes,
+                                        with_masks=fmix_on, with_names=source_info is not None)
+    outputs = operator(_draw_vectors(config, size, batch_size, labels), images,
+                       *([] if source_info is None else [source_info]))
+    return outputs[0], outputs[1], list(outputs[2:])
+
+
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         source_info=None, return_params: bool = False, device: str = "cpu", dtype=None,
         **options):
@@ -566,13 +610,21 @@ def normalize(images, *, mean, std, output_layout: str = "CHW", dtype=None,
 
 def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout: str = "CHW",
                   dtype=None, size=None, source_info=None, return_params: bool = False,
-                  device: str = "cpu", **options):
+                  device: str = "cpu", fast_params: bool = False, **options):
     """:func:`mix` then :func:`normalize`: HWC uint8 images in, ``(images,
     targets[, params...])`` out with the images mixed, then ``(x - mean) /
     std`` per channel, float in ``output_layout``. On the CPU with float32
     output the two are one ``numba_function`` (:func:`mix_normalize_batch_cpu`),
     with no mixed copy of the batch in between; elsewhere they are
-    :func:`mix` and ``crop_mirror_normalize``. Arguments as in :func:`mix`."""
+    :func:`mix` and ``crop_mirror_normalize``. Arguments as in :func:`mix`.
+
+    ``fast_params`` (CPU, float32 output, no ``return_params``): the params
+    step runs as a ``numba_function`` that calls it back through Numba's
+    objmode (gpumix/dali_cpu.py), about 1 ms of serial CPU per batch less
+    than its ``python_function``; its errors (e.g. labels out of range) are
+    then raised by :func:`gpumix.dali_cpu.raise_pending`, which
+    :class:`gpumix.torch.DALIMixLoader` calls after every batch, not by the
+    pipeline."""
     from nvidia.dali import fn, types
 
     dtype = types.FLOAT if dtype is None else dtype
@@ -584,9 +636,13 @@ def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout:
         return (fn.crop_mirror_normalize(mixed, dtype=dtype, output_layout=output_layout,
                                          mean=mean, std=std), *rest)
     config = MixConfig(num_classes=num_classes, **options)
-    targets, vectors, masks, params = _params_stage(
-        config, images, labels, layout="HWC", size=size, source_info=source_info,
-        return_params=return_params, gpu=False)
+    if fast_params and not return_params:
+        targets, vectors, masks = _fast_params_stage(config, images, labels, size, source_info)
+        params = []
+    else:
+        targets, vectors, masks, params = _params_stage(
+            config, images, labels, layout="HWC", size=size, source_info=source_info,
+            return_params=return_params, gpu=False)
     applier = dali_cpu.applier("mix_normalize", layout=output_layout, mean=mean, std=std,
                                with_masks=bool(masks))
     return (fn.reshape(applier(images, vectors, *masks), layout=output_layout), targets,

@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from gpumix import pipelines
+from gpumix import dali_cpu, pipelines
 from gpumix.backend import resolve_device
 
 LAST_BATCH_POLICIES = ("partial", "drop", "fill")
@@ -221,6 +221,7 @@ class DALIMixLoader:
                 self._mid_epoch = False
                 return
             self._mid_epoch = True
+            dali_cpu.raise_pending(self._pipe)  # the fast params step's errors
             yield self._to_torch(batch[0])
 
     def reset(self) -> None:

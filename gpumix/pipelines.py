@@ -200,7 +200,7 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing: s
         info = fn.get_property(encoded, key="source_info")
         images, targets, *params = gdali.mix_normalize(
             images, label, num_classes=num_classes, size=tuple(size), source_info=info,
-            return_params=return_params, **normalize, **mix_options)
+            return_params=return_params, fast_params=True, **normalize, **mix_options)
     elif mixing == "dali":
         images, targets = _dali_baseline_mix(images, label, num_classes=num_classes,
                                              size=tuple(size), **mix_options)

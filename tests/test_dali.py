@@ -159,6 +159,64 @@ def test_mix_normalize_equals_reference_then_crop_mirror_normalize(output_layout
     assert seen_methods - {0}, "nothing was mixed"
 
 
+def fast_and_python_params(options, names, labels, num_classes=5):
+    """Outputs of mix_normalize with the numba_function params operator and
+    with the python_function step, same pipeline seed and inputs."""
+    batch = np.random.default_rng(3).integers(0, 256, (len(labels), 12, 10, 3), np.uint8)
+    outputs = []
+    for fast in (True, False):
+        @pipeline_def(batch_size=len(labels), num_threads=2, device_id=None, seed=5)
+        def pipe():
+            images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
+            label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
+                                       batch=True)
+            info = fn.external_source(source=lambda: [np.frombuffer(n, np.uint8) for n in names],
+                                      batch=True)
+            return gdali.mix_normalize(images, label, num_classes=num_classes, mean=MEAN,
+                                       std=STD, size=(12, 10), source_info=info, fast_params=fast,
+                                       label_smoothing=0.1, **options)
+
+        p = pipe()
+        p.build()
+        outputs.append([[np.stack([np.array(s) for s in out]) for out in p.run()]
+                        for _ in range(3)])
+    return outputs
+
+
+@pytest.mark.parametrize("method", ["all", "mixup"])
+def test_fast_params_operator_equals_the_python_step(method):
+    # The last two samples are padding (the same file twice): both paths must
+    # keep the real samples' partners among themselves.
+    names = [b"a.jpg", b"b.jpg", b"c.jpg", b"d.jpg", b"e.jpg", b"e.jpg"]
+    fast, slow = fast_and_python_params(dict(mode="elem", **METHODS[method]), names,
+                                        [0, 1, 2, 3, 4, 4])
+    for (x_fast, t_fast), (x_slow, t_slow) in zip(fast, slow):
+        np.testing.assert_array_equal(x_fast, x_slow)
+        np.testing.assert_array_equal(t_fast, t_slow)
+    assert not np.array_equal(fast[0][0], fast[1][0])  # the batches do differ
+
+
+def test_fast_params_operator_reports_bad_labels():
+    from gpumix import dali_cpu
+
+    batch = np.zeros((3, 12, 10, 3), np.uint8)
+
+    @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=5)
+    def pipe():
+        images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in (0, 7, 1)],
+                                   batch=True)
+        return gdali.mix_normalize(images, label, num_classes=5, mean=MEAN, std=STD,
+                                   size=(12, 10), fast_params=True, mixup_alpha=1.0)
+
+    p = pipe()
+    p.build()
+    _, targets = p.run()
+    assert np.isnan(np.stack([np.array(t) for t in targets])).all()
+    with pytest.raises(ValueError, match="labels"):
+        dali_cpu.raise_pending(p)
+
+
 def test_partner_is_read_only_through_the_buffer_the_step_saw():
     """The per-sample applier follows the partner address only when the own
     address in the vector is the buffer it was given (gpumix/dali_cpu.py)."""
@@ -167,7 +225,8 @@ def test_partner_is_read_only_through_the_buffer_the_step_saw():
     from gpumix import dali_cpu
 
     images = [np.full((4, 3, 3), value, np.uint8) for value in (10, 20)]
-    vectors = gdali._addresses(images, np.array([1, 0]))
+    own = np.array([image.ctypes.data for image in images], np.int64)
+    vectors = gdali._address_columns(own, np.array([1, 0]))
     vector = np.concatenate([np.zeros(7), vectors[0]])
     partner = njit(lambda image, v: dali_cpu.partner_of(image, v).copy())
     np.testing.assert_array_equal(partner(images[0], vector), images[1])
