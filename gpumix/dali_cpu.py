@@ -43,10 +43,12 @@ equal :func:`gpumix.mixing.reference_mix_images` and, normalised, DALI's
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 
 import numpy as np
 from numba import carray, njit, objmode, types
+from numba.core.errors import NumbaWarning
 from numba.extending import intrinsic
 
 from gpumix.config import FMIX, MIXUP
@@ -412,10 +414,13 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
     # The pipeline keeps the step alive (the compiled function only knows its index).
     Pipeline.current().__dict__.setdefault("_gpumix_steps", []).append(step)
     n_vector = 7 + len(ADDRESS_COLUMNS)
-    return NumbaFunction(
-        run_fn=_params_run(index, with_masks, with_names),
-        setup_fn=_params_setup(num_classes, n_vector, with_masks), batch_processing=True,
-        device="cpu", out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
-        outs_ndim=[1, 1] + [2] * with_masks,
-        in_types=[types.FLOAT64, types.UINT8] + [types.UINT8] * with_names,
-        ins_ndim=[1, 3] + [1] * with_names)
+    with warnings.catch_warnings():  # DALI compiles run_fn with nogil, which objmode ignores
+        warnings.filterwarnings("ignore", message="Code running in object mode",
+                                category=NumbaWarning)
+        return NumbaFunction(
+            run_fn=_params_run(index, with_masks, with_names),
+            setup_fn=_params_setup(num_classes, n_vector, with_masks), batch_processing=True,
+            device="cpu", out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
+            outs_ndim=[1, 1] + [2] * with_masks,
+            in_types=[types.FLOAT64, types.UINT8] + [types.UINT8] * with_names,
+            ins_ndim=[1, 3] + [1] * with_names)
