@@ -7,9 +7,10 @@ other"; a busy 20 ms ``python_function`` added 21-23 ms per batch here
 whether or not it depended on the decoder). A batch-mode ``numba_function``
 is one call on one thread, so every other thread idles while it runs; in
 per-sample mode DALI hands the samples to its thread pool
-(``numba_func.cc``). Measured in the loader here (2 threads, batch 64 at
-224 px): the applier's share of a batch fell from its whole run time to
-about half of it.
+(``numba_func.cc``). Measured on 16 cores (the H100 host, batch 64 at
+224 px): with 8 DALI threads the loader mixing MixUp/CutMix ran at 0.88 of
+its no-mixing throughput against 0.76 with a batch-mode applier, with 14
+threads at 0.80 against 0.66 (benchmarks/GPU.md).
 
 Partners. A per-sample call sees only its own sample, and mixing reads a
 partner. The params step (:class:`gpumix.dali._ParamsStep`, a
