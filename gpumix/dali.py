@@ -67,9 +67,12 @@ so it can be swapped):
   threads, batch 64 at 224 px): with the whole step on the GPU stage,
   MixUp/CutMix ran at 0.44 of the no-mixing pipeline's throughput (about
   3 ms of host work per batch, kernels well under 1 ms); with the params on
-  the CPU stage, where they overlap the GPU's work, at 0.49-0.59. FMix's
-  masks made on the CPU stage held it to 0.10 of it against 0.37-0.45 on
-  the GPU stage. Next: FMix keys in the apply vectors and the masks made in
+  the CPU stage, where they overlap the GPU's work, at 0.49-0.59, and at
+  0.66-0.70 with those params made by the objmode ``numba_function``
+  (``fast_params``, what the loader runs: the CPU stage's
+  ``python_function`` held the GIL the GPU stage's needs). FMix's masks
+  made on the CPU stage held it to 0.10 of it against 0.37-0.52 on the GPU
+  stage. Next: FMix keys in the apply vectors and the masks made in
   _ApplyStep.
 * float16 CPU images (Numba has no CPU float16): :class:`_ApplyStep` as a
   CPU ``python_function``.
@@ -317,12 +320,13 @@ class _ParamsStep:
             outputs += self._param_outputs(params, label_ids)
         return tuple(outputs)
 
-    def fast_outputs(self, table, n_valid, shapes, addresses):
+    def fast_outputs(self, table, n_valid, shapes=None, addresses=None):
         """:meth:`compute` for the numba_function params operator
-        (gpumix/dali_cpu.py): targets, vectors and masks (empty without FMix)."""
-        targets, vectors, masks, _, _ = self.compute(
-            table, n_valid, [tuple(int(n) for n in shape) for shape in shapes], np.uint8,
-            addresses)
+        (gpumix/dali_cpu.py): targets, vectors and masks (empty without FMix).
+        ``shapes`` and ``addresses`` None: no images (a GPU pipeline)."""
+        if shapes is not None:
+            shapes = [tuple(int(n) for n in shape) for shape in shapes]
+        targets, vectors, masks, _, _ = self.compute(table, n_valid, shapes, np.uint8, addresses)
         if masks is None:
             masks = np.zeros((0, 0, 0), np.float32)
         return (np.ascontiguousarray(targets, np.float32), np.ascontiguousarray(vectors),
@@ -482,9 +486,6 @@ def _params_stage(config: MixConfig, images, labels, *, layout: str, size, sourc
     from nvidia.dali import fn
     from nvidia.dali.pipeline import Pipeline
 
-    if gpu and size is None:
-        raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
-                         "the CPU stage, which cannot read the GPU images' shapes")
     spatial_shape = None if size is None else tuple(int(n) for n in size)
     step = _ParamsStep(config, layout, return_params, reads_images=not gpu,
                        spatial_shape=spatial_shape)
@@ -500,25 +501,29 @@ def _params_stage(config: MixConfig, images, labels, *, layout: str, size, sourc
     return targets, vectors, masks, params
 
 
-def _fast_params_stage(config: MixConfig, images, labels, size, source_info):
+def _fast_params_stage(config: MixConfig, images, labels, size, source_info,
+                       layout: str = "HWC"):
     """(targets, apply vectors, [masks]) from the numba_function params
-    operator (gpumix/dali_cpu.py), for HWC uint8 images on the CPU."""
+    operator (gpumix/dali_cpu.py): given HWC uint8 ``images`` on the CPU, or
+    ``images=None`` on a GPU pipeline (then ``size`` is required, FMix off)."""
     from nvidia.dali.pipeline import Pipeline
 
     spatial_shape = None if size is None else tuple(int(n) for n in size)
-    step = _ParamsStep(config, "HWC", False, spatial_shape=spatial_shape)
+    step = _ParamsStep(config, layout, False, reads_images=images is not None,
+                       spatial_shape=spatial_shape)
     batch_size = Pipeline.current().max_batch_size
-    fmix_on = config.enabled[2]
-    operator = dali_cpu.params_operator(step, num_classes=config.num_classes,
-                                        with_masks=fmix_on, with_names=source_info is not None)
-    outputs = operator(_draw_vectors(config, size, batch_size, labels), images,
-                       *([] if source_info is None else [source_info]))
+    operator = dali_cpu.params_operator(
+        step, num_classes=config.num_classes, with_masks=config.enabled[2],
+        with_names=source_info is not None, with_images=images is not None)
+    inputs = [_draw_vectors(config, size, batch_size, labels)]
+    inputs += ([] if images is None else [images]) + ([] if source_info is None else [source_info])
+    outputs = operator(*inputs)
     return outputs[0], outputs[1], list(outputs[2:])
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         source_info=None, return_params: bool = False, device: str = "cpu", dtype=None,
-        **options):
+        fast_params: bool = False, **options):
     """Mix a DALI batch inside ``pipeline_def``; returns ``(images, targets[, params...])``.
 
     ``images``: HWC (uint8, from decoders/crops) or CHW (float32/float16, from
@@ -529,7 +534,9 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     cutmix_alpha, fmix_alpha, prob, mode, ...). With ``return_params`` the
     per-sample labels, pair (int64), lam (float32), method (int8), box
     (int64 x 4) and, with FMix, mask (float32 H x W) follow. ``device``:
-    "cpu" or "gpu" (images already on the GPU stage).
+    "cpu" or "gpu" (images already on the GPU stage). ``fast_params``: on a
+    GPU pipeline without FMix, the params operator of :func:`mix_normalize`
+    (same conditions and error reporting).
     """
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
@@ -550,9 +557,17 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
             images, *inputs, function=_GpuMixStep(config, layout, return_params),
             batch_processing=True, num_outputs=n_outputs, device="gpu",
             output_layouts=[layout] + [""] * (n_outputs - 1)))
-    targets, vectors, masks, params = _params_stage(
-        config, images, labels, layout=layout, size=size, source_info=source_info,
-        return_params=return_params, gpu=gpu)
+    if gpu and size is None:
+        raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
+                         "the CPU stage, which cannot read the GPU images' shapes")
+    if gpu and fast_params and not return_params:  # FMix is off here
+        targets, vectors, masks = _fast_params_stage(config, None, labels, size, source_info,
+                                                     layout)
+        params = []
+    else:
+        targets, vectors, masks, params = _params_stage(
+            config, images, labels, layout=layout, size=size, source_info=source_info,
+            return_params=return_params, gpu=gpu)
     if not gpu and dtype != types.FLOAT16:
         mixed = dali_cpu.applier("mix", layout=layout, dtype=dtype,
                                  with_masks=bool(masks))(images, vectors, *masks)
@@ -632,7 +647,7 @@ def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout:
     if not fused:
         mixed, *rest = mix(images, labels, num_classes=num_classes, layout="HWC", size=size,
                            source_info=source_info, return_params=return_params,
-                           device=device, **options)
+                           device=device, fast_params=fast_params, **options)
         return (fn.crop_mirror_normalize(mixed, dtype=dtype, output_layout=output_layout,
                                          mean=mean, std=std), *rest)
     config = MixConfig(num_classes=num_classes, **options)

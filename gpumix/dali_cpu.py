@@ -308,10 +308,12 @@ def raise_pending(pipeline) -> None:
             raise error
 
 
-def _step_outputs(index, table, n_valid, shapes, addresses):
+def _step_outputs(index, table, n_valid, shapes, addresses, has_images):
     """The objmode side: the step's (targets, vectors, masks, ok)."""
     step = _STEPS[index]
     try:
+        if not has_images:
+            shapes = addresses = None
         return (*step.fast_outputs(table, n_valid, shapes, addresses), 1)
     except Exception as error:  # noqa: BLE001 - reported by raise_pending()
         step.errors.append(error)
@@ -342,22 +344,29 @@ def count_valid_cpu(names):
 @njit  # no nogil: the objmode call holds the GIL anyway
 def _params_batch(targets_out, vectors_out, masks_out, draws, images, names, index):
     """Gather, call the step back, scatter (see above). ``masks_out`` None
-    without FMix, ``names`` (source_info) None without padding detection."""
+    without FMix, ``images`` None on a GPU pipeline's CPU stage (no shapes or
+    addresses: the step has the size), ``names`` (source_info) None without
+    padding detection."""
     b = len(draws)
     table = np.empty((b, draws[0].shape[0]), np.float64)
-    shapes = np.empty((b, 3), np.int64)
-    addresses = np.empty(b, np.int64)
     for i in range(b):
         table[i] = draws[i]
-        for d in range(3):
-            shapes[i, d] = images[i].shape[d]
-        addresses[i] = images[i].ctypes.data
     n_valid = b
     if names is not None:
         n_valid = count_valid_cpu(names)
+    shapes = np.zeros((b, 3), np.int64)
+    addresses = np.zeros(b, np.int64)
+    has_images = images is not None
+    if images is not None:
+        for i in range(b):
+            for d in range(3):
+                shapes[i, d] = images[i].shape[d]
+            addresses[i] = images[i].ctypes.data
+    # One objmode block: two, one per branch, made LLVM IR that Numba rejects.
     with objmode(targets="float32[:, :]", vectors="float64[:, :]", masks="float32[:, :, :]",
                  ok="int64"):
-        targets, vectors, masks, ok = _step_outputs(index, table, n_valid, shapes, addresses)
+        targets, vectors, masks, ok = _step_outputs(index, table, n_valid, shapes, addresses,
+                                                    has_images)
     for i in range(b):
         if ok:
             targets_out[i][:] = targets[i]
@@ -372,25 +381,33 @@ def _params_batch(targets_out, vectors_out, masks_out, draws, images, names, ind
                 masks_out[i][:, :] = 0.0
 
 
-def _params_run(index: int, with_masks: bool, with_names: bool):
-    """The batch ``run_fn`` of a params operator, one per set of inputs."""
+def _params_run(index: int, with_masks: bool, with_images: bool, with_names: bool):
+    """The batch ``run_fn`` of a params operator, one per set of inputs
+    (masks only with images: their shape is the images')."""
     if with_masks and with_names:
         def run(targets, vectors, masks, draws, images, names):
             _params_batch(targets, vectors, masks, draws, images, names, index)
     elif with_masks:
         def run(targets, vectors, masks, draws, images):
             _params_batch(targets, vectors, masks, draws, images, None, index)
-    elif with_names:
+    elif with_images and with_names:
         def run(targets, vectors, draws, images, names):
             _params_batch(targets, vectors, None, draws, images, names, index)
-    else:
+    elif with_images:
         def run(targets, vectors, draws, images):
             _params_batch(targets, vectors, None, draws, images, None, index)
+    elif with_names:
+        def run(targets, vectors, draws, names):
+            _params_batch(targets, vectors, None, draws, None, names, index)
+    else:
+        def run(targets, vectors, draws):
+            _params_batch(targets, vectors, None, draws, None, None, index)
     return run
 
 
 def _params_setup(num_classes: int, n_vector: int, with_masks: bool):
-    """numba_function setup: targets (K,), vectors (9,), masks (H, W) of HWC images."""
+    """numba_function setup: targets (K,), vectors (n_vector,), masks (H, W)
+    of the HWC images (input 1)."""
     def setup(out_shapes, in_shapes):
         for i in range(len(out_shapes[0])):
             out_shapes[0][i][0] = num_classes
@@ -401,27 +418,33 @@ def _params_setup(num_classes: int, n_vector: int, with_masks: bool):
     return setup
 
 
-def params_operator(step, *, num_classes: int, with_masks: bool, with_names: bool):
+def params_operator(step, *, num_classes: int, with_masks: bool, with_names: bool,
+                    with_images: bool = True):
     """A batch-mode ``numba_function`` running ``step`` (a
-    gpumix.dali._ParamsStep over HWC uint8 images) through objmode. Inputs:
-    draw vectors, images[, source_info]; outputs: targets, apply vectors[,
-    masks]. Its errors surface through :func:`raise_pending`."""
+    gpumix.dali._ParamsStep) through objmode. Inputs: draw vectors[, HWC
+    uint8 images][, source_info]; outputs: targets, apply vectors (with the
+    address columns when the images come)[, masks, which need the images].
+    Without images (a GPU pipeline's CPU stage) the step must know the
+    size. Its errors surface through :func:`raise_pending`."""
     from nvidia.dali import types
     from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.plugin.numba import NumbaFunction
 
+    if with_masks and not with_images:
+        raise ValueError("a params operator makes FMix masks only when given the images")
     index = next(_NEXT_INDEX)
     _STEPS[index] = step
     # The pipeline keeps the step alive (the compiled function only knows its index).
     Pipeline.current().__dict__.setdefault("_gpumix_steps", []).append(step)
-    n_vector = 7 + len(ADDRESS_COLUMNS)
+    n_vector = 7 + len(ADDRESS_COLUMNS) * with_images
+    inputs = [(types.FLOAT64, 1)] + [(types.UINT8, 3)] * with_images \
+        + [(types.UINT8, 1)] * with_names
     with warnings.catch_warnings():  # DALI compiles run_fn with nogil, which objmode ignores
         warnings.filterwarnings("ignore", message="Code running in object mode",
                                 category=NumbaWarning)
         return NumbaFunction(
-            run_fn=_params_run(index, with_masks, with_names),
+            run_fn=_params_run(index, with_masks, with_images, with_names),
             setup_fn=_params_setup(num_classes, n_vector, with_masks), batch_processing=True,
             device="cpu", out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
-            outs_ndim=[1, 1] + [2] * with_masks,
-            in_types=[types.FLOAT64, types.UINT8] + [types.UINT8] * with_names,
-            ins_ndim=[1, 3] + [1] * with_names)
+            outs_ndim=[1, 1] + [2] * with_masks, in_types=[t for t, _ in inputs],
+            ins_ndim=[d for _, d in inputs])

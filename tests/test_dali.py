@@ -196,6 +196,43 @@ def test_fast_params_operator_equals_the_python_step(method):
     assert not np.array_equal(fast[0][0], fast[1][0])  # the batches do differ
 
 
+def test_fast_params_operator_without_images_equals_the_python_step():
+    """The GPU pipelines' CPU stage (no images, the size given): the two
+    params mechanisms agree, run here on CPU-only DALI."""
+    from gpumix.config import MixConfig
+
+    labels = [0, 1, 2, 3, 4, 4]
+    names = [b"a", b"b", b"c", b"d", b"e", b"e"]
+    config = MixConfig(num_classes=5, mode="elem", label_smoothing=0.1, **METHODS["mixup"],
+                       cutmix_alpha=1.0)
+    outputs = []
+    for fast in (True, False):
+        @pipeline_def(batch_size=6, num_threads=1, device_id=None, seed=9)
+        def pipe():
+            label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
+                                       batch=True)
+            info = fn.external_source(source=lambda: [np.frombuffer(n, np.uint8) for n in names],
+                                      batch=True)
+            if fast:
+                targets, vectors, _ = gdali._fast_params_stage(config, None, label, (12, 10),
+                                                               info)
+            else:
+                targets, vectors, _, _ = gdali._params_stage(
+                    config, None, label, layout="HWC", size=(12, 10), source_info=info,
+                    return_params=False, gpu=True)
+            return targets, vectors
+
+        p = pipe()
+        p.build()
+        outputs.append([[np.stack([np.array(s) for s in out]) for out in p.run()]
+                        for _ in range(2)])
+    for (t_fast, v_fast), (t_slow, v_slow) in zip(*outputs):
+        assert v_fast.shape == (6, 7)  # no address columns without images
+        np.testing.assert_array_equal(t_fast, t_slow)
+        np.testing.assert_array_equal(v_fast, v_slow)
+    assert set(outputs[0][0][1][:, 2]) - {0}, "nothing was mixed"
+
+
 def test_fast_params_operator_reports_bad_labels():
     from gpumix import dali_cpu
 
