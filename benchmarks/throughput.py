@@ -12,8 +12,8 @@ normalisation, float32 NCHW batches with soft targets unless said):
                                     the collate, then normalisation
     c  gpumix loader (no mixing)    gpumix's pipeline with mixing off (its
                                     normalise step without the mixing)
-    c-dali DALI stock (no mixing)   fn.flip + crop_mirror_normalize, what a
-                                    DALI user would write
+    c-dali DALI stock (no mixing)   crop_mirror_normalize, what a DALI user
+                                    would write
     d  DALI pure MixUp / CutMix     DALI-only mixing (batch_permutation,
                                     arithmetic, multi_paste)
     e  gpumix MixUp+CutMix / FMix   per-sample ("elem") mixing inside DALI

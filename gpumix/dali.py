@@ -144,8 +144,12 @@ def _table(vectors, xp=np) -> np.ndarray:
     return _host(_stack(vectors, xp))
 
 
-def count_valid(source_info) -> int:
-    """Number of real samples: the batch less the trailing repeats of its last one."""
+def count_valid(source_info, batch_size: int) -> int:
+    """Number of real samples: the batch less the trailing repeats of its
+    last one (all ``batch_size`` of them without ``source_info``).
+    gpumix.dali_cpu.count_valid_cpu is its compiled twin."""
+    if source_info is None:
+        return batch_size
     def name(i):
         return bytes(_host(source_info[i]).astype(np.uint8))
 
@@ -308,7 +312,7 @@ class _ParamsStep:
         images = inputs[0] if self.reads_images else None
         source_info = inputs[-1] if len(inputs) > self.reads_images else None
         table = _table(draw_vectors)
-        n_valid = table.shape[0] if source_info is None else count_valid(source_info)
+        n_valid = count_valid(source_info, table.shape[0])
         if images is None:
             targets, vectors, masks, params, label_ids = self.compute(table, n_valid)
         else:
@@ -353,7 +357,7 @@ class _GpuMixStep(_ParamsStep):
         batch = _stack(images, cp)
         h, w = mixing.check_images(batch, self.layout)
         table = _table(draw_vectors, cp)
-        n_valid = table.shape[0] if source_info is None else count_valid(source_info)
+        n_valid = count_valid(source_info, table.shape[0])
         params, label_ids = self._params(table, n_valid, (h, w))
         mixed = mixing.mix_images(batch, params, self.layout, stream=_kernel_stream())
         targets = cp.asarray(mixing.soft_targets(label_ids, params, self.config.num_classes,
@@ -479,46 +483,39 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _spatial(size):
+    """``size=`` as an (H, W) tuple of ints, or None."""
+    return None if size is None else tuple(int(n) for n in size)
+
+
 def _params_stage(config: MixConfig, images, labels, *, layout: str, size, source_info,
-                  return_params: bool, gpu: bool):
+                  return_params: bool, gpu: bool, fast: bool = False):
     """The CPU stage's :class:`_ParamsStep`: (targets, apply vectors, [masks],
-    [params]) nodes, on the CPU stage whatever the images' device."""
+    [params]) nodes, on the CPU stage whatever the images' device; CPU
+    pipelines give it the images (``gpu=False``). ``fast`` (no params
+    outputs): the objmode ``numba_function`` of gpumix/dali_cpu.py instead
+    of a ``python_function``, for HWC uint8 images or none."""
     from nvidia.dali import fn
     from nvidia.dali.pipeline import Pipeline
 
-    spatial_shape = None if size is None else tuple(int(n) for n in size)
     step = _ParamsStep(config, layout, return_params, reads_images=not gpu,
-                       spatial_shape=spatial_shape)
+                       spatial_shape=_spatial(size))
     batch_size = Pipeline.current().max_batch_size
     inputs = [_draw_vectors(config, size, batch_size, labels)] + ([] if gpu else [images])
     inputs += [] if source_info is None else [source_info]
     fmix_on = config.enabled[2]
+    if fast:
+        operator = dali_cpu.params_operator(
+            step, num_classes=config.num_classes, with_masks=fmix_on,
+            with_names=source_info is not None, with_images=not gpu)
+        targets, vectors, *masks = operator(*inputs)
+        return targets, vectors, masks, []
     targets, vectors, *rest = fn.python_function(
         *inputs, function=step, batch_processing=True,
         num_outputs=2 + fmix_on + (len(PARAM_NAMES) if return_params else 0))
     masks = [rest.pop(0)] if fmix_on else []
     params = rest + masks if return_params else []
     return targets, vectors, masks, params
-
-
-def _fast_params_stage(config: MixConfig, images, labels, size, source_info,
-                       layout: str = "HWC"):
-    """(targets, apply vectors, [masks]) from the numba_function params
-    operator (gpumix/dali_cpu.py): given HWC uint8 ``images`` on the CPU, or
-    ``images=None`` on a GPU pipeline (then ``size`` is required, FMix off)."""
-    from nvidia.dali.pipeline import Pipeline
-
-    spatial_shape = None if size is None else tuple(int(n) for n in size)
-    step = _ParamsStep(config, layout, False, reads_images=images is not None,
-                       spatial_shape=spatial_shape)
-    batch_size = Pipeline.current().max_batch_size
-    operator = dali_cpu.params_operator(
-        step, num_classes=config.num_classes, with_masks=config.enabled[2],
-        with_names=source_info is not None, with_images=images is not None)
-    inputs = [_draw_vectors(config, size, batch_size, labels)]
-    inputs += ([] if images is None else [images]) + ([] if source_info is None else [source_info])
-    outputs = operator(*inputs)
-    return outputs[0], outputs[1], list(outputs[2:])
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
@@ -560,14 +557,9 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     if gpu and size is None:
         raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
                          "the CPU stage, which cannot read the GPU images' shapes")
-    if gpu and fast_params and not return_params:  # FMix is off here
-        targets, vectors, masks = _fast_params_stage(config, None, labels, size, source_info,
-                                                     layout)
-        params = []
-    else:
-        targets, vectors, masks, params = _params_stage(
-            config, images, labels, layout=layout, size=size, source_info=source_info,
-            return_params=return_params, gpu=gpu)
+    targets, vectors, masks, params = _params_stage(
+        config, images, labels, layout=layout, size=size, source_info=source_info,
+        return_params=return_params, gpu=gpu, fast=gpu and fast_params and not return_params)
     if not gpu and dtype != types.FLOAT16:
         mixed = dali_cpu.applier("mix", layout=layout, dtype=dtype,
                                  with_masks=bool(masks))(images, vectors, *masks)
@@ -576,9 +568,8 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     if gpu:
         apply_inputs = [n.gpu() for n in apply_inputs]
         targets, params = targets.gpu(), [p.gpu() for p in params]
-    spatial_shape = None if size is None else tuple(int(n) for n in size)
     mixed = fn.python_function(images, *apply_inputs,
-                               function=_ApplyStep(layout, device, spatial_shape),
+                               function=_ApplyStep(layout, device, _spatial(size)),
                                batch_processing=True, num_outputs=1, device=device,
                                output_layouts=[layout])
     return (mixed, targets, *params)
@@ -651,13 +642,9 @@ def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout:
         return (fn.crop_mirror_normalize(mixed, dtype=dtype, output_layout=output_layout,
                                          mean=mean, std=std), *rest)
     config = MixConfig(num_classes=num_classes, **options)
-    if fast_params and not return_params:
-        targets, vectors, masks = _fast_params_stage(config, images, labels, size, source_info)
-        params = []
-    else:
-        targets, vectors, masks, params = _params_stage(
-            config, images, labels, layout="HWC", size=size, source_info=source_info,
-            return_params=return_params, gpu=False)
+    targets, vectors, masks, params = _params_stage(
+        config, images, labels, layout="HWC", size=size, source_info=source_info,
+        return_params=return_params, gpu=False, fast=fast_params and not return_params)
     applier = dali_cpu.applier("mix_normalize", layout=output_layout, mean=mean, std=std,
                                with_masks=bool(masks))
     return (fn.reshape(applier(images, vectors, *masks), layout=output_layout), targets,

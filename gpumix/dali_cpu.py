@@ -67,7 +67,7 @@ _mixed_value = _element.mixed_value
 @intrinsic
 def _pointer_to(typingctx, address, like):
     """A pointer to ``like``'s dtype at the int64 ``address``."""
-    array = like.type if isinstance(like, types.Optional) else like  # DALI's inputs may be
+    array = like.type if isinstance(like, types.Optional) else like  # DALI's may be Optional
     pointer = types.CPointer(array.dtype)
     signature = pointer(types.int64, like)
 

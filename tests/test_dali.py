@@ -213,13 +213,9 @@ def test_fast_params_operator_without_images_equals_the_python_step():
                                        batch=True)
             info = fn.external_source(source=lambda: [np.frombuffer(n, np.uint8) for n in names],
                                       batch=True)
-            if fast:
-                targets, vectors, _ = gdali._fast_params_stage(config, None, label, (12, 10),
-                                                               info)
-            else:
-                targets, vectors, _, _ = gdali._params_stage(
-                    config, None, label, layout="HWC", size=(12, 10), source_info=info,
-                    return_params=False, gpu=True)
+            targets, vectors, _, _ = gdali._params_stage(
+                config, None, label, layout="HWC", size=(12, 10), source_info=info,
+                return_params=False, gpu=True, fast=fast)
             return targets, vectors
 
         p = pipe()
