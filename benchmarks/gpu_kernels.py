@@ -12,7 +12,7 @@ calls on torch's current stream:
 * ``gpumix.torch.Mixup`` against timm's ``Mixup`` on the same CUDA float32
   tensor (both draw on the host each call).
 
-Run: ``python -m benchmarks.gpu_kernels [--json PATH]``.
+Run: ``python -m gpumix.benchmarks.gpu_kernels [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     import torch
 
-    from benchmarks.kernels import parser_for, write_report
+    from gpumix.benchmarks.kernels import parser_for, write_report
 
     parser = parser_for(__doc__, 7, "results/gpu_kernels.json")
     parser.add_argument("--calls", type=int, default=50, help="back-to-back calls per repeat")

@@ -14,7 +14,7 @@ ratios. This machine's speed drifts by 20% and more within a minute; timing
 one side's calls and then the other's let a slow phase land on one side only
 (the uint8 MixUp read 29-63% of copy across five runs of one commit).
 
-Run: ``python -m benchmarks.kernels [--quick] [--json PATH]``. Prints a table
+Run: ``python -m gpumix.benchmarks.kernels [--quick] [--json PATH]``. Prints a table
 and writes JSON with the machine, versions and commit.
 """
 
@@ -139,7 +139,7 @@ def bench_against_timm(batch: int, size: int, repeats: int) -> list[dict]:
 
 def bench_fmix(batch: int, size: int, repeats: int) -> list[dict]:
     import gpumix
-    from benchmarks import published_fmix
+    from gpumix.benchmarks import published_fmix
 
     config = gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0, mode="elem")
     rng = np.random.default_rng(0)

@@ -53,7 +53,7 @@ def _positive(text: str) -> int:
 def environment() -> dict:
     import platform
 
-    from benchmarks.kernels import environment as kernel_environment
+    from gpumix.benchmarks.kernels import environment as kernel_environment
     from gpumix.backend import resolve_device
 
     env = kernel_environment()
@@ -63,7 +63,7 @@ def environment() -> dict:
             versions[module] = __import__(module, fromlist=["__version__"]).__version__
         except Exception as error:  # a missing optional package is reported, not fatal
             versions[module] = f"unavailable ({type(error).__name__})"
-    from kernels._launch import cpu_workers
+    from gpumix.kernels._launch import cpu_workers
 
     choice = resolve_device("auto")
     return {**env, **versions, "platform": platform.platform(),
@@ -80,7 +80,7 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from tqdm import tqdm
 
-    from benchmarks import throughput
+    from gpumix.benchmarks import throughput
     from gpumix.backend import resolve_device
     from gpumix.pipelines import dataset_files
 
@@ -113,7 +113,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    from benchmarks import kernels
+    from gpumix.benchmarks import kernels
 
     argv = ["--json", str(Path(args.out) / "kernels.json")] + (["--quick"] if args.quick else [])
     kernels.main(argv)
@@ -121,7 +121,7 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from benchmarks.preview import write_preview
+    from gpumix.benchmarks.preview import write_preview
 
     data = _data_folder(args)
     out = Path(args.out)

@@ -28,7 +28,7 @@ so it can be swapped):
   converts every input sample by sample) and, on CPU pipelines, the images
   themselves, for their shape and buffer addresses (no pixel is read). It
   keeps its masks, spectra and grey images in buffers it reuses
-  (``kernels._launch.scratch``): fresh ones cost 1600 page faults per FMix
+  (``gpumix.kernels._launch.scratch``): fresh ones cost 1600 page faults per FMix
   batch here, and 27 ms instead of 16. With ``mix_normalize(...,
   fast_params=True)`` (what the loader runs) the same step is called from a
   batch-mode ``numba_function`` through Numba's objmode instead
@@ -92,7 +92,7 @@ import numpy as np
 from gpumix import dali_cpu, fmix, mixing
 from gpumix.config import MixConfig
 from gpumix.params import Draws, MixParams, pairing, params_from_draws
-from kernels._launch import scratch
+from gpumix.kernels._launch import scratch
 
 PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
 
@@ -438,7 +438,7 @@ def _cupy():
 
 def _kernel_stream():
     """CuPy's current stream (DALI sets it to the operator's stream) for the kernels."""
-    from kernels._launch import StreamHandle
+    from gpumix.kernels._launch import StreamHandle
 
     return StreamHandle(_cupy().cuda.get_current_stream().ptr)
 

@@ -53,8 +53,8 @@ from numba.core.errors import NumbaWarning
 from numba.extending import intrinsic
 
 from gpumix.config import FMIX, MIXUP
-from kernels import blend, box_paste, mask_mix
-from kernels._element import element_functions
+from gpumix.kernels import blend, box_paste, mask_mix
+from gpumix.kernels._element import element_functions
 
 ADDRESS_COLUMNS = ("partner_address", "own_address")  # after gpumix.dali.APPLY_COLUMNS
 PARTNER_ADDRESS, OWN_ADDRESS = 7, 8

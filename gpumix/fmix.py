@@ -6,15 +6,15 @@ an array module ``xp`` (NumPy or CuPy) so the CPU and CUDA paths share it:
 
     frequency_magnitude(shape)                 |f| on the rfft grid
     spectrum_scale(shape, decay_power)         1 / max(|f|, 1/max(shape))**d
-    normals_from_keys(keys, freq_shape)        a, b ~ N(0, 1) (kernels.normals)
+    normals_from_keys(keys, freq_shape)        a, b ~ N(0, 1) (gpumix.kernels.normals)
     grey_images(normals, shape, decay_power)   irfftn(scale * (a + i b)), batched
     rank_bounds(lam, n, round_up, max_soft)    k and the soft ramp's ranks
-    masks_from_grey(grey, lo, hi)              kernels.mask_select (selection)
+    masks_from_grey(grey, lo, hi)              gpumix.kernels.mask_select (selection)
     cpu_mask_maker / cuda_mask_maker           keys -> masks on one backend
 
 ``normals`` has shape ``(n, *freq_shape, 2)``: the real and imaginary parts
 of each sample's spectrum. The seeded source at the call site draws one key
-per sample; kernels.normals expands it (counter-based, the same numbers on
+per sample; gpumix.kernels.normals expands it (counter-based, the same numbers on
 CPU and CUDA), so masks can be replayed from their draws. The makers fuse
 the amplitude scaling into that expansion, then run one batched inverse FFT
 (ducc0's c2r on the CPU, in chunks on every core; cuFFT on the GPU) and
@@ -55,12 +55,12 @@ def normals_from_keys(keys, freq_shape, pair_scale=None, out=None) -> np.ndarray
     (each (re, im) pair times ``pair_scale``, flat per frequency, if given).
 
     Each sample's normals are a deterministic function of its 62-bit key
-    (kernels.normals: counter-based ziggurat), so the single seeded source at
+    (gpumix.kernels.normals: counter-based ziggurat), so the single seeded source at
     the call site (a NumPy generator, or DALI's ``random.choice`` inside a
     pipeline) only draws n keys, and the expansion runs on all cores. The
     CUDA path expands the same keys on the device into the same numbers.
     """
-    from kernels import normals
+    from gpumix.kernels import normals
 
     keys = np.asarray(keys).reshape(-1)
     count = 2 * math.prod(freq_shape)
@@ -122,7 +122,7 @@ def _irfftn(spectrum, shape, xp, out=None):
         return _cupy_irfftn(spectrum, shape, axes)
     import ducc0
 
-    from kernels._launch import run_parallel
+    from gpumix.kernels._launch import run_parallel
 
     if out is None:
         out = np.empty((spectrum.shape[0], *shape), np.float32)
@@ -183,7 +183,7 @@ def grey_from_spectra(spectra, shape, xp=np, reference_compatible: bool = False,
 
 @functools.lru_cache(maxsize=16)
 def _pair_scale(shape, decay_power, reference_compatible) -> np.ndarray:
-    """The spectrum amplitudes, flat float32, for kernels.normals' pair_scale
+    """The spectrum amplitudes, flat float32, for gpumix.kernels.normals' pair_scale
     (cached per shape: a pipeline asks for the same one every batch)."""
     scale = spectrum_scale(shape, decay_power, np, reference_compatible).astype(np.float32)
     scale.flags.writeable = False
@@ -207,9 +207,9 @@ def rank_bounds(lam, n_pixels: int, round_up, max_soft: float):
 
 
 def masks_from_grey(grey: np.ndarray, num_low, num_high, out=None) -> np.ndarray:
-    """CPU masks ``(n, *shape)`` float32 by rank selection (kernels.mask_select),
+    """CPU masks ``(n, *shape)`` float32 by rank selection (gpumix.kernels.mask_select),
     into ``out`` (float32, grey's shape) when given."""
-    from kernels import mask_select
+    from gpumix.kernels import mask_select
 
     n = grey.shape[0]
     flat_out = None if out is None else out.reshape(n, -1)
@@ -222,7 +222,7 @@ def masks_from_grey_cuda(grey, num_low, num_high, stream=None):
     a sort for soft ones (the ramp needs the band's order)."""
     import cupy as cp
 
-    from kernels import mask_select
+    from gpumix.kernels import mask_select
 
     n = grey.shape[0]
     flat = cp.ascontiguousarray(grey.reshape(n, -1), dtype=cp.float32)
@@ -269,7 +269,7 @@ def cpu_mask_maker(shape, decay_power: float, reference_compatible: bool = False
     spectra -> grey -> masks while its spectra are still in cache, instead of
     three passes over the batch with a barrier after each.
     """
-    from kernels._launch import run_parallel, scratch
+    from gpumix.kernels._launch import run_parallel, scratch
 
     freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
     shape = tuple(int(s) for s in shape)
@@ -304,14 +304,14 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
     cupy.fft makes the grey images and the selection kernel the masks;
     returns CuPy masks. Only the keys cross the bus."""
 
-    from kernels import normals
+    from gpumix.kernels import normals
 
     freq, scale = _spectrum_layout(shape, decay_power, reference_compatible)
 
     def make(keys, num_low, num_high):
         import cupy as cp
 
-        from kernels._launch import cupy_stream
+        from gpumix.kernels._launch import cupy_stream
 
         keys = np.asarray(keys).reshape(-1)
         with cupy_stream(stream):

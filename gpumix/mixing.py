@@ -7,7 +7,7 @@ Numba CUDA kernels, on the stream given, with no copy to the host).
     mix_dense(dense, params, layout)     the same boxes/masks, pasted only
     soft_targets(labels, params, K, s)   float32 (B, K)
     reference_mix_images / reference_mix_dense / reference_soft_targets
-                                         the NumPy oracle, from kernels/*
+                                         the NumPy oracle, from gpumix.kernels
 
 Samples are grouped by method and each group is one kernel launch: CutMix
 and unmixed samples share the box kernel (an unmixed sample has an empty box,
@@ -22,8 +22,8 @@ import numpy as np
 
 from gpumix.config import CUTMIX, FMIX, MIXUP, NONE
 from gpumix.params import MixParams
-from kernels import blend, box_paste, mask_mix, soft_targets as targets_kernel
-from kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_view,
+from gpumix.kernels import blend, box_paste, mask_mix, soft_targets as targets_kernel
+from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_view,
                              spatial_shape, upload_many)
 
 VALID_CHANNELS = (1, 3, 4)

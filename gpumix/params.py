@@ -16,6 +16,13 @@ CUDA kernels, DALI operators, the torch module):
     method  (B,)      int8     NONE/MIXUP/CUTMIX/FMIX (gpumix.config)
     box     (B, 4)    int64    CutMix box (y0, y1, x0, x1), half-open
     mask    (B, H, W) float32  FMix mask (1 = primary), or None when no FMix
+                               (or when made later, from the keys and ranks)
+    fmix_keys  (B,)   int64    FMix spectrum key (0 where unused), or None
+    fmix_ranks (B, 2) int64    FMix ranks (low, high) of the mask's ramp, or None
+
+:func:`to_table` and :func:`from_table` convert MixParams to and from the
+params table of gpumix.kernels.table (one float64 row per sample), the form
+DALI pipelines hand over.
 
 Draws are per "unit": one unit per batch in mode "batch" (broadcast to every
 sample), one per sample in mode "elem". Seeding: pass a
@@ -31,6 +38,7 @@ import numpy as np
 
 from gpumix import fmix
 from gpumix.config import CUTMIX, FMIX, MIXUP, NONE, MixConfig
+from gpumix.kernels import table
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class MixParams:
     method: np.ndarray
     box: np.ndarray
     mask: np.ndarray | None = None
+    fmix_keys: np.ndarray | None = None
+    fmix_ranks: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -81,7 +91,7 @@ class Draws:
     box_u: np.ndarray              # (n, 2) uniform [0, 1): box position (y, x)
     round_up_u: np.ndarray         # (n,) uniform [0, 1): FMix k = ceil iff < 0.5
     normal_keys: np.ndarray | None  # (n,) int64 FMix spectrum keys; each expands to the
-                                    # unit's N(0, 1) normals (kernels.normals)
+                                    # unit's N(0, 1) normals (gpumix.kernels.normals)
     permutation: np.ndarray | None = field(default=None)  # (B,) pairing="permutation"
 
 
@@ -210,7 +220,7 @@ def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
 
 
 def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size: int,
-                      fmix_masks=None, pair=None) -> MixParams:
+                      fmix_masks=None, pair=None, make_masks: bool = True) -> MixParams:
     """Derive MixParams from draws; pure and deterministic.
 
     ``pair`` overrides the pairing derived from config and draws (the DALI
@@ -218,7 +228,9 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     ``fmix_masks(spectrum_keys, lo, hi) -> masks`` makes the FMix masks of
     the units that use FMix: by default :func:`gpumix.fmix.cpu_mask_maker`
     (CPU kernels, ducc0's FFT); the CUDA path passes
-    :func:`gpumix.fmix.cuda_mask_maker`.
+    :func:`gpumix.fmix.cuda_mask_maker`. ``make_masks=False`` leaves the
+    masks to whoever applies the params (``fmix_keys`` and ``fmix_ranks``
+    say how); lam does not depend on them.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
     units = draws.apply_u.shape[0]
@@ -235,25 +247,28 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         realised = box_lam(box, spatial_shape) if config.correct_lam else sampled
         lam = np.where(is_cut, realised, lam)
 
-    mask = None
+    mask = keys = ranks = None
     is_fmix = method == FMIX
     if is_fmix.any():
         n_pix = fmix.n_pixels(spatial_shape)
         k, lo, hi = fmix.rank_bounds(draws.lam_fmix, n_pix, draws.round_up_u < 0.5,
                                      config.max_soft)
         used = np.flatnonzero(is_fmix)
-        if fmix_masks is None:
-            fmix_masks = fmix.cpu_mask_maker(spatial_shape, config.decay_power,
-                                             config.reference_compatible)
-        # Spectra are expanded only for the units that use FMix.
-        unit_masks = fmix_masks(draws.normal_keys[used], lo[used], hi[used])
-        xp = _array_module(unit_masks)
-        if used.size == units:
-            mask = unit_masks
-        else:
-            mask = xp.zeros((units, *spatial_shape), xp.float32)
-            mask[used] = unit_masks
-        fmix_lam = _to_numpy(fmix.soft_lam(mask)) if config.max_soft > 0 else k / n_pix
+        keys = np.where(is_fmix, draws.normal_keys, 0).astype(np.int64)
+        ranks = np.where(is_fmix[:, None], np.stack([lo, hi], axis=1), 0).astype(np.int64)
+        if make_masks:
+            if fmix_masks is None:
+                fmix_masks = fmix.cpu_mask_maker(spatial_shape, config.decay_power,
+                                                 config.reference_compatible)
+            # Spectra are expanded only for the units that use FMix.
+            unit_masks = fmix_masks(draws.normal_keys[used], lo[used], hi[used])
+            xp = _array_module(unit_masks)
+            if used.size == units:
+                mask = unit_masks
+            else:
+                mask = xp.zeros((units, *spatial_shape), xp.float32)
+                mask[used] = unit_masks
+        fmix_lam = ramp_lam(lo, hi, n_pix) if config.max_soft > 0 else k / n_pix
         lam = np.where(is_fmix, fmix_lam, lam)
 
     if units != batch_size:  # mode "batch": one unit for every sample
@@ -262,6 +277,9 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         box = np.repeat(box, batch_size, axis=0)
         if mask is not None:
             mask = _array_module(mask).repeat(mask, batch_size, axis=0)
+        if keys is not None:
+            keys = np.repeat(keys, batch_size)
+            ranks = np.repeat(ranks, batch_size, axis=0)
     return MixParams(
         pair=pairing(config, batch_size, draws.permutation) if pair is None
         else np.asarray(pair, np.int64),
@@ -269,6 +287,8 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         method=method.astype(np.int8),
         box=box,
         mask=mask,
+        fmix_keys=keys,
+        fmix_ranks=ranks,
     )
 
 
@@ -281,8 +301,63 @@ def _array_module(a):
     return np
 
 
-def _to_numpy(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+def to_table(params: MixParams, spatial_shape, config: MixConfig, own_address=None,
+             error_address: int = 0) -> np.ndarray:
+    """The params table (B, N_COLUMNS) float64 of gpumix.kernels.table.
+    ``own_address`` (int64 per sample, CPU pipelines): the samples' pixel
+    addresses, written as each row's own and partner address."""
+    b = params.batch_size
+    out = np.zeros((b, table.N_COLUMNS), np.float64)
+    out[:, table.PAIR] = params.pair
+    out[:, table.LAM] = params.lam
+    out[:, table.METHOD] = params.method
+    out[:, table.Y0:table.X1 + 1] = params.box
+    if params.fmix_keys is not None:
+        keys = np.asarray(params.fmix_keys, np.int64)
+        out[:, table.KEY_HIGH] = keys >> 31
+        out[:, table.KEY_LOW] = keys & (2**31 - 1)
+        out[:, table.RANK_LOW:table.RANK_HIGH + 1] = params.fmix_ranks
+    out[:, table.DECAY_POWER] = config.decay_power
+    out[:, table.REFERENCE] = config.reference_compatible
+    out[:, table.HEIGHT:table.WIDTH + 1] = spatial_shape
+    if own_address is not None:
+        own = np.asarray(own_address, np.int64)
+        if own.size and own.max() >= 2**53:
+            raise RuntimeError("an image buffer's address does not fit a float64 exactly")
+        out[:, table.OWN_ADDRESS] = own
+        out[:, table.PARTNER_ADDRESS] = own[params.pair]
+        out[:, table.ERROR_ADDRESS] = error_address
+    return out
+
+
+def from_table(rows, masks=None) -> MixParams:
+    """The MixParams of a params table (NumPy rows), with ``masks`` if given."""
+    rows = np.asarray(rows, np.float64)
+    if rows.ndim != 2 or rows.shape[1] != table.N_COLUMNS:
+        raise ValueError(f"table must have shape (B, {table.N_COLUMNS}) (gpumix.kernels.table), "
+                         f"got {rows.shape}")
+    method = rows[:, table.METHOD].astype(np.int8)
+    fmix_on = bool(np.any(method == FMIX))
+    keys = (rows[:, table.KEY_HIGH].astype(np.int64) << 31) | rows[:, table.KEY_LOW].astype(
+        np.int64)
+    return MixParams(pair=rows[:, table.PAIR].astype(np.int64),
+                     lam=rows[:, table.LAM].astype(np.float32), method=method,
+                     box=rows[:, table.Y0:table.X1 + 1].astype(np.int64), mask=masks,
+                     fmix_keys=keys if fmix_on else None,
+                     fmix_ranks=rows[:, table.RANK_LOW:table.RANK_HIGH + 1].astype(np.int64)
+                     if fmix_on else None)
+
+
+def ramp_lam(num_low, num_high, n_pixels: int) -> np.ndarray:
+    """The mean of a soft FMix mask with these rank bounds (the label weight
+    of the primary): ``num_low`` ranks at 1, then a linear ramp from 1 down
+    to 0 over ``num_high - num_low`` ranks (a single-rank ramp is 1), whose
+    values sum to half its width. Known from the ranks alone, so the label
+    never waits for the mask."""
+    low = np.asarray(num_low, np.float64)
+    width = np.asarray(num_high, np.float64) - low
+    ramp = np.where(width == 1, 1.0, width / 2)
+    return (low + ramp) / n_pixels
 
 
 def sample(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> MixParams:

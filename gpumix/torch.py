@@ -36,7 +36,7 @@ import torch
 from gpumix import fmix, mixing
 from gpumix.config import MixConfig
 from gpumix.params import as_numpy_generator, draw, params_from_draws
-from kernels._launch import StreamHandle
+from gpumix.kernels._launch import StreamHandle
 
 __all__ = ["Mixup", "DALIMixLoader"]
 

@@ -1,6 +1,6 @@
 """gpumix kernels: one mixing operation per file, each as a NumPy reference,
 a Numba CPU kernel and a Numba CUDA kernel sharing per-element logic
-(kernels._element). No randomness and no framework imports here: callers
+(gpumix.kernels._element). No randomness and no framework imports here: callers
 pass the parameters (pairs, lam, boxes, masks) that gpumix.params samples.
 
     blend        MixUp                        (Zhang et al. 2018)

@@ -2,7 +2,7 @@
 
 Every kernel in this folder is two loops around the same few scalar
 functions: a Numba CPU loop (over a slice of the samples, run on every core
-by kernels._launch.run_parallel) and a Numba CUDA loop
+by gpumix.kernels._launch.run_parallel) and a Numba CUDA loop
 (grid-stride over rows and columns). The scalar functions are written once,
 here, as plain Python, and compiled for each target by :func:`element_functions`:
 

@@ -7,20 +7,20 @@ For every selected sample i with partner j = pair[i]:
 then stored in the image dtype: uint8 is rounded to nearest, ties to even
 (lam in [0, 1], which MixParams.check enforces, keeps a blend of uint8
 values inside [0, 255], so no clamp is needed, and the rounding already
-returns x[i] where x[i] == x[j]: kernels._element.blend_uint8; the two made
+returns x[i] where x[i] == x[j]: gpumix.kernels._element.blend_uint8; the two made
 the CPU loop about a quarter faster); float16 is rounded to nearest even
 from float32.
 Where x[i] and x[j] are equal the primary value is returned unchanged, so a
 sample mixed with itself, and lam == 1, are exact identities.
 
-Arrays are the (B, R, L) row views of kernels._launch (any layout): the blend
+Arrays are the (B, R, L) row views of gpumix.kernels._launch (any layout): the blend
 is elementwise, so rows and columns need no interpretation here. Samples not
 listed in ``samples`` are left untouched in ``out``; ``out`` must not alias
 ``x`` (partners are read while primaries are written).
 
 Three versions of one computation:
 * :func:`reference` - NumPy, the oracle the tests compare against;
-* :func:`cpu` - Numba, parallel over samples (kernels._launch.run_parallel);
+* :func:`cpu` - Numba, parallel over samples (gpumix.kernels._launch.run_parallel);
 * :data:`cuda_kernel` / :func:`cuda` - Numba CUDA, grid-stride over rows
   (grid.y) and columns (grid.x).
 """
@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, njit
 
-from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
+from gpumix.kernels._element import element_functions
+from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
 
 _cpu = element_functions("cpu")
 _blend_value_cpu = _cpu.blend_value

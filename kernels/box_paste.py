@@ -9,7 +9,7 @@ For every selected sample i with partner j = pair[i] and box
 
 Pure selection: no arithmetic, so any dtype works (images, and the integer
 segmentation maps that must be pasted, never blended) and every backend is
-bit-exact. Arrays are the (B, R, L) row views of kernels._launch: the image
+bit-exact. Arrays are the (B, R, L) row views of gpumix.kernels._launch: the image
 row of row r is ``r % height``, the pixel of column k is ``k // cstride``, so
 the box's columns are ``[x0 * cstride, x1 * cstride)`` in row-view units.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, njit
 
-from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, as_index_array, copy_bytes, run_parallel
+from gpumix.kernels._element import element_functions
+from gpumix.kernels._launch import LazyCudaKernel, as_index_array, copy_bytes, run_parallel
 
 _box_contains_cpu = element_functions("cpu").box_contains
 

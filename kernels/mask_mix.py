@@ -9,12 +9,12 @@ of shape (H, W), values in [0, 1], 1 meaning "primary":
                             m * x[i][y, x] + (1 - m) * x[j][y, x]  otherwise (float32)
     paste:   out[i][y, x] = x[i][y, x] if m >= 0.5 else x[j][y, x]
 
-Images use the MixUp blend of kernels._element, so a hard (0/1) mask takes
+Images use the MixUp blend of gpumix.kernels._element, so a hard (0/1) mask takes
 every pixel exactly from one of the two inputs and a soft mask blends the
 ramp; uint8 rounds ties to even. ``paste=True`` is for dense targets
 (segmentation maps): pure selection, any dtype, never blended.
 
-Arrays are the (B, R, L) row views of kernels._launch (image row r % height,
+Arrays are the (B, R, L) row views of gpumix.kernels._launch (image row r % height,
 pixel k // cstride). Three versions: :func:`reference`, :func:`cpu`,
 :func:`cuda`.
 """
@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, njit
 
-from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
+from gpumix.kernels._element import element_functions
+from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
 
 _cpu = element_functions("cpu")
 _mixed_value_cpu = _cpu.mixed_value

@@ -31,8 +31,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, float32, int32, int64, njit
 
-from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel, run_parallel
+from gpumix.kernels._element import element_functions
+from gpumix.kernels._launch import LazyCudaKernel, run_parallel
 
 _cpu = element_functions("cpu")
 _order_key_cpu = _cpu.order_key

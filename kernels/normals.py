@@ -55,7 +55,7 @@ import math
 import numpy as np
 from numba import cuda as _cuda_api, njit
 
-from kernels._launch import LazyCudaKernel, run_parallel, upload_many
+from gpumix.kernels._launch import LazyCudaKernel, run_parallel, upload_many
 
 STRIPS = 256
 GAMMA = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, odd

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, float32, njit
 
-from kernels._element import element_functions
-from kernels._launch import LazyCudaKernel
+from gpumix.kernels._element import element_functions
+from gpumix.kernels._launch import LazyCudaKernel
 
 _target_value_cpu = element_functions("cpu").target_value
 

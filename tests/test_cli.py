@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import throughput
-from benchmarks.preview import preview_size
+from gpumix.benchmarks import throughput
+from gpumix.benchmarks.preview import preview_size
 from gpumix.datasets import make_image_folder
 
 

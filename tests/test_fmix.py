@@ -120,7 +120,7 @@ def test_cpu_mask_maker_equals_the_staged_references_across_batch_sizes(referenc
     buffers) against the stages' NumPy references run on the whole batch, for
     batches that grow and shrink between calls (stale buffer contents must
     never leak into a result)."""
-    from kernels import mask_select, normals
+    from gpumix.kernels import mask_select, normals
 
     shape = (24, 19)
     n_pix = 24 * 19

@@ -8,7 +8,7 @@ import pytest
 
 import gpumix
 from gpumix import mixing
-from kernels import mask_select, soft_targets
+from gpumix.kernels import mask_select, soft_targets
 
 DTYPES = [np.uint8, np.float16, np.float32]
 LAYOUTS = ["NCHW", "NHWC"]
@@ -112,8 +112,8 @@ def test_hard_selection_matches_reference_with_ties_at_the_threshold(decimals):
 def test_uint8_blend_of_equal_values_is_exact_for_every_value():
     """blend_uint8 skips blend_value's a == b test: rounding must return a
     for every uint8 value and any lam in [0, 1] (edges and 3000 random)."""
-    from kernels import blend
-    from kernels._launch import row_view
+    from gpumix.kernels import blend
+    from gpumix.kernels._launch import row_view
 
     rng = np.random.default_rng(11)
     lam = np.concatenate([rng.random(3000), [0.0, 1.0, 0.5, 1e-8, 1 - 1e-7, 1e-30]])

@@ -1,4 +1,4 @@
-"""kernels._launch.run_parallel: the slices cover every item exactly once,
+"""gpumix.kernels._launch.run_parallel: the slices cover every item exactly once,
 errors in any slice reach the caller, and concurrent callers share the pool
 without deadlock (two pipelines, or a pipeline and the training loop)."""
 
@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from kernels._launch import CHUNKS_PER_WORKER, _pool, cpu_workers, run_parallel, scratch
+from gpumix.kernels._launch import CHUNKS_PER_WORKER, _pool, cpu_workers, run_parallel, scratch
 
 
 def slices_of(n_items, **options):
@@ -178,7 +178,7 @@ def test_scratch_in_an_owners_store_is_shared_across_threads():
 def test_upload_many_gives_back_every_array_exactly():
     import cupy as cp
 
-    from kernels._launch import STAGING_SLOTS, upload_many
+    from gpumix.kernels._launch import STAGING_SLOTS, upload_many
 
     rng = np.random.default_rng(0)
     for call in range(2 * STAGING_SLOTS + 1):  # every staging buffer reused twice

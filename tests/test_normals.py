@@ -1,4 +1,4 @@
-"""kernels.normals: counter-based ziggurat normals (the FMix spectra).
+"""gpumix.kernels.normals: counter-based ziggurat normals (the FMix spectra).
 
 The CPU kernel against the vectorised NumPy reference (bit-equal, slow paths
 included), the tables against the ziggurat's defining equations and
@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from gpumix import fmix
-from kernels import normals
+from gpumix.kernels import normals
 
 KEYS = np.array([0, 1, 2, 12345, 2**62 - 1, 2**40 + 7])
 

@@ -17,8 +17,8 @@ import pytest
 from numba import cuda
 from numba.core import types
 
-from kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
-from kernels._launch import DirectLaunch, parameter_converters
+from gpumix.kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
+from gpumix.kernels._launch import DirectLaunch, parameter_converters
 
 assert not numba.config.ENABLE_CUDASIM
 

@@ -97,7 +97,7 @@ def test_targets_train_a_model_with_soft_cross_entropy():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32])
 def test_cuda_tensors_match_cpu(dtype):
-    from kernels import blend, box_paste, soft_targets
+    from gpumix.kernels import blend, box_paste, soft_targets
 
     options = dict(OPTIONS, fmix_alpha=0.0)  # FMix masks come from different FFTs
     cpu_mix = gpumix.torch.Mixup(**options, seed=5, inplace=False)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import gpumix
-from kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
-from kernels._launch import row_view
+from gpumix.kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
+from gpumix.kernels._launch import row_view
 
 assert numba.config.ENABLE_CUDASIM, "collected only in the simulator process"
 
