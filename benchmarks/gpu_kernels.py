@@ -102,6 +102,22 @@ def bench_fmix_masks(batch: int, size: int, calls: int, repeats: int) -> list[di
     return [_row(f"fmix {batch} masks {size}x{size} on device", t)]
 
 
+def bench_handoff(batch: int, size: int, calls: int, repeats: int) -> list[dict]:
+    """gpumix.torch.apply on CUDA: uint8 HWC -> float32 NCHW, MixUp/CutMix per sample."""
+    import torch
+
+    import gpumix
+    from gpumix.params import to_table
+    from gpumix.torch import apply
+
+    config = gpumix.MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=1000)
+    params = gpumix.sample(config, batch, (size, size), np.random.default_rng(0))
+    rows = to_table(params, (size, size), config)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
+    return [_row("hand-off apply uint8 HWC -> float32 NCHW (target <= 30 us)",
+                 _events_per_call(lambda: apply(images, rows), calls, repeats))]
+
+
 def bench_torch_module(batch: int, size: int, calls: int, repeats: int) -> list[dict]:
     import torch
     from timm.data.mixup import Mixup as TimmMixup
@@ -156,7 +172,8 @@ def main(argv=None) -> dict:
         raise SystemExit("benchmarks.gpu_kernels needs a CUDA GPU (torch.cuda.is_available() "
                          "is False); `gpumix kernels` measures the CPU kernels")
     sizes = (args.batch_size, args.size, args.calls, args.repeats)
-    rows = bench_mixing(*sizes) + bench_fmix_masks(*sizes) + bench_torch_module(*sizes)
+    rows = bench_mixing(*sizes) + bench_handoff(*sizes) + bench_fmix_masks(*sizes) \
+        + bench_torch_module(*sizes)
     settings = {"batch_size": args.batch_size, "size": args.size, "calls": args.calls,
                 "repeats": args.repeats, "device": torch.cuda.get_device_name()}
     return write_report(rows, settings, args.json, format_table(rows))

@@ -10,9 +10,9 @@
 Every comparison is timed in pairs: blocks of back-to-back calls of the
 reference (the copy, timm, the published loop) and of gpumix alternate,
 about 250 ms each, and the reported ratio is the median of the per-pair
-ratios. This machine's speed drifts by 20% and more within a minute; timing
-one side's calls and then the other's let a slow phase land on one side only
-(the uint8 MixUp read 29-63% of copy across five runs of one commit).
+ratios. A shared machine's speed can drift by 20% and more within a minute;
+timing one side's calls and then the other's lets a slow phase land on one
+side only (benchmarks/README.md).
 
 Run: ``python -m gpumix.benchmarks.kernels [--quick] [--json PATH]``. Prints a table
 and writes JSON with the machine, versions and commit.

@@ -36,8 +36,12 @@ from typing import Callable
 
 import numpy as np
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from gpumix.benchmarks import baselines
+
+from gpumix.pipelines import IMAGENET_MEAN, IMAGENET_STD
+
+MEAN = tuple(m / 255 for m in IMAGENET_MEAN)  # torchvision normalises 0..1 values
+STD = tuple(s / 255 for s in IMAGENET_STD)
 MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
 
 
@@ -99,6 +103,8 @@ def torchvision_fast_collate(settings):
 
 
 def dali_loader(settings, mixing, **options):
+    """gpumix's loader with ``mixing`` "gpumix", "none" or a baseline of
+    gpumix.benchmarks.baselines."""
     from gpumix.torch import DALIMixLoader
 
     loader = DALIMixLoader(settings.data, batch_size=settings.batch_size, size=settings.size,
@@ -115,10 +121,11 @@ def configurations(settings) -> list[Config]:
         Config("b", "torchvision + timm FastCollateMixup", torchvision_fast_collate),
         Config("c", "gpumix loader (no mixing)", lambda s: dali_loader(s, "none")),
         Config("c-dali", "DALI stock (no mixing)",
-               lambda s: dali_loader(s, "dali", mixup_alpha=0.0, cutmix_alpha=0.0)),
-        Config("d-mixup", "DALI pure MixUp", lambda s: dali_loader(s, "dali", mixup_alpha=0.8)),
+               lambda s: dali_loader(s, baselines.named("stock"))),
+        Config("d-mixup", "DALI pure MixUp",
+               lambda s: dali_loader(s, baselines.named("mixup", alpha=0.8))),
         Config("d-cutmix", "DALI pure CutMix",
-               lambda s: dali_loader(s, "dali", mixup_alpha=0.0, cutmix_alpha=1.0)),
+               lambda s: dali_loader(s, baselines.named("cutmix", alpha=1.0))),
         Config("e-mixcut", "gpumix MixUp/CutMix (per sample)",
                lambda s: dali_loader(s, "gpumix", **both)),
         Config("e-fmix", "gpumix FMix (per-sample masks)",

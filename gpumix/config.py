@@ -1,5 +1,5 @@
-"""MixConfig: every mixing option, validated once (SEMANTICS.md "Granularity
-and probabilities", "Errors").
+"""MixConfig: every mixing option, validated once (docs/semantics.md,
+"Granularity, probability and the choice of method" and "Errors").
 
 Option names follow timm's ``Mixup`` (mixup_alpha, cutmix_alpha,
 cutmix_minmax, prob, switch_prob, mode, correct_lam, label_smoothing,
@@ -14,8 +14,8 @@ probability ``switch_prob`` (timm's meaning); otherwise uniform over the
 methods that are on.
 
 ``cutmix_minmax=(lo, hi)`` draws the CutMix lam from Uniform(lo, hi) (the
-SEMANTICS.md contract; timm instead draws box sides directly) and turns
-CutMix on.
+contract in docs/semantics.md; timm instead draws box sides directly) and
+turns CutMix on.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NONE, MIXUP, CUTMIX, FMIX = 0, 1, 2, 3
-METHOD_NAMES = {NONE: "none", MIXUP: "mixup", CUTMIX: "cutmix", FMIX: "fmix"}
+NONE, MIXUP, CUTMIX, FMIX = 0, 1, 2, 3  # the per-sample method codes of MixParams.method
 
 MODES = ("batch", "elem")
 PAIRINGS = ("flip", "roll", "permutation")

@@ -1,86 +1,52 @@
-"""gpumix inside NVIDIA DALI pipelines: ``images, targets = gpumix.dali.mix(...)``.
+"""gpumix inside NVIDIA DALI pipelines.
 
-Call :func:`mix` inside your own ``@pipeline_def`` on the decoded/cropped
-batch (HWC uint8, or CHW float after ``crop_mirror_normalize``) and the
-labels; it returns the mixed images (same layout and dtype) and float32 soft
-targets ``(K,)`` per sample, optionally the params too.
+Three operators for your own ``@pipeline_def``:
+
+* :func:`mix_params` (labels in; ``targets, table`` out): the params alone,
+  made on the CPU stage, for mixing at the hand-off to torch with
+  :func:`gpumix.torch.apply` (one fused launch on the GPU: the fastest way).
+* :func:`mix` (images and labels in; ``images, targets`` out): mixing inside
+  the graph, images in their layout and dtype.
+* :func:`mix_normalize` / :func:`normalize`: :func:`mix` and the per-channel
+  normalisation in one pass (HWC uint8 in, float CHW or HWC out).
 
 Randomness. Every random number comes from DALI's own random operators
-(``random.uniform``, ``random.beta``, ``random.choice`` for FMix spectrum
+(``random.uniform``, ``random.beta``, ``random.choice`` for the FMix spectrum
 keys, ``batch_permutation``), seeded by the pipeline, so DALI's checkpointing
-restores the stream bit for bit and each pipeline seed is its own stream.
-They are the fields of :class:`gpumix.params.Draws` (FMix spectra as one
-key per sample, expanded by the counter-based normals kernel,
-kernels/normals.py: DALI's own ``random.normal`` tripled the cost of a batch
-of 224 x 224 spectra, and its values would have to cross to the GPU); all
-after them is ``gpumix.params.params_from_draws``, the same pure code the NumPy
-path runs. In mode "batch" the first sample's draws serve the whole batch.
+restores the stream bit for bit. They are the fields of
+:class:`gpumix.params.Draws`; everything after them is
+:func:`gpumix.params.params_from_draws`, the pure code the NumPy path runs.
+In mode "batch" the first sample's draws serve the whole batch.
 
-Mechanism (two small classes here and the appliers of gpumix/dali_cpu.py,
-so it can be swapped):
+One mechanism per device. The params are always made on the CPU stage by
+one batch-mode ``numba_function`` that calls the Python step
+(:class:`_ParamsStep`) through Numba's objmode (gpumix/dali_cpu.py): it
+outputs the soft targets and one params-table row per sample
+(gpumix.kernels.table), and on CPU pipelines the FMix masks. Then:
 
-* Every pipeline makes its params on the CPU stage: a ``python_function``
-  (:class:`_ParamsStep`, ``batch_processing=True``) turns the draws into
-  params and makes the soft targets, one apply vector per sample (partner,
-  lam, method, box) and the FMix masks (numbers in, numbers out: NumPy, the
-  Numba kernels and ducc0's FFT). The step takes one float64 vector per
-  sample (its draws and label, :func:`_draw_vectors`: python_function
-  converts every input sample by sample) and, on CPU pipelines, the images
-  themselves, for their shape and buffer addresses (no pixel is read). It
-  keeps its masks, spectra and grey images in buffers it reuses
-  (``gpumix.kernels._launch.scratch``): fresh ones cost 1600 page faults per FMix
-  batch here, and 27 ms instead of 16. With ``mix_normalize(...,
-  fast_params=True)`` (what the loader runs) the same step is called from a
-  batch-mode ``numba_function`` through Numba's objmode instead
-  (gpumix/dali_cpu.py), without the python_function's per-sample
-  conversions; its errors then surface through ``dali_cpu.raise_pending``.
-* CPU pipelines (``device_id=None``), uint8 or float32 images: DALI's CPU
-  ``numba_function`` in per-sample mode (gpumix/dali_cpu.py) mixes each
-  sample straight into DALI's output buffer with the CPU kernels'
-  per-sample bodies, on DALI's thread pool: no Python, no GIL, no copy of
-  the batch, and no thread left idle (DALI runs CPU operators one at a
-  time). A sample reads its partner through the address the params step
-  put in its apply vector. History: mixing inside the python_function cost
-  5.9 ms of CPU per batch of 64 at 224 px against 4.8 for a batch-mode
-  ``numba_function`` (which copies nothing: python_function copies every
-  output it returns); a per-sample ``numba_function`` fed the partners by
-  ``permute_batch`` (a copy of the batch) ran at 0.89 and 0.86 of the
-  no-mixing pipeline against 0.95 and 0.98.
-* :func:`mix_normalize` on the CPU (what the loader runs): the applier also
-  normalises, HWC uint8 in, float32 CHW (or HWC) out, each mixed value
-  normalised as it is made, so neither the mixed copy of the batch nor
-  ``crop_mirror_normalize``'s pass over it is left. Per batch of 64 at 224
-  px on one thread here: normalising alone 1.2-1.5 ms against 5.6-7 ms for
-  ``crop_mirror_normalize``; mixing and normalising 2.0-2.5 ms (MixUp,
-  CutMix), 2.9 ms (FMix). What mixing adds to the loader is then mostly
-  the params step (its ``python_function``, about 1 ms of CPU per batch,
-  and the random operators).
-* GPU pipelines: the apply vectors go to the GPU stage with ``.gpu()`` and
-  :class:`_ApplyStep`, a GPU ``python_function``, launches the CUDA kernels
-  on CuPy's current stream (the one DALI sets for the operator); no image
-  data goes to the host. ``size=(H, W)`` is required, since the CPU stage
-  cannot read the GPU images' shapes. With FMix on, the whole step runs on
-  the GPU stage instead (:class:`_GpuMixStep`), for its masks come from
-  cuFFT and the CUDA selection kernel there. DALI's GPU ``numba_function``
-  launches one kernel per sample, needs uniform shapes and cannot call an
-  FFT, so it was not chosen. Measured on an H100 (benchmarks/GPU.md, 4
-  threads, batch 64 at 224 px): with the whole step on the GPU stage,
-  MixUp/CutMix ran at 0.44 of the no-mixing pipeline's throughput (about
-  3 ms of host work per batch, kernels well under 1 ms); with the params on
-  the CPU stage, where they overlap the GPU's work, at 0.49-0.59, and at
-  0.66-0.70 with those params made by the objmode ``numba_function``
-  (``fast_params``, what the loader runs: the CPU stage's
-  ``python_function`` held the GIL the GPU stage's needs). FMix's masks
-  made on the CPU stage held it to 0.10 of it against 0.37-0.52 on the GPU
-  stage. Next: FMix keys in the apply vectors and the masks made in
-  _ApplyStep.
-* float16 CPU images (Numba has no CPU float16): :class:`_ApplyStep` as a
-  CPU ``python_function``.
+* CPU pipelines: per-sample ``numba_function`` appliers (gpumix/dali_cpu.py)
+  mix each sample into DALI's output on DALI's thread pool, reading the
+  partner through the address in the sample's row.
+* GPU pipelines (``device="gpu"``): the table goes to the GPU stage and one
+  GPU ``python_function`` (:class:`_GpuMixStep`) launches ONE kernel
+  (gpumix.kernels.table_mix) that reads the table on the device; FMix masks
+  are made there from the keys (the FMix columns are copied to the host
+  first: one small copy and a wait per batch). Against the hand-off
+  (:func:`mix_params` + :func:`gpumix.torch.apply`) this costs the
+  ``python_function``'s per-sample conversions under the GIL, a stack of
+  the batch and a second pass over it for the normalisation; prefer the
+  hand-off when the batch goes to torch anyway.
+
+Errors. DALI never sees an exception raised inside a ``numba_function``, so
+the params step keeps its errors and fills the batch's targets with NaN;
+:func:`raise_pending` (``gpumix.dali.raise_pending(pipe)``) raises them, on
+CPU and GPU pipelines alike. :class:`gpumix.torch.DALIMixLoader` calls it
+after every batch; call it after ``pipe.run()`` or each iterator step.
 
 Partial batches. DALI runs every iteration at full batch size; the reader
 pads the epoch's last batch (``pad_last_batch=True``) by repeating its last
 sample, and the iterator trims it. Pass ``source_info`` (``fn.get_property(
-encoded, key="source_info")``) and :func:`mix` treats the trailing repeats as
+encoded, key="source_info")``) and the trailing repeats are treated as
 padding: they pair with themselves, and the real samples pair only among
 themselves (the permutation restricted to them, :func:`restrict_pairing`).
 """
@@ -89,12 +55,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpumix import dali_cpu, fmix, mixing
-from gpumix.config import MixConfig
-from gpumix.params import Draws, MixParams, pairing, params_from_draws
+from gpumix import dali_cpu, fmix, mixing, runtime
+from gpumix.config import FMIX, MixConfig, _check_choice as check_choice
+from gpumix.dali_cpu import raise_pending
+from gpumix.kernels import table, table_mix
 from gpumix.kernels._launch import scratch
+from gpumix.params import Draws, pairing, params_from_draws, to_table
+
+__all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
+           "param_names", "restrict_pairing"]
 
 PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
+PARAM_COLUMNS = {"labels": (table.LABEL, 1), "pair": (table.PAIR, 1), "lam": (table.LAM, 1),
+                 "method": (table.METHOD, 1), "box": (table.Y0, 4)}
 
 
 def param_names(config: MixConfig) -> tuple[str, ...]:
@@ -132,50 +105,6 @@ def restrict_pairing(pair: np.ndarray, n_valid: int) -> np.ndarray:
     return result
 
 
-def _host(value) -> np.ndarray:
-    """A NumPy copy of a per-sample DALI value (NumPy already, or CuPy on the GPU stage)."""
-    return value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) \
-        else np.asarray(value)
-
-
-def _table(vectors, xp=np) -> np.ndarray:
-    """The per-sample float64 vectors of a batch as one host array (B, n):
-    one copy from the device, not one per sample."""
-    return _host(_stack(vectors, xp))
-
-
-def count_valid(source_info, batch_size: int) -> int:
-    """Number of real samples: the batch less the trailing repeats of its
-    last one (all ``batch_size`` of them without ``source_info``).
-    gpumix.dali_cpu.count_valid_cpu is its compiled twin."""
-    if source_info is None:
-        return batch_size
-    def name(i):
-        return bytes(_host(source_info[i]).astype(np.uint8))
-
-    n = len(source_info)
-    last = name(n - 1) if n else b""
-    while n > 1 and name(n - 2) == last:  # usually one comparison: no padding
-        n -= 1
-    return n
-
-
-def _stack(batch, xp):
-    """The samples as one (B, ...) array: a zero-copy view when DALI laid them
-    out back to back (uniform shapes usually are), else a stacked copy."""
-    samples = [xp.asarray(s) for s in batch]
-    first = samples[0]
-    uniform = all(s.shape == first.shape and s.dtype == first.dtype for s in samples)
-    if uniform and first.flags.c_contiguous and len(samples) > 1:
-        address = (lambda a: a.ctypes.data) if xp is np else (lambda a: a.data.ptr)
-        step = first.nbytes
-        start = address(first)
-        if all(address(s) == start + i * step for i, s in enumerate(samples)):
-            return xp.lib.stride_tricks.as_strided(
-                first, shape=(len(samples), *first.shape), strides=(step, *first.strides))
-    return xp.stack(samples)
-
-
 def draw_columns(config: MixConfig) -> dict[str, slice]:
     """Where each draw sits in the per-sample float64 vector of
     :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
@@ -196,24 +125,24 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
 
 
 class _ParamsStep:
-    """Draws in, params out: the CPU stage's ``python_function``. Outputs the
-    soft targets, one apply vector per sample (:data:`APPLY_COLUMNS`, then on
-    CPU pipelines the partner's and the sample's own pixel addresses,
-    :data:`gpumix.dali_cpu.ADDRESS_COLUMNS`), the FMix masks when FMix is
-    on, then the params when asked. ``reads_images``: the CPU pipelines'
-    step is also given the images (their shape and buffers: no pixel is
-    read); a GPU pipeline's step is not, and takes ``spatial_shape``."""
+    """Draws in, params out, called by the params operator
+    (:func:`gpumix.dali_cpu.params_operator`) once per batch: the soft
+    targets, the table rows and (when it makes them) the FMix masks. On CPU
+    pipelines it is given the images' shapes and pixel addresses (no pixel is
+    read) and writes the addresses into the rows; otherwise it takes
+    ``spatial_shape``. ``make_masks``: whether FMix masks are made here (CPU
+    pipelines) or later from the rows' keys (the hand-off, GPU pipelines)."""
 
-    def __init__(self, config: MixConfig, layout: str, return_params: bool,
-                 reads_images: bool = True, spatial_shape=None):
+    def __init__(self, config: MixConfig, layout: str, spatial_shape=None,
+                 make_masks: bool = False):
         self.config = config
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
-        self.return_params = return_params
         self.columns = draw_columns(config)
-        self.reads_images = reads_images
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
+        self.make_masks = make_masks and config.enabled[2]
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
-        self.errors: list = []  # met as a fast params operator: dali_cpu.raise_pending
+        self.errors: list = []  # raised by dali_cpu.raise_pending
+        self.applier_errors = np.zeros(1, np.int64)  # set by the CPU appliers (partner_of)
 
     def draws(self, table: np.ndarray) -> Draws:
         """Draws from the per-sample draw vectors (rows of ``table``)."""
@@ -232,7 +161,7 @@ class _ParamsStep:
                      normal_keys=keys)
 
     def _mask_maker(self, shape):
-        if not self.config.enabled[2]:
+        if not self.make_masks:
             return None
         options = (shape, self.config.decay_power, self.config.reference_compatible)
         make = fmix.cpu_mask_maker(*options, buffers=self.buffers)
@@ -250,7 +179,8 @@ class _ParamsStep:
             pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
         params = params_from_draws(self.config, spatial_shape, self.draws(table), b, pair=pair,
-                                   fmix_masks=self._mask_maker(spatial_shape))
+                                   fmix_masks=self._mask_maker(spatial_shape),
+                                   make_masks=self.make_masks)
         label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
         return params, label_ids
@@ -276,171 +206,159 @@ class _ParamsStep:
                              f"{tuple(self.spatial_shape)}")
         return int(h), int(w)
 
-    def compute(self, table, n_valid: int, shapes=None, dtype=None, addresses=None):
-        """(targets, apply vectors, masks or None, params, label ids) of one
-        batch: draw vectors ``table``, ``n_valid`` real samples, and on CPU
-        pipelines the samples' shapes, dtype and pixel addresses."""
-        spatial = self.spatial_shape if shapes is None else self._spatial_shape(shapes, dtype)
-        params, label_ids = self._params(table, n_valid, spatial)
+    def fast_outputs(self, draw_table, n_valid, shapes=None, addresses=None):
+        """(targets, table rows, masks) of one batch: draw vectors
+        ``draw_table``, ``n_valid`` real samples, and on CPU pipelines the
+        samples' shapes and pixel addresses (None: no images)."""
+        if shapes is None:
+            spatial = self.spatial_shape
+            if spatial is None:
+                raise ValueError("size=(H, W) is required when the params operator is not "
+                                 "given the images")
+        else:
+            dtype = np.uint8 if self.layout == "NHWC" else np.float32
+            spatial = self._spatial_shape([tuple(int(n) for n in s) for s in shapes], dtype)
+        params, label_ids = self._params(draw_table, n_valid, spatial)
         targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
                                       self.config.label_smoothing)
-        vectors = apply_vectors(params)
-        if addresses is not None:
-            vectors = np.concatenate([vectors, _address_columns(addresses, params.pair)], axis=1)
-        masks = self._masks(params, table.shape[0], spatial) if self.config.enabled[2] else None
-        return targets, vectors, masks, params, label_ids
+        rows = to_table(params, spatial, self.config, label_ids, own_address=addresses,
+                        error_address=self.applier_errors.ctypes.data)
+        masks = np.zeros((0, 0, 0), np.float32)
+        if self.make_masks:
+            masks = params.mask if params.mask is not None else self._no_masks(
+                draw_table.shape[0], spatial)
+        return (np.ascontiguousarray(targets, np.float32), rows,
+                np.ascontiguousarray(masks, np.float32))
 
-    def _masks(self, params, b, spatial_shape, xp=np):
-        """Every sample's FMix mask (zeros where the batch has none)."""
-        if params.mask is not None:
-            return params.mask
-        if xp is not np:
-            return xp.zeros((b, *spatial_shape), xp.float32)
+    def _no_masks(self, b, spatial_shape):
         zeros = scratch("no_masks", (b, *spatial_shape), np.float32, self.buffers)
         zeros.fill(0.0)
         return zeros
 
-    def _param_outputs(self, params, label_ids, xp=np) -> list:
-        """Labels, pairs, lams, methods and boxes, one list of samples each
-        (CuPy arrays, ``xp=cupy``, for a GPU step)."""
-        b = params.batch_size
-        columns = (label_ids.reshape(b, 1), params.pair.reshape(b, 1), params.lam.reshape(b, 1),
-                   params.method.reshape(b, 1), params.box)
-        return [list(xp.asarray(c)) for c in columns]
 
-    def __call__(self, draw_vectors, *inputs):
-        images = inputs[0] if self.reads_images else None
-        source_info = inputs[-1] if len(inputs) > self.reads_images else None
-        table = _table(draw_vectors)
-        n_valid = count_valid(source_info, table.shape[0])
-        if images is None:
-            targets, vectors, masks, params, label_ids = self.compute(table, n_valid)
-        else:
-            targets, vectors, masks, params, label_ids = self.compute(
-                table, n_valid, [tuple(im.shape) for im in images], images[0].dtype,
-                np.array([im.ctypes.data for im in images], np.int64))
-        outputs = [list(targets), list(vectors)] + ([] if masks is None else [list(masks)])
-        if self.return_params:
-            outputs += self._param_outputs(params, label_ids)
-        return tuple(outputs)
+class _GpuMixStep:
+    """The GPU ``python_function`` of :func:`mix` with ``device="gpu"``:
+    images and table rows in (on the device), the mixed batch out, by one
+    launch of gpumix.kernels.table_mix on CuPy's current stream (the one DALI
+    sets for the operator). FMix masks are made from the rows' keys
+    (cuFFT): the FMix columns are copied to the host for that."""
 
-    def fast_outputs(self, table, n_valid, shapes=None, addresses=None):
-        """:meth:`compute` for the numba_function params operator
-        (gpumix/dali_cpu.py): targets, vectors and masks (empty without FMix).
-        ``shapes`` and ``addresses`` None: no images (a GPU pipeline)."""
-        if shapes is not None:
-            shapes = [tuple(int(n) for n in shape) for shape in shapes]
-        targets, vectors, masks, _, _ = self.compute(table, n_valid, shapes, np.uint8, addresses)
-        if masks is None:
-            masks = np.zeros((0, 0, 0), np.float32)
-        return (np.ascontiguousarray(targets, np.float32), np.ascontiguousarray(vectors),
-                np.ascontiguousarray(masks, np.float32))
+    def __init__(self, layout: str, spatial_shape, with_masks_output: bool):
+        self.layout = "NHWC" if layout == "HWC" else "NCHW"
+        self.spatial_shape = spatial_shape
+        self.with_masks_output = with_masks_output
 
+    def __call__(self, images, rows):
+        import cupy as cp
 
-class _GpuMixStep(_ParamsStep):
-    """The whole step in one GPU ``python_function`` (draws and images in,
-    mixed batch and targets out), for GPU pipelines with FMix on: their
-    masks come from cuFFT and the CUDA selection kernel on the GPU stage. On
-    an H100, FMix masks made on the CPU stage instead (ducc0, the selection
-    kernel) held the pipeline to 2,054 images/s against 9,280 with this step
-    (benchmarks/GPU.md)."""
-
-    def __init__(self, config: MixConfig, layout: str, return_params: bool):
-        super().__init__(config, layout, return_params, reads_images=False)
-
-    def _mask_maker(self, shape):
-        options = (shape, self.config.decay_power, self.config.reference_compatible)
-        return fmix.cuda_mask_maker(*options, _kernel_stream())
-
-    def __call__(self, images, draw_vectors, source_info=None):
-        cp = _cupy()
         batch = _stack(images, cp)
         h, w = mixing.check_images(batch, self.layout)
-        table = _table(draw_vectors, cp)
-        n_valid = count_valid(source_info, table.shape[0])
-        params, label_ids = self._params(table, n_valid, (h, w))
-        mixed = mixing.mix_images(batch, params, self.layout, stream=_kernel_stream())
-        targets = cp.asarray(mixing.soft_targets(label_ids, params, self.config.num_classes,
-                                                 self.config.label_smoothing))
-        outputs = [list(mixed), list(targets)]
-        if self.return_params:  # every output of a GPU python_function is on the device
-            outputs += self._param_outputs(params, label_ids, cp)
-            outputs.append(list(self._masks(params, len(images), (h, w), cp)))
-        return tuple(outputs)
-
-
-class _ApplyStep:
-    """Apply vectors (and FMix masks) in, the mixed batch out: the
-    ``python_function`` of GPU pipelines, and of CPU float16 images (which
-    the ``numba_function`` applier cannot take). The params were made by
-    :class:`_ParamsStep` on the CPU stage, so what runs here per batch is a
-    stack of the samples, one small device-to-host copy of the vectors and
-    the kernel launches."""
-
-    def __init__(self, layout: str, device: str, spatial_shape=None):
-        self.layout = "NHWC" if layout == "HWC" else "NCHW"
-        self.device = device
-        self.spatial_shape = spatial_shape  # (H, W) the params were made for, if fixed
-        self.buffers = {}
-
-    def __call__(self, images, vectors, masks=None):
-        gpu = self.device == "gpu"
-        xp = _cupy() if gpu else np
-        batch = _stack(images, xp)
-        h, w = mixing.check_images(batch, self.layout)
-        if self.spatial_shape is not None and (h, w) != self.spatial_shape:
+        if (h, w) != self.spatial_shape:
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{self.spatial_shape}: the params were made for that size")
-        table = _table(vectors, xp)  # (B, 7)
-        mask_batch = None if masks is None else _stack(masks, xp)
-        params = params_from_apply_vectors(table, mask_batch)
-        # DALI copies every output before the next call: on the CPU the mixed
-        # batch goes to a reused buffer, not fresh megabytes.
-        out = None if gpu else scratch("mixed", batch.shape, batch.dtype, self.buffers)
-        mixed = mixing.mix_images(batch, params, self.layout,
-                                  stream=_kernel_stream() if gpu else None, out=out)
-        return list(mixed)
+        rows = _stack(rows, cp)
+        stream = cp.cuda.get_current_stream().ptr
+        masks = None
+        if self.with_masks_output or bool((rows[:, table.METHOD] == FMIX).any()):
+            masks = device_masks(rows[:, table.METHOD:table.DECAY_POWER + 2].get(), (h, w),
+                                 stream)
+        out = cp.empty_like(batch)
+        mix_table(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
+                  runtime.DeviceArray.of(rows), masks, self.layout, stream)
+        mixed = list(out)
+        if self.with_masks_output:
+            return mixed, list(masks.owner if masks is not None else
+                               cp.zeros((len(images), h, w), cp.float32))
+        return mixed
 
 
-APPLY_COLUMNS = ("pair", "lam", "method", "y0", "y1", "x0", "x1")
+def device_masks(fmix_columns: np.ndarray, shape, stream: int):
+    """(B, H, W) float32 CuPy masks on ``stream`` for the rows whose FMix
+    columns (method .. reference, host values) say FMix; zeros elsewhere."""
+    import cupy as cp
+
+    from gpumix.kernels._launch import StreamHandle, cupy_stream
+
+    offset = table.METHOD
+    columns = np.asarray(fmix_columns)
+    used = np.flatnonzero(columns[:, table.METHOD - offset] == FMIX)
+    handle = StreamHandle(stream)
+    with cupy_stream(handle):
+        masks = cp.zeros((columns.shape[0], *shape), cp.float32)
+        if used.size:
+            first = columns[used[0]]
+            maker = fmix.cuda_mask_maker(shape, float(first[table.DECAY_POWER - offset]),
+                                         bool(first[table.REFERENCE - offset]), handle)
+            keys = (columns[used, table.KEY_HIGH - offset].astype(np.int64) << 31) \
+                | columns[used, table.KEY_LOW - offset].astype(np.int64)
+            masks[cp.asarray(used)] = maker(
+                keys, columns[used, table.RANK_LOW - offset].astype(np.int64),
+                columns[used, table.RANK_HIGH - offset].astype(np.int64))
+    return runtime.DeviceArray.of(masks)
 
 
-def _address_columns(own, pair) -> np.ndarray:
-    """(B, 2) float64: each sample's partner's and own pixel address (``own``,
-    int64), for the per-sample CPU appliers (gpumix/dali_cpu.py). Exact in
-    float64: x86-64 and AArch64 user addresses are below 2^48."""
-    if own.size and own.max() >= 2**53:
-        raise RuntimeError("an image buffer's address does not fit a float64 exactly")
-    return np.stack([own[pair], own], axis=1).astype(np.float64)
+_NO_MASK = {}
 
 
-def params_from_apply_vectors(table: np.ndarray, masks=None) -> MixParams:
-    """The MixParams that :func:`apply_vectors` wrote (and the masks, NumPy or
-    CuPy, when FMix is on)."""
-    return MixParams(pair=table[:, 0].astype(np.int64), lam=table[:, 1].astype(np.float32),
-                     method=table[:, 2].astype(np.int8), box=table[:, 3:7].astype(np.int64),
-                     mask=masks)
+def _no_mask(launcher_key):
+    """A (1, 1, 1) placeholder for the masks argument when no sample uses FMix."""
+    import cupy as cp
+
+    if launcher_key not in _NO_MASK:
+        _NO_MASK[launcher_key] = runtime.DeviceArray.of(cp.zeros((1, 1, 1), cp.float32))
+    return _NO_MASK[launcher_key]
 
 
-def apply_vectors(params) -> np.ndarray:
-    """(B, 7) float64, one row per sample in :data:`APPLY_COLUMNS` order:
-    what the applier needs besides the masks (exact: int64 values below 2^53
-    and float32 lams survive float64)."""
-    return np.concatenate([params.pair[:, None], params.lam[:, None], params.method[:, None],
-                           params.box], axis=1).astype(np.float64)
+def mix_table(images, out, rows, masks, layout: str, stream: int) -> None:
+    """One table_mix launch: ``images`` into ``out`` (DeviceArrays, same
+    shape and dtype, NCHW or NHWC) by the device ``rows``; no targets."""
+    b = images.shape[0]
+    if layout == "NCHW":
+        _, c, h, w = images.shape
+        n_rows, n_cols, cstride = c * h, w, 1
+    else:
+        _, h, w, c = images.shape
+        n_rows, n_cols, cstride = h, w * c, c
+    x = images.reshape(b, n_rows, n_cols)
+    launcher = runtime.active_launcher()
+    if masks is None:
+        masks = _no_mask(launcher.device_key())
+    empty_labels, empty_targets, flag = _no_targets(launcher)
+    grid, block = table_mix.cuda_grid(b, n_rows, n_cols, 0, 1)
+    runtime.launch(table_mix.cuda_kernel, grid, block, stream,
+                   (x, out.reshape(b, n_rows, n_cols), rows, masks, empty_labels, empty_targets,
+                    flag, h, cstride, images.dtype == np.uint8, False, np.float32(0.0),
+                    np.float32(0.0)), launcher)
 
 
-def _cupy():
-    import cupy
-
-    return cupy
+_NO_TARGETS = {}
 
 
-def _kernel_stream():
-    """CuPy's current stream (DALI sets it to the operator's stream) for the kernels."""
-    from gpumix.kernels._launch import StreamHandle
+def _no_targets(launcher):
+    """(labels (1,), targets (0, 1), error flag (1,)) device placeholders."""
+    key = launcher.device_key()
+    if key not in _NO_TARGETS:
+        import cupy as cp
 
-    return StreamHandle(_cupy().cuda.get_current_stream().ptr)
+        _NO_TARGETS[key] = tuple(runtime.DeviceArray.of(a) for a in (
+            cp.zeros(1, cp.int64), cp.zeros((0, 1), cp.float32), cp.zeros(1, cp.int32)))
+    return _NO_TARGETS[key]
+
+
+def _stack(batch, xp):
+    """The samples as one (B, ...) array: a zero-copy view when DALI laid them
+    out back to back (uniform shapes usually are), else a stacked copy."""
+    samples = [xp.asarray(s) for s in batch]
+    first = samples[0]
+    uniform = all(s.shape == first.shape and s.dtype == first.dtype for s in samples)
+    if uniform and first.flags.c_contiguous and len(samples) > 1:
+        address = (lambda a: a.ctypes.data) if xp is np else (lambda a: a.data.ptr)
+        step = first.nbytes
+        start = address(first)
+        if all(address(s) == start + i * step for i, s in enumerate(samples)):
+            return xp.lib.stride_tricks.as_strided(
+                first, shape=(len(samples), *first.shape), strides=(step, *first.strides))
+    return xp.stack(samples)
 
 
 def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
@@ -478,101 +396,111 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     return fn.cat(*parts)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 def _spatial(size):
     """``size=`` as an (H, W) tuple of ints, or None."""
     return None if size is None else tuple(int(n) for n in size)
 
 
-def _params_stage(config: MixConfig, images, labels, *, layout: str, size, source_info,
-                  return_params: bool, gpu: bool, fast: bool = False):
-    """The CPU stage's :class:`_ParamsStep`: (targets, apply vectors, [masks],
-    [params]) nodes, on the CPU stage whatever the images' device; CPU
-    pipelines give it the images (``gpu=False``). ``fast`` (no params
-    outputs): the objmode ``numba_function`` of gpumix/dali_cpu.py instead
-    of a ``python_function``, for HWC uint8 images or none."""
-    from nvidia.dali import fn
+def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
+                  layout: str = "HWC", size=None, source_info=None):
+    """The params operator's (targets, table, masks or None) nodes on the CPU
+    stage. Given the images (CPU pipelines, of DALI type ``images_type``) it
+    reads their shapes and addresses and makes the FMix masks; otherwise it
+    needs ``size``."""
     from nvidia.dali.pipeline import Pipeline
 
-    step = _ParamsStep(config, layout, return_params, reads_images=not gpu,
-                       spatial_shape=_spatial(size))
+    with_images = images is not None
+    step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=with_images)
     batch_size = Pipeline.current().max_batch_size
-    inputs = [_draw_vectors(config, size, batch_size, labels)] + ([] if gpu else [images])
+    inputs = [_draw_vectors(config, size, batch_size, labels)] + ([images] * with_images)
     inputs += [] if source_info is None else [source_info]
-    fmix_on = config.enabled[2]
-    if fast:
-        operator = dali_cpu.params_operator(
-            step, num_classes=config.num_classes, with_masks=fmix_on,
-            with_names=source_info is not None, with_images=not gpu)
-        targets, vectors, *masks = operator(*inputs)
-        return targets, vectors, masks, []
-    targets, vectors, *rest = fn.python_function(
-        *inputs, function=step, batch_processing=True,
-        num_outputs=2 + fmix_on + (len(PARAM_NAMES) if return_params else 0))
-    masks = [rest.pop(0)] if fmix_on else []
-    params = rest + masks if return_params else []
-    return targets, vectors, masks, params
+    masks_on = with_images and config.enabled[2]
+    operator = dali_cpu.params_operator(
+        step, num_classes=config.num_classes, with_masks=masks_on,
+        with_names=source_info is not None, images_type=images_type if with_images else None,
+        layout=layout)
+    targets, rows, *masks = operator(*inputs)
+    return targets, rows, (masks[0] if masks else None)
+
+
+def _param_outputs(rows, masks, config: MixConfig) -> tuple:
+    """labels, pair, lam, method, box[, mask] nodes, sliced from the table."""
+    from nvidia.dali import fn, types
+
+    dtypes = {"labels": types.INT64, "pair": types.INT64, "lam": types.FLOAT,
+              "method": types.INT8, "box": types.INT64}
+    outputs = [fn.cast(rows[start:start + width], dtype=dtypes[name])
+               for name, (start, width) in PARAM_COLUMNS.items()]
+    if config.enabled[2]:
+        outputs.append(masks)
+    return tuple(outputs)
+
+
+def mix_params(labels, *, num_classes: int, size, source_info=None, **options):
+    """The params alone: ``targets, table`` for :func:`gpumix.torch.apply`.
+
+    ``labels``: integer class ids in [0, num_classes). ``size=(H, W)``: the
+    images' size (boxes and masks are made for it; ``apply`` checks it).
+    ``options``: every :class:`gpumix.MixConfig` option. Outputs, per sample:
+    float32 soft targets ``(K,)`` and one float64 table row
+    ``(N_COLUMNS,)`` (gpumix.kernels.table). Both are CPU nodes; errors are
+    raised by :func:`raise_pending`.
+    """
+    if size is None:
+        raise ValueError("size=(H, W) is required: the params are made for that size")
+    config = MixConfig(num_classes=num_classes, **options)
+    targets, rows, _ = _params_stage(config, labels, size=size, source_info=source_info)
+    return targets, rows
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         source_info=None, return_params: bool = False, device: str = "cpu", dtype=None,
-        fast_params: bool = False, **options):
+        **options):
     """Mix a DALI batch inside ``pipeline_def``; returns ``(images, targets[, params...])``.
 
     ``images``: HWC (uint8, from decoders/crops) or CHW (float32/float16, from
     crop_mirror_normalize) -- say which with ``layout``; ``dtype`` (a DALI
     type) is uint8 for HWC and float32 for CHW unless given. ``labels``:
-    integer class ids in [0, num_classes). ``size=(H, W)`` is needed for
-    FMix and with ``device="gpu"``. ``options``: every :class:`gpumix.MixConfig` option (mixup_alpha,
-    cutmix_alpha, fmix_alpha, prob, mode, ...). With ``return_params`` the
-    per-sample labels, pair (int64), lam (float32), method (int8), box
-    (int64 x 4) and, with FMix, mask (float32 H x W) follow. ``device``:
-    "cpu" or "gpu" (images already on the GPU stage). ``fast_params``: on a
-    GPU pipeline without FMix, the params operator of :func:`mix_normalize`
-    (same conditions and error reporting).
+    integer class ids in [0, num_classes). ``size=(H, W)`` is required with
+    ``device="gpu"`` (the CPU stage cannot read the GPU images' shapes) and
+    for FMix. ``options``: every :class:`gpumix.MixConfig` option. With
+    ``return_params`` the per-sample labels, pair (int64), lam (float32),
+    method (int8), box (int64 x 4) and, with FMix, mask (float32 H x W)
+    follow. ``device``: "cpu" or "gpu" (images already on the GPU stage).
     """
     from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
 
-    _check_choice("layout", layout, ("HWC", "CHW"))
-    _check_choice("device", device, ("cpu", "gpu"))
+    check_choice("layout", layout, ("HWC", "CHW"))
+    check_choice("device", device, ("cpu", "gpu"))
     dtype = (types.UINT8 if layout == "HWC" else types.FLOAT) if dtype is None else dtype
     if dtype not in (types.UINT8, types.FLOAT16, types.FLOAT):
         raise TypeError(f"dtype must be DALI's UINT8, FLOAT16 or FLOAT, got {dtype!r}")
     config = MixConfig(num_classes=num_classes, **options)
-    gpu = device == "gpu"
-    extra = [] if source_info is None else [source_info]
-    if gpu and config.enabled[2]:  # FMix's masks from cuFFT: the whole step on the GPU stage
-        n_outputs = 2 + (len(param_names(config)) if return_params else 0)
-        batch_size = Pipeline.current().max_batch_size
-        inputs = [n.gpu() for n in [_draw_vectors(config, size, batch_size, labels)] + extra]
-        return tuple(fn.python_function(
-            images, *inputs, function=_GpuMixStep(config, layout, return_params),
-            batch_processing=True, num_outputs=n_outputs, device="gpu",
-            output_layouts=[layout] + [""] * (n_outputs - 1)))
-    if gpu and size is None:
-        raise ValueError("size=(H, W) is required with device='gpu': the params are made on "
-                         "the CPU stage, which cannot read the GPU images' shapes")
-    targets, vectors, masks, params = _params_stage(
-        config, images, labels, layout=layout, size=size, source_info=source_info,
-        return_params=return_params, gpu=gpu, fast=gpu and fast_params and not return_params)
-    if not gpu and dtype != types.FLOAT16:
-        mixed = dali_cpu.applier("mix", layout=layout, dtype=dtype,
-                                 with_masks=bool(masks))(images, vectors, *masks)
-        return (fn.reshape(mixed, layout=layout), targets, *params)
-    apply_inputs = [vectors] + masks
-    if gpu:
-        apply_inputs = [n.gpu() for n in apply_inputs]
-        targets, params = targets.gpu(), [p.gpu() for p in params]
-    mixed = fn.python_function(images, *apply_inputs,
-                               function=_ApplyStep(layout, device, _spatial(size)),
-                               batch_processing=True, num_outputs=1, device=device,
-                               output_layouts=[layout])
-    return (mixed, targets, *params)
+    if device == "gpu":
+        if size is None:
+            raise ValueError("size=(H, W) is required with device='gpu': the params are made "
+                             "on the CPU stage, which cannot read the GPU images' shapes")
+        targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
+                                         source_info=source_info)
+        step = _GpuMixStep(layout, _spatial(size), return_params and config.enabled[2])
+        outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
+                                     num_outputs=1 + step.with_masks_output, device="gpu",
+                                     output_layouts=[layout] + [""] * step.with_masks_output)
+        mixed, *masks = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        params = _param_outputs(rows, masks[0].cpu() if masks else None, config) \
+            if return_params else ()
+        return (mixed, targets.gpu(), *params)
+    half = dtype == types.FLOAT16  # Numba has no CPU float16: its bits, as uint16
+    source = fn.reinterpret(images, dtype=types.UINT16) if half else images
+    targets, rows, masks = _params_stage(config, labels, images=source,
+                                         images_type=types.UINT16 if half else dtype,
+                                         layout=layout, size=size, source_info=source_info)
+    applier = dali_cpu.applier("mix", layout=layout, dtype=dtype, with_masks=masks is not None)
+    mixed = applier(source, rows, *([masks] if masks is not None else []))
+    if half:
+        mixed = fn.reinterpret(mixed, dtype=types.FLOAT16)
+    params = _param_outputs(rows, masks, config) if return_params else ()
+    return (fn.reshape(mixed, layout=layout), targets, *params)
 
 
 def _normalize_options(mean, std, output_layout, dtype, device):
@@ -580,8 +508,8 @@ def _normalize_options(mean, std, output_layout, dtype, device):
     floats, and whether the fused CPU applier serves them."""
     from nvidia.dali import types
 
-    _check_choice("output_layout", output_layout, ("CHW", "HWC"))
-    _check_choice("device", device, ("cpu", "gpu"))
+    check_choice("output_layout", output_layout, ("CHW", "HWC"))
+    check_choice("device", device, ("cpu", "gpu"))
     if dtype not in (types.FLOAT, types.FLOAT16):
         raise TypeError(f"dtype must be DALI's FLOAT or FLOAT16, got {dtype!r}")
     mean, std = np.atleast_1d(np.asarray(mean, float)), np.atleast_1d(np.asarray(std, float))
@@ -616,21 +544,13 @@ def normalize(images, *, mean, std, output_layout: str = "CHW", dtype=None,
 
 def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout: str = "CHW",
                   dtype=None, size=None, source_info=None, return_params: bool = False,
-                  device: str = "cpu", fast_params: bool = False, **options):
+                  device: str = "cpu", **options):
     """:func:`mix` then :func:`normalize`: HWC uint8 images in, ``(images,
     targets[, params...])`` out with the images mixed, then ``(x - mean) /
     std`` per channel, float in ``output_layout``. On the CPU with float32
-    output the two are one ``numba_function`` (:func:`mix_normalize_batch_cpu`),
-    with no mixed copy of the batch in between; elsewhere they are
-    :func:`mix` and ``crop_mirror_normalize``. Arguments as in :func:`mix`.
-
-    ``fast_params`` (CPU, float32 output, no ``return_params``): the params
-    step runs as a ``numba_function`` that calls it back through Numba's
-    objmode (gpumix/dali_cpu.py), about 1 ms of serial CPU per batch less
-    than its ``python_function``; its errors (e.g. labels out of range) are
-    then raised by :func:`gpumix.dali_cpu.raise_pending`, which
-    :class:`gpumix.torch.DALIMixLoader` calls after every batch, not by the
-    pipeline."""
+    output the two are one per-sample ``numba_function``, with no mixed copy
+    of the batch in between; otherwise :func:`mix`, then
+    ``crop_mirror_normalize``. Arguments as in :func:`mix`."""
     from nvidia.dali import fn, types
 
     dtype = types.FLOAT if dtype is None else dtype
@@ -638,14 +558,14 @@ def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout:
     if not fused:
         mixed, *rest = mix(images, labels, num_classes=num_classes, layout="HWC", size=size,
                            source_info=source_info, return_params=return_params,
-                           device=device, fast_params=fast_params, **options)
+                           device=device, **options)
         return (fn.crop_mirror_normalize(mixed, dtype=dtype, output_layout=output_layout,
                                          mean=mean, std=std), *rest)
     config = MixConfig(num_classes=num_classes, **options)
-    targets, vectors, masks, params = _params_stage(
-        config, images, labels, layout="HWC", size=size, source_info=source_info,
-        return_params=return_params, gpu=False, fast=fast_params and not return_params)
+    targets, rows, masks = _params_stage(config, labels, images=images, images_type=types.UINT8,
+                                         layout="HWC", size=size, source_info=source_info)
     applier = dali_cpu.applier("mix_normalize", layout=output_layout, mean=mean, std=std,
-                               with_masks=bool(masks))
-    return (fn.reshape(applier(images, vectors, *masks), layout=output_layout), targets,
-            *params)
+                               with_masks=masks is not None)
+    mixed = applier(images, rows, *([masks] if masks is not None else []))
+    params = _param_outputs(rows, masks, config) if return_params else ()
+    return (fn.reshape(mixed, layout=output_layout), targets, *params)

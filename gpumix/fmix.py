@@ -91,9 +91,9 @@ def _cupy_irfftn(spectrum, shape, axes):
     """cuFFT c2r with one plan per device, stream and shape for the whole
     process. CuPy's own plan cache is per thread, and DALI calls
     python_function from threads whose Python state (threading.local
-    included) is new at every call: a plan was made and destroyed per batch,
-    220 ms of a GPU pipeline's batch against 6 ms with a kept plan (an H100;
-    benchmarks/README.md). A plan per stream, because its work area must not
+    included) is new at every call: a plan would be made and destroyed per
+    batch, which cost more than the rest of a GPU pipeline's batch
+    (benchmarks/GPU.md). A plan per stream, because its work area must not
     be shared by two streams at once."""
     import cupy as cp
     from cupyx.scipy import fft as cupy_fft
@@ -114,9 +114,9 @@ def _cupy_irfftn(spectrum, shape, axes):
 def _irfftn(spectrum, shape, xp, out=None):
     """Batched inverse real FFT over the trailing axes, float32 out. On the
     CPU, ducc0's (pocketfft's successor: SIMD across lines, the GIL
-    released) in chunks of samples on all cores, into ``out`` when given:
-    half the time of NumPy's pocketfft here (100 against 200 us for one
-    224 x 224 image). On CUDA, one cuFFT plan (:func:`_cupy_irfftn`)."""
+    released, about half the time of NumPy's FFT) in chunks of samples on
+    all cores, into ``out`` when given. On CUDA, one cuFFT plan
+    (:func:`_cupy_irfftn`)."""
     axes = tuple(range(-len(shape), 0))
     if xp is not np:
         return _cupy_irfftn(spectrum, shape, axes)
@@ -242,12 +242,6 @@ def masks_from_grey_cuda(grey, num_low, num_high, stream=None):
     ramp = 1.0 - (ranks - lo) / width
     out = cp.where(ranks < lo, 1.0, cp.where(ranks >= hi, 0.0, ramp)).astype(cp.float32)
     return out.reshape(grey.shape)
-
-
-def soft_lam(masks):
-    """Label weight of soft masks: the mask mean per sample (float32)."""
-    n = masks.shape[0]
-    return masks.reshape(n, -1).astype("float64").mean(axis=1).astype("float32")
 
 
 def _spectrum_layout(shape, decay_power, reference_compatible):

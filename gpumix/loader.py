@@ -26,8 +26,15 @@ crop, no mixing) yielding ``(images, labels)``.
 
 Errors: a missing or empty folder fails at construction; an image DALI cannot
 decode fails the iteration with a RuntimeError naming the file (found by
-re-reading the dataset with Pillow once DALI has failed, since DALI's own
-message does not name it).
+re-reading the dataset with Pillow once DALI has reported a decoding error,
+since DALI's own message does not name it; other errors pass unchanged).
+Errors of gpumix's params operator (e.g. a label outside [0, num_classes))
+are raised after the batch that met them (gpumix.dali.raise_pending).
+
+Devices: on the CPU the pipeline mixes and normalises. On the GPU it ends at
+the uint8 crops, the targets and the params table, and each batch is mixed,
+normalised and laid out at the hand-off by one CUDA launch on torch's
+current stream (:func:`gpumix.torch.apply`), with no host synchronisation.
 
 Distributed: each rank reads its shard, from ``shard_id``/``num_shards`` or,
 when both are left out, from torch.distributed's rank and world size. The
@@ -106,7 +113,7 @@ class DALIMixLoader:
 
     def __init__(self, data=None, *, file_list=None, batch_size: int = 64,
                  num_classes: int | None = None, size=224, train: bool = True,
-                 mixing: str = "gpumix", num_threads: int = 2, seed: int = 0,
+                 mixing="gpumix", num_threads: int = 2, seed: int = 0,
                  device: str = "auto", last_batch_policy: str = "partial",
                  channels_last: bool = False, dtype=torch.float32, shuffle: bool = True,
                  shard_id: int | None = None, num_shards: int | None = None,
@@ -145,6 +152,12 @@ class DALIMixLoader:
         self.channels_last = channels_last
         self.return_params = return_params and train and mixing == "gpumix"
         self.device_choice = resolve_device(device)
+        # GPU training with gpumix's own graph: mixing and normalising at the hand-off.
+        self._handoff = train and self.device_choice.device == "gpu" and mixing in ("gpumix",
+                                                                                    "none")
+        self._with_table = self._handoff and mixing == "gpumix"
+        self._dtype = dtype
+        self._size = size
         self.last_batch_policy = last_batch_policy
         self.num_threads = num_threads
 
@@ -170,6 +183,9 @@ class DALIMixLoader:
 
             self._param_names = param_names(MixConfig(num_classes=self.num_classes,
                                                       **mix_options))
+        if self._with_table:
+            self._outputs.append("table")
+        elif self.return_params:
             self._outputs += list(self._param_names)
         self._iterator = self._guarded(self._make_iterator)
         self._mid_epoch = False
@@ -186,12 +202,14 @@ class DALIMixLoader:
                                    auto_reset=True)
 
     def _guarded(self, step):
-        """Run a DALI step; on failure name an unreadable file if there is one."""
+        """Run a DALI step; when DALI reports a decoding error, name the file."""
         try:
             return step()
         except StopIteration:
             raise
         except RuntimeError as error:
+            if "decod" not in str(error).lower():
+                raise
             culprit = find_unreadable(self.files, self.num_threads)
             if culprit is not None:
                 raise RuntimeError(f"cannot decode image {culprit}") from error
@@ -199,6 +217,8 @@ class DALIMixLoader:
 
     def _to_torch(self, batch: dict):
         images = batch["images"]
+        if self._handoff:
+            return self._hand_off(batch)
         if self.channels_last:  # DALI wrote NHWC: a free NCHW view in channels_last memory
             images = images.permute(0, 3, 1, 2)
         second = batch["targets"] if self.train else batch["labels"].reshape(-1)
@@ -208,6 +228,31 @@ class DALIMixLoader:
                       for k, v in params.items()}
             return images, second, params
         return images, second
+
+    def _hand_off(self, batch: dict):
+        """Mix, normalise and lay out DALI's uint8 crops in one CUDA launch."""
+        from gpumix.torch import apply, identity_table
+
+        images = batch["images"]
+        rows = batch["table"] if self._with_table else identity_table(images.shape[0],
+                                                                      self._size)
+        mixed, masks = apply(images, rows, mean=pipelines.IMAGENET_MEAN,
+                             std=pipelines.IMAGENET_STD, channels_last=self.channels_last,
+                             dtype=self._dtype, return_masks=True)
+        if not self.return_params:
+            return mixed, batch["targets"]
+        from gpumix.dali import PARAM_COLUMNS
+
+        table = batch["table"]
+        params = {name: table[:, start:start + width].reshape(-1) if width == 1
+                  else table[:, start:start + width] for name, (start, width) in
+                  PARAM_COLUMNS.items()}
+        params = {"labels": params["labels"].long(), "pair": params["pair"].long(),
+                  "lam": params["lam"].float(), "method": params["method"].to(torch.int8),
+                  "box": params["box"].long()}
+        if "mask" in self._param_names:
+            params["mask"] = masks
+        return mixed, batch["targets"], params
 
     # ------------------------------------------------------------ public
     def __len__(self) -> int:

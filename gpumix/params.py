@@ -301,13 +301,16 @@ def _array_module(a):
     return np
 
 
-def to_table(params: MixParams, spatial_shape, config: MixConfig, own_address=None,
-             error_address: int = 0) -> np.ndarray:
-    """The params table (B, N_COLUMNS) float64 of gpumix.kernels.table.
+def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
+             own_address=None, error_address: int = 0) -> np.ndarray:
+    """The params table (B, N_COLUMNS) float64 of gpumix.kernels.table
+    (``labels``: class ids, 0 when not given).
     ``own_address`` (int64 per sample, CPU pipelines): the samples' pixel
     addresses, written as each row's own and partner address."""
     b = params.batch_size
     out = np.zeros((b, table.N_COLUMNS), np.float64)
+    if labels is not None:
+        out[:, table.LABEL] = labels
     out[:, table.PAIR] = params.pair
     out[:, table.LAM] = params.lam
     out[:, table.METHOD] = params.method
@@ -346,6 +349,23 @@ def from_table(rows, masks=None) -> MixParams:
                      fmix_keys=keys if fmix_on else None,
                      fmix_ranks=rows[:, table.RANK_LOW:table.RANK_HIGH + 1].astype(np.int64)
                      if fmix_on else None)
+
+
+def table_masks(rows, shape) -> np.ndarray:
+    """CPU FMix masks (B, H, W) float32 from a params table's keys and ranks
+    (zeros for the rows that do not use FMix)."""
+    rows = np.asarray(rows)
+    masks = np.zeros((rows.shape[0], *shape), np.float32)
+    used = np.flatnonzero(rows[:, table.METHOD] == FMIX)
+    if used.size:
+        first = rows[used[0]]
+        make = fmix.cpu_mask_maker(tuple(shape), float(first[table.DECAY_POWER]),
+                                   bool(first[table.REFERENCE]))
+        keys = (rows[used, table.KEY_HIGH].astype(np.int64) << 31) \
+            | rows[used, table.KEY_LOW].astype(np.int64)
+        masks[used] = make(keys, rows[used, table.RANK_LOW].astype(np.int64),
+                           rows[used, table.RANK_HIGH].astype(np.int64))
+    return masks
 
 
 def ramp_lam(num_low, num_high, n_pixels: int) -> np.ndarray:

@@ -4,35 +4,24 @@ around them, one ``device`` argument picking CPU or GPU).
 
     dataset_files(root)        -> (files, labels, class names), sorted, checked
     train_graph(...)           read -> decode the random crop only -> resize,
-                               mirrored at random -> mix (uint8 HWC) and
-                               normalize (float CHW or HWC)
+                               mirrored at random -> mix and normalise
     val_graph(...)             read -> decode -> resize -> centre crop -> normalize
-    build_pipeline(...)        either graph in a Pipeline (mixing "gpumix",
-                               "none", or "dali": the pure-DALI baseline)
+    build_pipeline(...)        either graph in a Pipeline
 
-The training graph mixes the uint8 crops, then normalises: a quarter of the
-bytes of mixing float32 CHW, and mixing commutes with the per-channel affine
-normalisation up to the uint8 rounding of MixUp (at most half a grey
-level). On the CPU the two are one operator
+The training graph mixes the uint8 crops and normalises them: a quarter of
+the bytes of mixing float32 CHW. On the CPU the two are one operator
 (:func:`gpumix.dali.mix_normalize`, :func:`gpumix.dali.normalize` with
-mixing off); on the GPU they are :func:`gpumix.dali.mix` and
-``crop_mirror_normalize``. Use :func:`gpumix.dali.mix` directly to mix CHW
-floats.
+mixing off). On the GPU the graph ends at the uint8 crops, the soft targets
+and the params table (:func:`gpumix.dali.mix_params`), and the loader mixes
+and normalises at the hand-off in one launch (:func:`gpumix.torch.apply`).
 
 The horizontal flip is a reversed ROI of the resize (``_resize_mirrored``),
-where it costs nothing, rather than ``fn.flip``, a copy of the batch; every
-DALI configuration (gpumix's and the baselines) shares it, so the
-benchmarks compare the mixing and normalising stages alone.
-
-The random-resized crop is chosen before decoding
-(``decoders.image_random_crop``, the same area and aspect-ratio ranges as
-torchvision's RandomResizedCrop and DALI's ``random_resized_crop``), so the
-JPEG decoder skips the rows below the crop and the columns beside it: the
-DALI pipelines here ran 8-22% faster than decoding whole images first.
-
-The pure-DALI baseline uses only DALI operators: ``batch_permutation`` +
-``permute_batch`` + arithmetic for MixUp, ``multi_paste`` for CutMix (box
-inside the image), targets from ``one_hot``. It exists to measure against.
+where it costs nothing, rather than ``fn.flip``, a copy of the batch. The
+random-resized crop is chosen before decoding
+(``decoders.image_random_crop``, the area and aspect-ratio ranges of
+torchvision's RandomResizedCrop), so the JPEG decoder skips what the crop
+leaves out. docs/design.md has the reasons and benchmarks/README.md the
+figures.
 """
 
 from __future__ import annotations
@@ -43,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # per channel, on 0..255 values
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 READER_NAME = "reader"
 
 
@@ -133,11 +122,11 @@ def _normalize(images, *, dtype, layout: str = "CHW", crop=None):
     from nvidia.dali import fn
 
     kwargs = {"crop": crop} if crop is not None else {}
-    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=MEAN,
-                                    std=STD, **kwargs)
+    return fn.crop_mirror_normalize(images, dtype=dtype, output_layout=layout, mean=list(IMAGENET_MEAN),
+                                    std=list(IMAGENET_STD), **kwargs)
 
 
-def _smoothed_one_hot(labels, num_classes: int, smoothing: float):
+def smoothed_one_hot(labels, num_classes: int, smoothing: float):
     """float32 targets (K,): 1 - smoothing + smoothing / K on the label, smoothing / K off."""
     from nvidia.dali import fn
 
@@ -146,47 +135,20 @@ def _smoothed_one_hot(labels, num_classes: int, smoothing: float):
                       off_value=off)
 
 
-def _dali_baseline_mix(images, labels, *, num_classes, size, mixup_alpha=1.0,
-                       cutmix_alpha=0.0, label_smoothing=0.1):
-    """MixUp or CutMix with DALI operators only (HWC uint8 in, HWC uint8 out);
-    neither (both alphas 0): the images as they are, one-hot targets."""
-    from nvidia.dali import fn, math as dmath, types
-
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:  # stock DALI, no mixing
-        return images, _smoothed_one_hot(labels, num_classes, label_smoothing)
-    perm = fn.batch_permutation()
-    partner = fn.permute_batch(images, indices=perm)
-    partner_labels = fn.permute_batch(labels, indices=perm)
-    one_hot = _smoothed_one_hot(labels, num_classes, label_smoothing)
-    partner_hot = _smoothed_one_hot(partner_labels, num_classes, label_smoothing)
-    if cutmix_alpha > 0 and mixup_alpha <= 0:
-        h, w = size
-        lam = fn.random.beta(alpha=cutmix_alpha, beta=cutmix_alpha)
-        ratio = dmath.sqrt(1.0 - lam)
-        cut_h = fn.cast(ratio * h, dtype=types.INT32)
-        cut_w = fn.cast(ratio * w, dtype=types.INT32)
-        y0 = dmath.min(fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (h - cut_h + 1),
-                               dtype=types.INT32), h - cut_h)
-        x0 = dmath.min(fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (w - cut_w + 1),
-                               dtype=types.INT32), w - cut_w)
-        zero = fn.cast(y0 * 0, dtype=types.INT32)
-        anchors = fn.stack(fn.stack(zero, zero), fn.stack(y0, x0))
-        shapes = fn.stack(fn.stack(zero + h, zero + w), fn.stack(cut_h, cut_w))
-        mixed = fn.multi_paste(images, partner, in_anchors=anchors, out_anchors=anchors,
-                               shapes=shapes)
-        lam = 1.0 - fn.cast(cut_h * cut_w, dtype=types.FLOAT) / float(h * w)
-    else:
-        lam = fn.random.beta(alpha=mixup_alpha, beta=mixup_alpha)
-        mixed = fn.cast(images * lam + partner * (1.0 - lam), dtype=types.UINT8)
-    targets = one_hot * lam + partner_hot * (1.0 - lam)
-    return mixed, targets
-
-
-def train_graph(files, labels, *, num_classes: int, size, device: str, mixing: str,
+def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
                 mix_options: dict, dtype, shuffle: bool = True, shard_id: int = 0,
                 num_shards: int = 1, return_params: bool = False, layout: str = "CHW",
                 reader_seed: int = 0):
-    """Outputs (images CHW, targets float32 (K,)[, params]) of one training batch."""
+    """Outputs of one training batch.
+
+    ``mixing``: "gpumix", "none", or a function ``(images, labels, *,
+    num_classes, size, **mix_options) -> (images, targets)`` on HWC uint8
+    images (the benchmarks' DALI-only baselines), normalised after it with
+    ``crop_mirror_normalize``. On the CPU: (images CHW or HWC float, targets
+    float32 (K,)[, params]). On the GPU with "gpumix" or "none", the
+    normalisation leaves the graph for the hand-off
+    (:func:`gpumix.torch.apply`): (images HWC uint8, targets[, table]).
+    """
     from nvidia.dali import fn
 
     from gpumix import dali as gdali
@@ -194,24 +156,32 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing: s
     encoded, label = _reader(files, labels, shuffle=shuffle, shard_id=shard_id,
                              num_shards=num_shards, reader_seed=reader_seed)
     images = _resize_mirrored(_decode(encoded, device, random_crop=True), size)
-    normalize = dict(mean=MEAN, std=STD, output_layout=layout, dtype=dtype, device=device)
+    smoothing = mix_options.get("label_smoothing", 0.0)
+    if mixing not in ("gpumix", "none") and not callable(mixing):
+        raise ValueError(f"mixing must be 'gpumix', 'none' or a function, got {mixing!r}")
+    info = fn.get_property(encoded, key="source_info")
+    if device == "gpu" and mixing == "gpumix":
+        targets, rows = gdali.mix_params(label, num_classes=num_classes, size=tuple(size),
+                                         source_info=info, **mix_options)
+        return images, targets.gpu(), rows
+    if device == "gpu" and mixing == "none":
+        return images, smoothed_one_hot(label, num_classes, smoothing).gpu()
+    normalize = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), output_layout=layout,
+                     dtype=dtype, device=device)
     params = ()
     if mixing == "gpumix":
-        info = fn.get_property(encoded, key="source_info")
         images, targets, *params = gdali.mix_normalize(
             images, label, num_classes=num_classes, size=tuple(size), source_info=info,
-            return_params=return_params, fast_params=True, **normalize, **mix_options)
-    elif mixing == "dali":
-        images, targets = _dali_baseline_mix(images, label, num_classes=num_classes,
-                                             size=tuple(size), **mix_options)
-        images = _normalize(images, dtype=dtype, layout=layout)
+            return_params=return_params, **normalize, **mix_options)
     elif mixing == "none":
         images = gdali.normalize(images, **normalize)
-        targets = _smoothed_one_hot(label, num_classes, mix_options.get("label_smoothing", 0.0))
+        targets = smoothed_one_hot(label, num_classes, smoothing)
     else:
-        raise ValueError(f"mixing must be 'gpumix', 'dali' or 'none', got {mixing!r}")
-    if device == "gpu" and mixing != "gpumix":  # gpumix's targets are on the GPU already
-        targets = targets.gpu()
+        images, targets = mixing(images, label, num_classes=num_classes, size=tuple(size),
+                                 **mix_options)
+        images = _normalize(images, dtype=dtype, layout=layout)
+        if device == "gpu":
+            targets = targets.gpu()
     return (images, targets, *params)
 
 

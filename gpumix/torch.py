@@ -1,4 +1,6 @@
-"""gpumix for existing PyTorch training code: a timm-compatible ``Mixup``.
+"""gpumix for PyTorch: a timm-compatible ``Mixup``, and :func:`apply`, the
+hand-off from a DALI pipeline that made the params with
+:func:`gpumix.dali.mix_params`.
 
     mixup = gpumix.torch.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=1000)
     for x, y in loader:
@@ -15,13 +17,21 @@ lam (SEMANTICS.md) rather than box sides.
 
 Tensors: NCHW float32/float16/uint8, or channels-last memory format (mixed
 as NHWC without a copy). CPU tensors run the Numba CPU kernels on their
-memory; CUDA tensors run the Numba CUDA kernels on torch's current stream
-through ``__cuda_array_interface__``, and FMix masks are made on the GPU
-(cupy.fft + the selection kernel): no image data goes to the host.
+memory. CUDA tensors: the params are sampled on the host, packed into one
+params table (gpumix.kernels.table), uploaded through pinned memory, and ONE
+kernel (gpumix.kernels.table_mix) mixes every sample and writes the soft
+targets on torch's current stream; FMix masks are made on the GPU first
+(normals kernel, cuFFT, selection). Nothing waits for the device: labels are
+checked by the kernel, which sets a flag in pinned memory; the next call,
+or :meth:`Mixup.check` (which waits), raises a ValueError for it, and the
+bad rows of the targets are NaN.
 
-In place (default, like timm): ``x`` is overwritten and returned. With
-``inplace=False`` a new tensor is returned and ``x`` is untouched. The
-parameters of the last call are kept in ``last_params`` for inspection.
+In place (default, like timm): ``x`` is overwritten and returned. On CUDA
+with an involutive pairing (the default "flip") the kernel mixes both
+samples of a pair in one thread and needs no copy of the batch; other
+pairings mix from a snapshot kept between calls. With ``inplace=False`` a
+new tensor is returned and ``x`` is untouched. The parameters of the last
+call are kept in ``last_params`` for inspection.
 
 Randomness: one NumPy generator per module, seeded by ``seed`` (or drawn
 from ``generator``, a torch.Generator); the same seed gives the same
@@ -30,15 +40,22 @@ sequence of batches.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
-from gpumix import fmix, mixing
-from gpumix.config import MixConfig
-from gpumix.params import as_numpy_generator, draw, params_from_draws
+from gpumix import mixing, runtime
+from gpumix.config import FMIX, MixConfig
+from gpumix.kernels import mix_normalize as fused, table, table_mix
+from gpumix.kernels.soft_targets import smoothing_values
+from gpumix.params import as_numpy_generator, draw, from_table, params_from_draws, to_table
 from gpumix.kernels._launch import StreamHandle
 
-__all__ = ["Mixup", "DALIMixLoader"]
+__all__ = ["Mixup", "apply", "DALIMixLoader", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 def __getattr__(name):
@@ -87,7 +104,22 @@ class Mixup:
         self.rng = as_numpy_generator(generator if generator is not None else seed)
         self.mixup_enabled = True  # timm's switch for turning mixing off late in training
         self.last_params = None
-        self._scratch = None  # reused snapshot buffer for in-place CPU mixing
+        self._scratch = None  # reused snapshot buffer for in-place mixing
+        self._label_flag = None  # pinned int32: set by the CUDA kernel on a bad label
+
+    def check(self) -> None:
+        """Wait for this module's CUDA work and raise if a label was out of range."""
+        if self._label_flag is not None:
+            torch.cuda.current_stream().synchronize()
+            self._raise_label_error()
+
+    def _raise_label_error(self) -> None:
+        flag = self._label_flag
+        if flag is not None and flag[0]:
+            flag[0] = 0
+            raise ValueError(f"target holds a class id outside [0, {self.config.num_classes}) "
+                             f"(num_classes={self.config.num_classes}) in an earlier CUDA "
+                             f"call: its targets rows are NaN")
 
     def sample_params(self, batch_size: int, spatial_shape, device=None):
         """Draw this call's parameters (masks on ``device`` when it is CUDA)."""
@@ -96,11 +128,9 @@ class Mixup:
             config = MixConfig(mixup_alpha=0.0, num_classes=config.num_classes,
                                label_smoothing=config.label_smoothing, pairing=config.pairing)
         draws = draw(config, batch_size, spatial_shape, self.rng)
-        maker = None
-        if device is not None and device.type == "cuda" and config.enabled[2]:
-            maker = fmix.cuda_mask_maker(spatial_shape, config.decay_power,
-                                         config.reference_compatible, _cuda_stream())
-        return params_from_draws(config, spatial_shape, draws, batch_size, fmix_masks=maker)
+        on_cuda = device is not None and device.type == "cuda"  # masks made at launch
+        return params_from_draws(config, spatial_shape, draws, batch_size,
+                                 make_masks=not on_cuda)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor):
         if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
@@ -137,15 +167,208 @@ class Mixup:
         return scratch
 
     def _call_cuda(self, x, view, layout, target, params):
-        stream = _cuda_stream()
-        # Targets first: their label check (one device-to-host copy) fails
-        # before x is written in place.
-        targets = torch.empty((x.shape[0], self.config.num_classes), dtype=torch.float32,
+        """One pinned upload of the table, one launch (after the masks with FMix)."""
+        self._raise_label_error()  # a bad label met by an earlier call
+        launcher = runtime.active_launcher()
+        if self._label_flag is None:
+            self._label_flag = launcher.flag()
+        b = x.shape[0]
+        h, w = mixing.check_images(view, layout, "x")
+        rows = to_table(params, (h, w), self.config)
+        targets = torch.empty((b, self.config.num_classes), dtype=torch.float32,
                               device=x.device)
-        mixing.soft_targets(target, params, self.config.num_classes,
-                            self.config.label_smoothing, out=targets, stream=stream)
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
-        mixing.mix_images(view, params, layout, out=view if self.inplace else out_view,
-                          stream=stream)
+        by_pairs = self.inplace and table_mix.is_involution(params.pair)
+        source = view
+        if self.inplace and not by_pairs:  # cycles longer than two: mix from a snapshot
+            if self._scratch is None or self._scratch.shape != view.shape \
+                    or self._scratch.dtype != view.dtype or self._scratch.device != x.device:
+                self._scratch = torch.empty_like(view, memory_format=torch.contiguous_format)
+            self._scratch.copy_(view)
+            source = self._scratch
+        masks = mix_cuda(runtime.DeviceArray.of(source), runtime.DeviceArray.of(out_view),
+                         rows, params, layout, runtime.DeviceArray.of(target),
+                         runtime.DeviceArray.of(targets), self._label_flag, self.config,
+                         by_pairs, _cuda_stream().ptr, x.device, launcher)
+        if masks is not None:
+            self.last_params = dataclasses.replace(params, mask=masks.owner)
         return out, targets
+
+
+def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pairs, stream,
+             device, launcher):
+    """The host path of a CUDA ``Mixup`` call on DeviceArrays: upload the
+    table, make the FMix masks, launch gpumix.kernels.table_mix once;
+    returns the masks (a DeviceArray) or None."""
+    b = x.shape[0]
+    if layout == "NCHW":
+        _, c, h, w = x.shape
+        n_rows, n_cols, cstride = c * h, w, 1
+    else:
+        _, h, w, c = x.shape
+        n_rows, n_cols, cstride = h, w * c, c
+    device_rows = launcher.upload(rows, device)
+    masks = _masks(rows, params, (h, w), stream, device, launcher)
+    off, on = smoothing_values(config.num_classes, config.label_smoothing)
+    grid, block = table_mix.cuda_grid(b, n_rows, n_cols, b, config.num_classes)
+    runtime.launch(table_mix.cuda_kernel, grid, block, stream,
+                   (x.reshape(b, n_rows, n_cols), out.reshape(b, n_rows, n_cols), device_rows,
+                    masks, labels, targets, runtime.DeviceArray.on_host(flag), h, cstride,
+                    x.dtype == np.uint8, by_pairs, np.float32(off), np.float32(on)), launcher)
+    return None if masks is _placeholder_mask(launcher, device) else masks
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder_mask(launcher, device):
+    key = (launcher.device_key(), "mask")
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = launcher.empty((1, 1, 1), np.float32, device)
+    return _PLACEHOLDERS[key]
+
+
+def _masks(rows, params, shape, stream, device, launcher):
+    """Device masks (B, H, W) when a sample uses FMix, else a placeholder."""
+    if not np.any(params.method == FMIX):
+        return _placeholder_mask(launcher, device)
+    if isinstance(launcher, runtime.RecordingLauncher):
+        launcher.launches.append(("fmix_masks", None, None, stream, None))
+        return launcher.empty((rows.shape[0], *shape), np.float32, device)
+    from gpumix.dali import device_masks
+
+    return device_masks(rows[:, table.METHOD:table.DECAY_POWER + 2], shape, stream)
+
+
+def _host_table(table_like) -> np.ndarray:
+    """The params table as a NumPy (B, N_COLUMNS) float64 array (a view of a
+    CPU tensor or array; CUDA tables are refused: FMix needs the keys on the
+    host, and reading them back would wait for the device)."""
+    if isinstance(table_like, torch.Tensor):
+        if table_like.is_cuda:
+            raise ValueError("table must be on the CPU (gpumix.dali.mix_params makes it there; "
+                             "do not move it to the GPU)")
+        table_like = table_like.numpy()
+    rows = np.asarray(table_like)
+    if rows.dtype != np.float64 or rows.ndim != 2 or rows.shape[1] != table.N_COLUMNS:
+        raise ValueError(f"table must be float64 of shape (B, {table.N_COLUMNS}) "
+                         f"(gpumix.dali.mix_params), got {rows.dtype} {rows.shape}")
+    return rows
+
+
+_CONSTANTS: dict = {}
+
+
+def _normalization(mean, std, channels: int):
+    """(mean, 1 / std) as float32 arrays of one or ``channels`` values, checked."""
+    key = (tuple(np.atleast_1d(mean).tolist()), tuple(np.atleast_1d(std).tolist()), channels)
+    if key not in _CONSTANTS:
+        mean32 = np.atleast_1d(np.asarray(mean, np.float32))
+        std32 = np.atleast_1d(np.asarray(std, np.float32))
+        if mean32.ndim != 1 or mean32.shape != std32.shape or mean32.size not in (1, channels):
+            raise ValueError(f"mean and std must hold one value or one per channel "
+                             f"({channels}), got {mean32.tolist()} and {std32.tolist()}")
+        if not np.all(np.isfinite(mean32)) or not np.all(std32 > 0):
+            raise ValueError(f"mean must be finite and std positive, got {mean32.tolist()} "
+                             f"and {std32.tolist()}")
+        _CONSTANTS[key] = (mean32, (np.float32(1.0) / std32).astype(np.float32))
+    return _CONSTANTS[key]
+
+
+def identity_table(batch_size: int, size) -> np.ndarray:
+    """A params table that mixes nothing (every sample its own partner, no
+    method): :func:`apply` with it only normalises."""
+    rows = np.zeros((batch_size, table.N_COLUMNS), np.float64)
+    rows[:, table.PAIR] = np.arange(batch_size)
+    rows[:, table.LAM] = 1.0
+    rows[:, table.HEIGHT:table.WIDTH + 1] = size
+    return rows
+
+
+def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+          channels_last: bool = False, dtype=torch.float32, return_masks: bool = False):
+    """Mix and normalise a batch at the hand-off from DALI: the CUDA twin of
+    gpumix.dali.mix_normalize.
+
+    ``images``: (B, H, W, C) uint8, CPU or CUDA (e.g. DALI's output through
+    its torch iterator); ``table_like``: the (B, N_COLUMNS) float64 params
+    table from :func:`gpumix.dali.mix_params` (CPU tensor or array). Returns
+    a (B, C, H, W) ``dtype`` (float32 or float16) tensor on the images'
+    device, ``(mixed - mean) / std`` per channel, contiguous or (with
+    ``channels_last``) in channels-last memory; with ``return_masks`` also the
+    FMix masks (B, H, W) float32 (zeros for other samples; None without FMix).
+
+    On CUDA it is one launch of gpumix.kernels.mix_normalize on torch's
+    current stream (after the FMix masks, when a sample uses FMix), with the
+    table uploaded through pinned memory: no host synchronisation. DALI's
+    torch iterator has already made torch's stream wait for the images, and
+    keeps their memory until the tensor is freed and the device is idle
+    (docs/design.md), so the launch needs nothing more. On the CPU it runs
+    the CPU twin on every core. Both store exactly what
+    ``gpumix.dali.mix_normalize`` stores.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or not images.is_contiguous():
+        raise ValueError(f"images must be a contiguous (B, H, W, C) uint8 tensor, got "
+                         f"{images.dtype} of shape {tuple(images.shape)}")
+    if dtype not in (torch.float32, torch.float16):
+        raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    b, h, w, c = images.shape
+    rows = _host_table(table_like)
+    if rows.shape[0] != b:
+        raise ValueError(f"table has {rows.shape[0]} rows for a batch of {b} images")
+    made_for = (int(rows[0, table.HEIGHT]), int(rows[0, table.WIDTH])) if b else (h, w)
+    if made_for != (h, w):
+        raise ValueError(f"images are {h} x {w} but the table was made for size={made_for}")
+    mean32, inv_std32 = _normalization(mean, std, c)
+    chw = not channels_last
+    shape = (b, c, h, w) if chw else (b, h, w, c)
+    if images.is_cuda:
+        launcher = runtime.active_launcher()
+        out = torch.empty(shape, dtype=dtype, device=images.device)
+        masks = handoff_cuda(runtime.DeviceArray.of(images), rows, mean32, inv_std32, chw,
+                             runtime.DeviceArray.of(out), _cuda_stream().ptr, images.device,
+                             launcher)
+        masks = None if masks is None else torch.as_tensor(masks.owner, device=images.device)
+    else:
+        out, masks = _handoff_cpu(images.numpy(), rows, mean32, inv_std32, chw, shape, dtype)
+    result = out if chw else out.permute(0, 3, 1, 2)
+    return (result, masks) if return_masks else result
+
+
+def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
+    params = from_table(rows)
+    masks = None
+    if params.fmix_keys is not None:
+        from gpumix.params import table_masks
+
+        masks = table_masks(rows, images.shape[1:3])
+    wide = torch.empty(shape, dtype=torch.float32)
+    fused.cpu(images, rows, masks if masks is not None else np.zeros((1, 1, 1), np.float32),
+              mean32, inv_std32, chw, out=wide.numpy())
+    out = wide if dtype == torch.float32 else wide.to(dtype)
+    return out, None if masks is None else torch.from_numpy(masks)
+
+
+def handoff_cuda(images, rows, mean32, inv_std32, chw, out, stream, device, launcher):
+    """The host path of :func:`apply` on CUDA, on DeviceArrays: returns the
+    masks DeviceArray (None without FMix)."""
+    b, h, w, _ = images.shape
+    method = rows[:, table.METHOD]
+    masks = None
+    if np.any(method == FMIX):
+        params = from_table(rows)
+        masks = _masks(rows, params, (h, w), stream, device, launcher)
+    key = (launcher.device_key(), mean32.tobytes(), inv_std32.tobytes())
+    constants = _PLACEHOLDERS.get(key)
+    if constants is None:
+        constants = _PLACEHOLDERS[key] = (launcher.upload(mean32, device),
+                                         launcher.upload(inv_std32, device))
+    device_rows = launcher.upload(rows, device)
+    grid, block = fused.cuda_grid(b, h, w)
+    runtime.launch(fused.cuda_kernel, grid, block, stream,
+                   (images, device_rows, masks if masks is not None
+                    else _placeholder_mask(launcher, device), *constants, chw, out), launcher)
+    return masks

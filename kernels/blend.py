@@ -4,14 +4,13 @@ For every selected sample i with partner j = pair[i]:
 
     out[i] = lam[i] * x[i] + (1 - lam[i]) * x[j]        in float32
 
-then stored in the image dtype: uint8 is rounded to nearest, ties to even
-(lam in [0, 1], which MixParams.check enforces, keeps a blend of uint8
-values inside [0, 255], so no clamp is needed, and the rounding already
-returns x[i] where x[i] == x[j]: gpumix.kernels._element.blend_uint8; the two made
-the CPU loop about a quarter faster); float16 is rounded to nearest even
-from float32.
-Where x[i] and x[j] are equal the primary value is returned unchanged, so a
-sample mixed with itself, and lam == 1, are exact identities.
+then stored in the image dtype: uint8 is rounded to nearest, ties to even;
+float16 is rounded to nearest even from float32. Where x[i] and x[j] are
+equal the primary value is returned unchanged, so a sample mixed with
+itself, and lam == 1, are exact identities. The uint8 loop needs neither a
+clamp nor that equality test (gpumix.kernels._element.blend_uint8): lam in
+[0, 1], which MixParams.check enforces, keeps a blend of uint8 values inside
+[0, 255], and where x[i] == x[j] the rounding already returns x[i].
 
 Arrays are the (B, R, L) row views of gpumix.kernels._launch (any layout): the blend
 is elementwise, so rows and columns need no interpretation here. Samples not
@@ -55,8 +54,8 @@ def reference(x: np.ndarray, pair: np.ndarray, lam: np.ndarray, samples=None) ->
 @njit(cache=True, nogil=True)
 def blend_sample_cpu(a, b, w, quantize, out):
     """One sample's rows (R, L): ``out = w * a + (1 - w) * b`` (``out`` must
-    not alias ``b``). The batch kernel and gpumix.dali's per-batch applier
-    both run it."""
+    not alias ``b``). The batch kernel and the per-sample DALI applier
+    (gpumix/dali_cpu.py) both run it."""
     for r in range(a.shape[0]):
         if quantize:
             for k in range(a.shape[1]):

@@ -46,11 +46,11 @@ def reference(x: np.ndarray, pair, box, layout: str, samples=None) -> np.ndarray
 def paste_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, out):
     """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with the box
     rows [y0, y1) x pixels [x0, x1) taken from ``b``. The batch kernel and
-    gpumix.dali's per-batch applier both run it."""
+    the per-sample DALI applier (gpumix/dali_cpu.py) both run it."""
     # Byte copies (LLVM's memcpy): the sample, then the partner's segment of
     # every row the box covers (same predicate as the CUDA kernel). Numba
     # cannot tell LLVM that out and x do not overlap, so plain copy loops
-    # stay scalar here: 10x slower.
+    # would stay scalar.
     n_rows = a.shape[0]
     item = a.itemsize
     row_bytes = a.shape[1] * item

@@ -56,13 +56,13 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
 @njit(cache=True, nogil=True)
 def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row):
     """One sample's rows (R, L) mixed by its (H, W) ``mask`` into ``out``
-    (``mask_row``: float32 scratch of L). The batch kernel and gpumix.dali's
-    per-batch applier both run it."""
+    (``mask_row``: float32 scratch of L). The batch kernel and the
+    per-sample DALI applier (gpumix/dali_cpu.py) both run it."""
     # Row by row: first the mask row widened to the row's columns (each
     # pixel's value repeated for its cstride channels) in a scratch row, then
-    # one contiguous pass over the columns that LLVM vectorises. Going pixel
-    # by pixel with an inner channel loop, or dividing k by a run-time
-    # cstride, was 7-20x slower.
+    # one contiguous pass over the columns that LLVM vectorises. A pixel loop
+    # with an inner channel loop, or k divided by a run-time cstride, does
+    # not vectorise.
     n_cols = a.shape[1]
     for r in range(a.shape[0]):
         y = r % height

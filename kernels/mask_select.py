@@ -1,4 +1,4 @@
-"""FMix threshold selection: grey image -> mask by rank (SEMANTICS.md "FMix").
+"""FMix threshold selection: grey image -> mask by rank (docs/semantics.md, "FMix").
 
 For each sample, rank the N grey values from largest (rank 0) to smallest,
 ties broken by lower flat index. With ``num_low <= num_high``:

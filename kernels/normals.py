@@ -2,15 +2,15 @@
 ``(keys[s], i)``. FMix expands one 62-bit key per sample into its spectrum.
 
 Why a kernel. A 224 x 224 FMix spectrum takes 2 x 224 x 113 = 50,624 normals,
-3.2 M for a batch of 64 per-sample masks: drawing them cost more than the
-FFT and the selection together with NumPy's generators (7.8 ns a normal on
-one core here), and on CUDA they would have to cross the bus. The seeded
-source at the call site (a NumPy generator, or DALI's ``random.choice``
-inside a pipeline) draws only the keys, so it stays the single source of
-randomness; this file expands them deterministically. Every output depends
-on its key and its index only, so the work splits freely (samples x chunks
-on the CPU, one thread per normal on CUDA), there is no generator state to
-carry, and the CPU and CUDA kernels give the same numbers.
+3.2 M for a batch of 64 per-sample masks: drawn with NumPy's generators they
+cost more than the FFT and the selection together, and on CUDA they would
+have to cross the bus. The seeded source at the call site (a NumPy
+generator, or DALI's ``random.choice`` inside a pipeline) draws only the
+keys, so it stays the single source of randomness; this file expands them
+deterministically. Every output depends on its key and its index only, so
+the work splits freely (samples x chunks on the CPU, one thread per normal
+on CUDA), there is no generator state to carry, and the CPU and CUDA
+kernels give the same numbers.
 
 Bits. ``bits(seed, c)`` is SplitMix64's output function (Steele, Lea and
 Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014)
@@ -253,14 +253,13 @@ _bits_cpu, _normal_cpu = _build(njit(inline="always"))
 @njit(cache=True, nogil=True)
 def _normals_cpu(seeds, count, chunk, x_edge, f_edge, k_bound, w_scale, r, pair_scale, out,
                  first_task, stop_task):
-    # Per chunk, three loops: the first try's bits of every output (integer
-    # hashing, which LLVM vectorises); the ziggurat's fast path for every
-    # output, noting the ~1.5% that need more; then those, through
-    # normal_value from the start (the function the CUDA kernel runs). One
-    # fused loop was about twice as slow. The fast path always scales (by
-    # ones when there is no pair_scale) and writes through 1-D views of the
-    # chunk: a branch and 2-D indexing fewer in the loop made the kernel 28%
-    # faster (5.75 -> 4.5 ms for a batch of 64 spectra on one core).
+    # Per chunk, three loops rather than one fused loop: the first try's bits
+    # of every output (integer hashing, which LLVM vectorises); the
+    # ziggurat's fast path for every output, noting the ~1.5% that need
+    # more; then those, through normal_value from the start (the function
+    # the CUDA kernel runs). The fast path always scales (by ones when there
+    # is no pair_scale) and writes through 1-D views of the chunk: no branch
+    # and no 2-D indexing in the loop.
     chunks = (count + chunk - 1) // chunk
     first_bits = np.empty(chunk, np.uint64)
     slow = np.empty(chunk, np.int64)
@@ -350,6 +349,8 @@ def _device_tables(device_id: int):
 
     x_edge, f_edge, k_bound, w_scale, r = ziggurat_tables()
     return (*(numba_cuda.to_device(a) for a in (x_edge, f_edge, k_bound, w_scale)), r)
+
+
 CUDA_THREADS = 256
 CUDA_MAX_BLOCKS = 4096
 

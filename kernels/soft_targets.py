@@ -1,4 +1,4 @@
-"""Soft targets with label smoothing (SEMANTICS.md "Targets"; timm's
+"""Soft targets with label smoothing (docs/semantics.md, "Targets"; timm's
 ``mixup_target`` is the anchor, with the fix for equal labels).
 
     off = s / K,  on = 1 - s + s / K

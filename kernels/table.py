@@ -5,6 +5,7 @@ DALI's CPU stage writes it (gpumix.dali.mix_params, the loader's params
 operator), and the CPU appliers, the CUDA kernels and the torch hand-off read
 it. Every reader uses the column names below, never positions.
 
+    label            class id of sample i (for targets and inspection)
     pair             partner index j of sample i
     lam              weight of the primary (float32 value, exact in float64)
     method           NONE / MIXUP / CUTMIX / FMIX (gpumix.config)
@@ -25,11 +26,11 @@ Every value is exact in float64: integers stay below 2^53 (user-space
 addresses below 2^48), lams are float32 values.
 """
 
-COLUMNS = ("pair", "lam", "method", "y0", "y1", "x0", "x1", "key_high", "key_low",
+COLUMNS = ("label", "pair", "lam", "method", "y0", "y1", "x0", "x1", "key_high", "key_low",
            "rank_low", "rank_high", "decay_power", "reference", "height", "width",
            "partner_address", "own_address", "error_address")
 
-(PAIR, LAM, METHOD, Y0, Y1, X0, X1, KEY_HIGH, KEY_LOW, RANK_LOW, RANK_HIGH, DECAY_POWER,
+(LABEL, PAIR, LAM, METHOD, Y0, Y1, X0, X1, KEY_HIGH, KEY_LOW, RANK_LOW, RANK_HIGH, DECAY_POWER,
  REFERENCE, HEIGHT, WIDTH, PARTNER_ADDRESS, OWN_ADDRESS, ERROR_ADDRESS) = range(len(COLUMNS))
 
 N_COLUMNS = len(COLUMNS)

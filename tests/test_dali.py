@@ -159,79 +159,64 @@ def test_mix_normalize_equals_reference_then_crop_mirror_normalize(output_layout
     assert seen_methods - {0}, "nothing was mixed"
 
 
-def fast_and_python_params(options, names, labels, num_classes=5):
-    """Outputs of mix_normalize with the numba_function params operator and
-    with the python_function step, same pipeline seed and inputs."""
+def split_and_fused(options, names, labels, num_classes=5):
+    """Per run: (fused images, targets, table) from mix_normalize with the
+    params as outputs, and (images, targets, table) from mix_params, the
+    split API, with the same pipeline seed and inputs."""
     batch = np.random.default_rng(3).integers(0, 256, (len(labels), 12, 10, 3), np.uint8)
-    outputs = []
-    for fast in (True, False):
-        @pipeline_def(batch_size=len(labels), num_threads=2, device_id=None, seed=5)
+    runs = []
+    for split in (False, True):
+        @pipeline_def(batch_size=len(labels), num_threads=2, device_id=None, seed=5,
+                      exec_dynamic=True)
         def pipe():
             images = fn.external_source(source=lambda: list(batch), batch=True, layout="HWC")
             label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
                                        batch=True)
             info = fn.external_source(source=lambda: [np.frombuffer(n, np.uint8) for n in names],
                                       batch=True)
+            if split:
+                targets, rows = gdali.mix_params(label, num_classes=num_classes, size=(12, 10),
+                                                 source_info=info, label_smoothing=0.1,
+                                                 **options)
+                return images, targets, rows
             return gdali.mix_normalize(images, label, num_classes=num_classes, mean=MEAN,
-                                       std=STD, size=(12, 10), source_info=info, fast_params=fast,
-                                       label_smoothing=0.1, **options)
+                                       std=STD, size=(12, 10), source_info=info,
+                                       return_params=True, label_smoothing=0.1, **options)
 
         p = pipe()
         p.build()
-        outputs.append([[np.stack([np.array(s) for s in out]) for out in p.run()]
-                        for _ in range(3)])
-    return outputs
+        runs.append([[np.stack([np.array(s) for s in out]) for out in p.run()]
+                     for _ in range(3)])
+    return batch, runs
 
 
 @pytest.mark.parametrize("method", ["all", "mixup"])
-def test_fast_params_operator_equals_the_python_step(method):
-    # The last two samples are padding (the same file twice): both paths must
-    # keep the real samples' partners among themselves.
+def test_mix_params_then_apply_equals_mix_normalize(method):
+    """The split API (params in the pipeline, gpumix.torch.apply at the
+    hand-off) stores exactly what the in-graph operator stores. The last two
+    samples are padding (the same file twice): partners stay among the real
+    samples, and padding pairs with itself."""
+    from gpumix.kernels import table as columns
+    from gpumix.torch import apply
+
     names = [b"a.jpg", b"b.jpg", b"c.jpg", b"d.jpg", b"e.jpg", b"e.jpg"]
-    fast, slow = fast_and_python_params(dict(mode="elem", **METHODS[method]), names,
-                                        [0, 1, 2, 3, 4, 4])
-    for (x_fast, t_fast), (x_slow, t_slow) in zip(fast, slow):
-        np.testing.assert_array_equal(x_fast, x_slow)
-        np.testing.assert_array_equal(t_fast, t_slow)
-    assert not np.array_equal(fast[0][0], fast[1][0])  # the batches do differ
+    batch, (fused, split) = split_and_fused(dict(mode="elem", **METHODS[method]), names,
+                                            [0, 1, 2, 3, 4, 4])
+    for (images, targets, labels, pair, lam, method_out, box, *_), (raw, t_split, rows) in \
+            zip(fused, split):
+        np.testing.assert_array_equal(raw, batch)
+        np.testing.assert_array_equal(rows[:, columns.PAIR], pair.reshape(-1))
+        np.testing.assert_array_equal(rows[:, columns.LAM].astype(np.float32), lam.reshape(-1))
+        np.testing.assert_array_equal(rows[:, columns.Y0:columns.X1 + 1], box)
+        np.testing.assert_array_equal(t_split, targets)
+        mixed = apply(torch.from_numpy(raw), torch.from_numpy(rows), mean=MEAN, std=STD)
+        np.testing.assert_array_equal(mixed.numpy(), images)
+        assert set(pair.reshape(-1)[:5]) <= set(range(5)) and pair.reshape(-1)[5] == 5
+    assert not np.array_equal(fused[0][0], fused[1][0])  # the batches do differ
+    assert set(np.concatenate([run[5].reshape(-1) for run in fused])) - {0}, "nothing mixed"
 
 
-def test_fast_params_operator_without_images_equals_the_python_step():
-    """The GPU pipelines' CPU stage (no images, the size given): the two
-    params mechanisms agree, run here on CPU-only DALI."""
-    from gpumix.config import MixConfig
-
-    labels = [0, 1, 2, 3, 4, 4]
-    names = [b"a", b"b", b"c", b"d", b"e", b"e"]
-    config = MixConfig(num_classes=5, mode="elem", label_smoothing=0.1, **METHODS["mixup"],
-                       cutmix_alpha=1.0)
-    outputs = []
-    for fast in (True, False):
-        @pipeline_def(batch_size=6, num_threads=1, device_id=None, seed=9)
-        def pipe():
-            label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in labels],
-                                       batch=True)
-            info = fn.external_source(source=lambda: [np.frombuffer(n, np.uint8) for n in names],
-                                      batch=True)
-            targets, vectors, _, _ = gdali._params_stage(
-                config, None, label, layout="HWC", size=(12, 10), source_info=info,
-                return_params=False, gpu=True, fast=fast)
-            return targets, vectors
-
-        p = pipe()
-        p.build()
-        outputs.append([[np.stack([np.array(s) for s in out]) for out in p.run()]
-                        for _ in range(2)])
-    for (t_fast, v_fast), (t_slow, v_slow) in zip(*outputs):
-        assert v_fast.shape == (6, 7)  # no address columns without images
-        np.testing.assert_array_equal(t_fast, t_slow)
-        np.testing.assert_array_equal(v_fast, v_slow)
-    assert set(outputs[0][0][1][:, 2]) - {0}, "nothing was mixed"
-
-
-def test_fast_params_operator_reports_bad_labels():
-    from gpumix import dali_cpu
-
+def test_params_operator_reports_bad_labels():
     batch = np.zeros((3, 12, 10, 3), np.uint8)
 
     @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=5)
@@ -240,32 +225,41 @@ def test_fast_params_operator_reports_bad_labels():
         label = fn.external_source(source=lambda: [np.array([y], np.int32) for y in (0, 7, 1)],
                                    batch=True)
         return gdali.mix_normalize(images, label, num_classes=5, mean=MEAN, std=STD,
-                                   size=(12, 10), fast_params=True, mixup_alpha=1.0)
+                                   size=(12, 10), mixup_alpha=1.0)
 
     p = pipe()
     p.build()
     _, targets = p.run()
     assert np.isnan(np.stack([np.array(t) for t in targets])).all()
     with pytest.raises(ValueError, match="labels"):
-        dali_cpu.raise_pending(p)
+        gdali.raise_pending(p)
+    gdali.raise_pending(p)  # reported once
 
 
 def test_partner_is_read_only_through_the_buffer_the_step_saw():
     """The per-sample applier follows the partner address only when the own
-    address in the vector is the buffer it was given (gpumix/dali_cpu.py)."""
+    address in the row is the buffer it was given; otherwise it mixes nothing
+    and sets the row's error flag (gpumix/dali_cpu.py)."""
     from numba import njit
 
     from gpumix import dali_cpu
+    from gpumix.config import MixConfig
+    from gpumix.kernels import table as columns
+    from gpumix.params import sample, to_table
 
     images = [np.full((4, 3, 3), value, np.uint8) for value in (10, 20)]
     own = np.array([image.ctypes.data for image in images], np.int64)
-    vectors = gdali._address_columns(own, np.array([1, 0]))
-    vector = np.concatenate([np.zeros(7), vectors[0]])
-    partner = njit(lambda image, v: dali_cpu.partner_of(image, v).copy())
-    np.testing.assert_array_equal(partner(images[0], vector), images[1])
-    stale = vector.copy()
-    stale[dali_cpu.OWN_ADDRESS] += 64  # not this buffer: the sample pairs with itself
+    flag = np.zeros(1, np.int64)
+    config = MixConfig(num_classes=2)
+    rows = to_table(sample(config, 2, (4, 3), np.random.default_rng(0)), (4, 3), config,
+                    own_address=own, error_address=flag.ctypes.data)
+    partner = njit(lambda image, row: dali_cpu.partner_of(image, row).copy())
+    np.testing.assert_array_equal(partner(images[0], rows[0]), images[1])
+    assert flag[0] == 0
+    stale = rows[0].copy()
+    stale[columns.OWN_ADDRESS] += 64  # not this buffer: nothing is mixed, the flag is set
     np.testing.assert_array_equal(partner(images[0], stale), images[0])
+    assert flag[0] == 1
 
 
 @pytest.mark.parametrize("output_layout", ["CHW", "HWC"])
@@ -316,8 +310,9 @@ def test_apply_step_refuses_images_of_another_size_than_given():
 
     p = pipe()
     p.build()
-    with pytest.raises(Exception, match=r"images are 12 x 10 but mix\(\) was given size"):
-        p.run()
+    p.run()
+    with pytest.raises(ValueError, match=r"images are 12 x 10 but mix\(\) was given size"):
+        gdali.raise_pending(p)
 
 
 def test_gpu_mixing_needs_a_size():
@@ -490,7 +485,12 @@ def test_channels_last_and_float16(jpeg_folder):
 @pytest.mark.parametrize("options", [dict(mixup_alpha=0.8), dict(mixup_alpha=0.0,
                                                                    cutmix_alpha=1.0)])
 def test_pure_dali_baseline_gives_soft_targets(jpeg_folder, options):
-    loader = DALIMixLoader(jpeg_folder, batch_size=4, size=24, mixing="dali", **options)
+    from gpumix.benchmarks import baselines
+
+    name = "mixup" if options["mixup_alpha"] > 0 else "cutmix"
+    alpha = options["mixup_alpha"] or options.get("cutmix_alpha")
+    loader = DALIMixLoader(jpeg_folder, batch_size=4, size=24,
+                           mixing=baselines.named(name, alpha=alpha))
     x, t = next(iter(loader))
     assert x.shape == (4, 3, 24, 24)
     torch.testing.assert_close(t.sum(1), torch.ones(4), rtol=0, atol=1e-5)

@@ -111,3 +111,46 @@ def test_direct_launch_parameters_match_numbas_ptx(name, pyfunc, signature):
     params = launch.parameters([_example(t) for t in signature])
     assert [("f" if p.dtype.kind == "f" else "i", p.dtype.itemsize) for p in params] \
         == _ptx_parameters(ptx)
+
+
+def _fast_path_records():
+    """Launch records of the fast path's kernels, built from example DeviceArrays."""
+    from gpumix.kernels import mix_normalize, table_mix
+    from gpumix.runtime import DeviceArray, LaunchRecord
+
+    def array(shape, dtype):
+        return DeviceArray.on_host(np.zeros(shape, dtype))
+
+    for out_dtype in (np.float32, np.float16):
+        args = (array((2, 4, 5, 3), np.uint8), array((2, 19), np.float64),
+                array((2, 4, 5), np.float32), array(3, np.float32), array(3, np.float32), True,
+                array((2, 3, 4, 5), out_dtype))
+        yield f"mix_normalize-{np.dtype(out_dtype).name}", mix_normalize.cuda_kernel, args
+    for image_dtype in (np.uint8, np.float16, np.float32):
+        args = (array((2, 12, 5), image_dtype), array((2, 12, 5), image_dtype),
+                array((2, 19), np.float64), array((2, 4, 5), np.float32), array(2, np.int64),
+                array((2, 7), np.float32), array(1, np.int32), 4, 1, True, False,
+                np.float32(0.1), np.float32(0.9))
+        yield f"table_mix-{np.dtype(image_dtype).name}", table_mix.cuda_kernel, args
+
+
+RECORDS = list(_fast_path_records())
+
+
+@pytest.mark.parametrize("name,kernel,args", RECORDS, ids=[r[0] for r in RECORDS])
+def test_launch_records_match_the_compiled_parameter_list(name, kernel, args, tmp_path):
+    """A prepacked launch record has the compiled kernel's parameters, in
+    order, with their kinds and widths; its fixed slots hold the shapes and
+    strides and a call patches the data pointers and scalars."""
+    from gpumix.runtime import LaunchRecord
+
+    record = LaunchRecord(args)
+    ptx, _ = cuda.compile_ptx(kernel.pyfunc, record.argtypes, cc=(9, 0))
+    assert record.kinds == _ptx_parameters(ptx)
+    record.patch(args)
+    first = args[0]
+    assert record.values[4] == first.ptr  # meminfo, parent, nitems, itemsize, data
+    assert list(record.values[5:5 + first.ndim]) == list(first.shape)
+    assert record.pointers[1] - record.pointers[0] == 8
+    if shutil.which("ptxas"):
+        assemble(ptx, "sm_90", tmp_path)

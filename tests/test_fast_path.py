@@ -1,0 +1,149 @@
+"""The GPU fast path's host side, run here without a GPU: every launch and
+upload goes to a RecordingLauncher, which records instead of running and
+refuses anything that would synchronise. The kernels themselves are checked
+under the simulator (tests/cudasim/test_fast_path_sim.py) and their launch
+records against the PTX (tests/test_ptx.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+import gpumix
+from gpumix import runtime
+from gpumix.kernels import table
+from gpumix.params import sample, to_table
+from gpumix.torch import IMAGENET_MEAN, IMAGENET_STD, _normalization, handoff_cuda, mix_cuda
+
+
+@pytest.fixture
+def no_sync(monkeypatch):
+    """A recording launcher, with torch's synchronising calls made to fail."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the host path synchronised")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", refuse)
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", refuse)
+    launcher = runtime.RecordingLauncher()
+    with runtime.use_launcher(launcher):
+        yield launcher
+
+
+def host(shape, dtype):
+    return runtime.DeviceArray.on_host(np.zeros(shape, dtype))
+
+
+def table_for(b, h, w, **options):
+    config = gpumix.MixConfig(num_classes=10, mode="elem", **options)
+    params = sample(config, b, (h, w), np.random.default_rng(0))
+    return params, to_table(params, (h, w), config), config
+
+
+@pytest.mark.parametrize("chw", [True, False])
+def test_handoff_is_one_launch_and_one_upload(no_sync, chw):
+    b, h, w = 64, 32, 24
+    _, rows, _ = table_for(b, h, w, mixup_alpha=0.8, cutmix_alpha=1.0)
+    images = host((b, h, w, 3), np.uint8)
+    out = host((b, 3, h, w) if chw else (b, h, w, 3), np.float32)
+    mean, inv_std = _normalization(IMAGENET_MEAN, IMAGENET_STD, 3)
+    handoff_cuda(images, rows, mean, inv_std, chw, out, 1234, None, no_sync)  # warm caches
+    launches, uploads = len(no_sync.launches), len(no_sync.uploads)
+    handoff_cuda(images, rows, mean, inv_std, chw, out, 1234, None, no_sync)
+    assert len(no_sync.launches) == launches + 1 and len(no_sync.uploads) == uploads + 1
+    name, grid, block, stream, values = no_sync.launches[-1]
+    assert name == "_mix_normalize_cuda" and stream == 1234
+    np.testing.assert_array_equal(no_sync.uploads[-1], rows)  # the table, as given
+    assert images.ptr in values and out.ptr in values  # the record points at both buffers
+    assert grid[1] == b * h  # every image row is covered
+
+
+def test_handoff_with_fmix_makes_masks_first(no_sync):
+    b, h, w = 8, 16, 16
+    _, rows, _ = table_for(b, h, w, mixup_alpha=0.0, fmix_alpha=1.0)
+    mean, inv_std = _normalization(IMAGENET_MEAN, IMAGENET_STD, 3)
+    handoff_cuda(host((b, h, w, 3), np.uint8), rows, mean, inv_std, True,
+                 host((b, 3, h, w), np.float32), 7, None, no_sync)
+    assert [entry[0] for entry in no_sync.launches[-2:]] == ["fmix_masks", "_mix_normalize_cuda"]
+
+
+@pytest.mark.parametrize("pairing,by_pairs", [("flip", True), ("roll", False)])
+def test_mixup_call_is_one_launch_with_the_targets(no_sync, pairing, by_pairs):
+    b, c, h, w = 64, 3, 32, 32
+    params, rows, config = table_for(b, h, w, mixup_alpha=0.8, cutmix_alpha=1.0,
+                                     pairing=pairing)
+    x = host((b, c, h, w), np.float32)
+    labels, targets = host(b, np.int64), host((b, 10), np.float32)
+    flag = no_sync.flag()
+    mix_cuda(x, x, rows, params, "NCHW", labels, targets, flag, config, by_pairs, 99, None,
+             no_sync)
+    name, grid, _, stream, values = no_sync.launches[-1]
+    assert name == "_table_mix_cuda" and stream == 99 and len(no_sync.launches) == 1
+    assert grid[1] == b * c * h + b  # image rows, then one row of targets per sample
+    assert labels.ptr in values and targets.ptr in values and flag.ctypes.data in values
+    assert len(no_sync.uploads) == 1
+
+
+def test_recording_launcher_refuses_to_synchronise():
+    with pytest.raises(runtime.SynchronizingCall):
+        runtime.RecordingLauncher().synchronize()
+
+
+def test_apply_checks_its_inputs():
+    from gpumix.torch import apply
+
+    _, rows, _ = table_for(2, 8, 6, mixup_alpha=1.0)
+    images = torch.zeros((2, 8, 6, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        apply(images.float(), rows)
+    with pytest.raises(ValueError, match=r"float64 of shape \(B, 19\)"):
+        apply(images, rows[:, :5])
+    with pytest.raises(ValueError, match="made for size"):
+        apply(torch.zeros((2, 6, 8, 3), dtype=torch.uint8), rows)
+    with pytest.raises(ValueError, match="2 rows for a batch of 3"):
+        apply(torch.zeros((3, 8, 6, 3), dtype=torch.uint8), rows)
+    with pytest.raises(ValueError, match="one value or one per channel"):
+        apply(images, rows, mean=[1, 2], std=[1, 2])
+    assert table.N_COLUMNS == 19
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last):
+    from gpumix.torch import apply
+
+    params, rows, _ = table_for(16, 40, 36, mixup_alpha=0.8, cutmix_alpha=1.0, fmix_alpha=1.0)
+    images = torch.randint(0, 256, (16, 40, 36, 3), dtype=torch.uint8)
+    expected = apply(images, rows, channels_last=channels_last)
+    on_gpu = images.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = apply(on_gpu, rows, channels_last=channels_last)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pairing", ["flip", "roll"])
+def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing):
+    from gpumix.torch import Mixup
+
+    options = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=10,
+                   pairing=pairing)
+    x = torch.rand(32, 3, 24, 20)
+    y = torch.randint(0, 10, (32,))
+    x_cpu, t_cpu = Mixup(seed=3, **options)(x.clone(), y)
+    x_gpu, y_gpu = x.cuda(), y.cuda()
+    mixup = Mixup(seed=3, **options)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x_gpu, t_gpu = mixup(x_gpu, y_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=0, atol=1e-6)
+    torch.testing.assert_close(t_gpu.cpu(), t_cpu, rtol=0, atol=1e-7)
+    bad = torch.full((32,), 11, device="cuda")
+    mixup(x_gpu, bad)
+    with pytest.raises(ValueError, match="outside"):
+        mixup.check()
