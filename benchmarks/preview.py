@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+from gpumix.pipelines import IMAGENET_MEAN, IMAGENET_STD
+
 METHODS = {
     "MixUp": dict(mixup_alpha=1.0),
     "CutMix": dict(mixup_alpha=0.0, cutmix_alpha=1.0),
     "FMix": dict(mixup_alpha=0.0, fmix_alpha=1.0),
 }
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
+MEAN = np.array(IMAGENET_MEAN) / 255  # on 0..1 values, as the loader's output
+STD = np.array(IMAGENET_STD) / 255
 CELL_INCHES = (2.0, 2.5)  # width, height per sample (image + caption)
 DPI = 100
 

@@ -487,8 +487,9 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
                                      num_outputs=1 + step.with_masks_output, device="gpu",
                                      output_layouts=[layout] + [""] * step.with_masks_output)
         mixed, *masks = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        params = _param_outputs(rows, masks[0].cpu() if masks else None, config) \
-            if return_params else ()
+        params = ()
+        if return_params:  # every output on the GPU, like the images
+            params = tuple(p.gpu() for p in _param_outputs(rows, None, config)[:5]) + tuple(masks)
         return (mixed, targets.gpu(), *params)
     half = dtype == types.FLOAT16  # Numba has no CPU float16: its bits, as uint16
     source = fn.reinterpret(images, dtype=types.UINT16) if half else images

@@ -66,8 +66,10 @@ from gpumix.backend import resolve_device
 LAST_BATCH_POLICIES = ("partial", "drop", "fill")
 
 
-def find_unreadable(files, num_threads: int = 8) -> str | None:
-    """First file (in list order) that Pillow cannot fully decode, or None."""
+def find_unreadable(files, num_threads: int = 8, chunk: int = 64) -> str | None:
+    """First file (in list order) that Pillow cannot fully decode, or None.
+    Files are decoded ``chunk`` at a time on ``num_threads`` threads, and the
+    search stops at the first chunk holding a broken one."""
     from PIL import Image
 
     def broken(path):
@@ -78,11 +80,25 @@ def find_unreadable(files, num_threads: int = 8) -> str | None:
         except Exception as error:  # any decode/IO failure names the file
             return f"{path} ({type(error).__name__}: {error})"
 
+    files = list(files)
     with ThreadPoolExecutor(num_threads) as pool:
-        for result in pool.map(broken, files):
-            if result is not None:
-                return result
+        for start in range(0, len(files), chunk):
+            for result in pool.map(broken, files[start:start + chunk]):
+                if result is not None:
+                    return result
     return None
+
+
+def suspects(files, order, shard_id: int, num_shards: int, read: int, first_epoch: bool):
+    """The files that may hold a decoding error met after ``read`` samples of
+    this shard's epoch, most likely first: in the first epoch the reader's
+    order is known, so the shard's files from the read position on (then the
+    rest); later epochs are reshuffled by DALI, so every file."""
+    n = len(files)
+    start = n * shard_id // num_shards
+    if not first_epoch:
+        return files
+    return [files[i] for i in np.roll(order, -((start + read) % n))]
 
 
 def resolve_shard(shard_id, num_shards) -> tuple[int, int]:
@@ -187,6 +203,10 @@ class DALIMixLoader:
             self._outputs.append("table")
         elif self.return_params:
             self._outputs += list(self._param_names)
+        self._order = pipelines.reading_order(len(files), shuffle=train and shuffle,
+                                              reader_seed=seed)
+        self._read = 0  # samples returned in this epoch
+        self._epochs = 0  # epochs finished
         self._iterator = self._guarded(self._make_iterator)
         self._mid_epoch = False
 
@@ -210,7 +230,9 @@ class DALIMixLoader:
         except RuntimeError as error:
             if "decod" not in str(error).lower():
                 raise
-            culprit = find_unreadable(self.files, self.num_threads)
+            culprit = find_unreadable(
+                suspects(self.files, self._order, self.shard_id, self.num_shards, self._read,
+                         first_epoch=self._epochs == 0), self.num_threads)
             if culprit is not None:
                 raise RuntimeError(f"cannot decode image {culprit}") from error
             raise
@@ -264,8 +286,11 @@ class DALIMixLoader:
                 batch = self._guarded(lambda: next(self._iterator))
             except StopIteration:
                 self._mid_epoch = False
+                self._epochs += 1
+                self._read = 0
                 return
             self._mid_epoch = True
+            self._read += batch[0]["images"].shape[0]
             dali_cpu.raise_pending(self._pipe)  # the fast params step's errors
             yield self._to_torch(batch[0])
 

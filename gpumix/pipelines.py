@@ -80,6 +80,14 @@ def read_file_list(path) -> tuple[list[str], list[int]]:
     return files, labels
 
 
+def reading_order(n_files: int, *, shuffle: bool, reader_seed: int = 0) -> np.ndarray:
+    """The order in which the reader reads the file list in the first epoch
+    (later epochs are reshuffled by DALI)."""
+    if shuffle:
+        return np.random.default_rng(reader_seed).permutation(n_files)
+    return np.arange(n_files)
+
+
 def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int,
             reader_seed: int = 0):
     """The file reader. Shuffling is global and epoch-dependent
@@ -89,7 +97,7 @@ def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int,
     from nvidia.dali import fn
 
     if shuffle:
-        order = np.random.default_rng(reader_seed).permutation(len(files))
+        order = reading_order(len(files), shuffle=True, reader_seed=reader_seed)
         files = [files[i] for i in order]
         labels = [labels[i] for i in order]
     return fn.readers.file(files=files, labels=labels, shuffle_after_epoch=shuffle,

@@ -13,7 +13,7 @@ FMix (fmix_alpha, decay_power, max_soft, reformulate, reference_compatible)
 and gpumix's pairing, box_placement and method_weights (gpumix.config).
 Differences from timm, on purpose: odd and partial batches work (a batch of
 one pairs with itself); mode "pair" is not offered; ``cutmix_minmax`` bounds
-lam (SEMANTICS.md) rather than box sides.
+lam (docs/semantics.md) rather than box sides.
 
 Tensors: NCHW float32/float16/uint8, or channels-last memory format (mixed
 as NHWC without a copy). CPU tensors run the Numba CPU kernels on their

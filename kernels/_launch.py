@@ -50,7 +50,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
-LAYOUTS = ("NCHW", "NHWC")
 
 # CUDA launch shape: 256 threads along a row; rows spread over grid.y.
 THREADS_PER_BLOCK = 256

@@ -2,7 +2,6 @@
 the operator against the NumPy reference on the params it returns, the
 loader's epoch accounting, determinism, checkpoints, faults, training."""
 
-import os
 
 import numpy as np
 import pytest
@@ -563,6 +562,43 @@ def test_gpu_operator_equals_reference(method):
 
 def test_no_gpu_here_means_auto_picks_cpu_with_a_reason(jpeg_folder):
     loader = DALIMixLoader(jpeg_folder, batch_size=4, size=16)
-    if not torch.cuda.is_available():
-        assert loader.device == "cpu" and "cuda" in loader.device_choice.reason.lower()
-    assert os.path.isdir(jpeg_folder)
+    assert loader.device == ("gpu" if torch.cuda.is_available() else "cpu")
+    assert "cuda" in loader.device_choice.reason.lower()
+
+
+def test_decode_error_search_starts_where_the_reader_was_and_stops_early(monkeypatch):
+    """After a decoding error the loader re-reads the files from the reader's
+    position in its first-epoch order, a chunk at a time, and stops at the
+    chunk holding the broken file (not 1.28 M decodes on ImageNet)."""
+    from PIL import Image
+
+    from gpumix.loader import find_unreadable, suspects
+
+    files = [f"f{i}.jpg" for i in range(1000)]
+    order = np.random.default_rng(0).permutation(1000)
+    ahead = suspects(files, order, shard_id=1, num_shards=2, read=64, first_epoch=True)
+    assert sorted(ahead) == sorted(files)  # nothing is left out
+    assert ahead[0] == files[order[500 + 64]]  # shard 1 starts at 500, 64 samples read
+    assert suspects(files, order, 1, 2, 64, first_epoch=False) == files
+    opened = []
+
+    class Readable:  # a file Pillow decodes
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def load(self):
+            return None
+
+    def fake_open(path):
+        opened.append(path)
+        if path == ahead[10]:
+            raise OSError("Truncated File Read")
+        return Readable()
+
+    monkeypatch.setattr(Image, "open", fake_open)
+    found = find_unreadable(ahead, num_threads=2, chunk=8)
+    assert found.startswith(ahead[10]) and "Truncated" in found
+    assert len(opened) == 16  # two chunks, not the dataset

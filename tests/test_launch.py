@@ -10,6 +10,14 @@ import pytest
 from gpumix.kernels._launch import CHUNKS_PER_WORKER, _pool, cpu_workers, run_parallel, scratch
 
 
+@pytest.fixture
+def several_workers(monkeypatch):
+    """At least four workers, whatever this machine has: with one, run_parallel
+    runs inline and a concurrency test would prove nothing."""
+    monkeypatch.setenv("GPUMIX_NUM_THREADS", "4")
+    assert cpu_workers() == 4
+
+
 def slices_of(n_items, **options):
     seen = []
     lock = threading.Lock()
@@ -49,7 +57,7 @@ def test_an_error_in_any_slice_reaches_the_caller():
         run_parallel(fail_on_last, 50)
 
 
-def test_concurrent_callers_each_get_their_own_result():
+def test_concurrent_callers_each_get_their_own_result(several_workers):
     results = {}
 
     def fill(out, lo, hi):
@@ -68,9 +76,10 @@ def test_concurrent_callers_each_get_their_own_result():
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
     assert all(np.all(out == 50) for out in results.values()) and len(results) == 4
+    assert len(slices_of(5000)) > 1  # each call was split over the pool
 
 
-def test_a_busy_pool_does_not_stall_the_caller():
+def test_a_busy_pool_does_not_stall_the_caller(several_workers):
     """Slices are claimed, not assigned: with every pool thread held by
     another caller's long task, the caller runs all the slices itself and
     returns (an assigned slice would wait for the release)."""
@@ -94,7 +103,7 @@ def test_a_busy_pool_does_not_stall_the_caller():
             blocker.result(timeout=60)
 
 
-def test_a_call_from_inside_a_slice_runs_inline():
+def test_a_call_from_inside_a_slice_runs_inline(several_workers):
     outer_threads, inner_threads = {}, {}
     lock = threading.Lock()
     out = np.zeros((12, 100), int)
@@ -112,6 +121,7 @@ def test_a_call_from_inside_a_slice_runs_inline():
 
     run_parallel(outer, out.shape[0])
     assert np.all(out == 1)
+    assert len(slices_of(out.shape[0])) > 1  # the outer call was really split
     assert all(inner_threads[row] == {outer_threads[row]} for row in range(out.shape[0]))
 
 

@@ -1,4 +1,4 @@
-"""SEMANTICS.md as properties: invariants under hypothesis, and statistics of
+"""docs/semantics.md as properties: invariants under hypothesis, and statistics of
 the sampled parameters (fixed seeds, so these tests are deterministic)."""
 
 import numpy as np
