@@ -20,6 +20,7 @@ turns CutMix on.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -106,6 +107,13 @@ class MixConfig:
         return (self.mixup_alpha > 0,
                 self.cutmix_alpha > 0 or self.cutmix_minmax is not None,
                 self.fmix_alpha > 0)
+
+    @functools.cached_property
+    def cumulative_method_probabilities(self) -> np.ndarray:
+        """The running sum of :meth:`method_probabilities` (computed once)."""
+        cumulative = np.cumsum(self.method_probabilities())
+        cumulative.flags.writeable = False
+        return cumulative
 
     def method_probabilities(self) -> np.ndarray:
         """P(MixUp), P(CutMix), P(FMix) given that mixing happens (zeros if all off)."""

@@ -277,7 +277,7 @@ def device_masks(fmix_columns: np.ndarray, shape, stream: int):
     columns (method .. reference, host values) say FMix; zeros elsewhere."""
     import cupy as cp
 
-    from gpumix.kernels._launch import StreamHandle, cupy_stream
+    from gpumix.kernels._launch import StreamHandle, cupy_stream, upload_many
 
     offset = table.METHOD
     columns = np.asarray(fmix_columns)
@@ -291,7 +291,8 @@ def device_masks(fmix_columns: np.ndarray, shape, stream: int):
                                          bool(first[table.REFERENCE - offset]), handle)
             keys = (columns[used, table.KEY_HIGH - offset].astype(np.int64) << 31) \
                 | columns[used, table.KEY_LOW - offset].astype(np.int64)
-            masks[cp.asarray(used)] = maker(
+            (index,) = upload_many([(used, np.int64)], handle)
+            masks[index] = maker(
                 keys, columns[used, table.RANK_LOW - offset].astype(np.int64),
                 columns[used, table.RANK_HIGH - offset].astype(np.int64))
     return runtime.DeviceArray.of(masks)

@@ -224,10 +224,13 @@ def masks_from_grey_cuda(grey, num_low, num_high, stream=None):
 
     from gpumix.kernels import mask_select
 
+    from gpumix.kernels._launch import upload_many
+
     n = grey.shape[0]
     flat = cp.ascontiguousarray(grey.reshape(n, -1), dtype=cp.float32)
-    lo = cp.asarray(num_low, dtype=cp.int64)
-    hi = cp.asarray(num_high, dtype=cp.int64)
+    # Pinned uploads on the current stream: the host never waits for them.
+    lo, hi = upload_many([(num_low, np.int64), (num_high, np.int64)],
+                         cp.cuda.get_current_stream())
     out = cp.empty(flat.shape, cp.float32)
     if bool(np.all(np.asarray(num_low) == np.asarray(num_high))):
         mask_select.cuda(flat.view(cp.uint32), hi, out=out, stream=stream)

@@ -244,6 +244,12 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
     if is_cuda_array(labels):
         import cupy as cp
 
+        kind = numpy_dtype(labels.dtype)
+        if kind is None or kind.kind not in "iu":
+            raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+        if tuple(labels.shape) != (params.batch_size,):
+            raise ValueError(f"labels must have shape ({params.batch_size},), got "
+                             f"{tuple(labels.shape)}")
         with cupy_stream(stream):
             labels_dev = as_cupy(labels).astype(cp.int64, copy=False)
             low, high = (int(v) for v in cp.stack([labels_dev.min(), labels_dev.max()]).get())

@@ -171,17 +171,22 @@ def pairing(config: MixConfig, batch_size: int, permutation=None) -> np.ndarray:
 
 def choose_methods(config: MixConfig, apply_u, method_u) -> np.ndarray:
     """Method per unit: NONE unless apply_u < prob, then by cumulative weights."""
-    cumulative = np.cumsum(config.method_probabilities())
+    cumulative = config.cumulative_method_probabilities
     chosen = MIXUP + np.searchsorted(cumulative, method_u, side="right")
     mixing = (np.asarray(apply_u) < config.prob) & (cumulative[-1] > 0)
     return np.where(mixing, np.minimum(chosen, FMIX), NONE).astype(np.int8)
+
+
+def _clip(a, low: int, high: int):
+    """np.clip for small arrays: two ufuncs, without np.clip's per-call overhead."""
+    return np.minimum(np.maximum(a, low), high)
 
 
 def _box_axis(size: int, cut: np.ndarray, u: np.ndarray, placement: str):
     """(start, stop) of the box along one axis of length ``size``."""
     if placement == "clip":
         centre = np.minimum((u * size).astype(np.int64), size - 1)
-        return (np.clip(centre - cut // 2, 0, size), np.clip(centre + (cut + 1) // 2, 0, size))
+        return (_clip(centre - cut // 2, 0, size), _clip(centre + (cut + 1) // 2, 0, size))
     if placement == "inside":
         start = np.minimum((u * (size - cut + 1)).astype(np.int64), size - cut)
         return start, start + cut
@@ -189,8 +194,8 @@ def _box_axis(size: int, cut: np.ndarray, u: np.ndarray, placement: str):
     # so each pixel is covered with the same probability.
     positions = np.maximum(size + cut - 1, 1)
     origin = np.minimum((u * positions).astype(np.int64), positions - 1) - (cut - 1)
-    start = np.clip(origin, 0, size)
-    stop = np.clip(origin + cut, 0, size)
+    start = _clip(origin, 0, size)
+    stop = _clip(origin + cut, 0, size)
     return np.where(cut > 0, start, 0), np.where(cut > 0, stop, 0)
 
 

@@ -299,23 +299,27 @@ class _PinnedSlot:
 # One ring for the process, not one per thread: DALI runs python_function
 # callbacks on threads whose Python state (threading.local included) is new
 # at every call.
-_STAGING = {"slots": [None] * STAGING_SLOTS, "next": 0}
+_STAGING = {"slots": [None] * STAGING_SLOTS, "next": 0, "retired": []}
 _STAGING_LOCK = threading.Lock()
 
 
 def _staged_copy(parts, offsets, total: int, stream):
-    """Pack ``parts`` into the next pinned slot (once its last copy is done)
-    and copy them to a new device block on ``stream``; returns the block."""
+    """Pack ``parts`` into the next pinned slot (a fresh one if its last copy
+    is still queued) and copy them to a new device block on ``stream``;
+    returns the block. Nothing here waits for the device."""
     import cupy as cp
 
     with _STAGING_LOCK:
         i = _STAGING["next"]
         _STAGING["next"] = (i + 1) % STAGING_SLOTS
         slot = _STAGING["slots"][i]
-        if slot is None or slot.buffer.size < total:
+        # A slot whose last copy is still queued is replaced, never waited for,
+        # and kept until that copy is done (its memory must not be reused).
+        if slot is None or slot.buffer.size < total or not slot.event.done:
+            if slot is not None:
+                _STAGING["retired"].append(slot)
             slot = _STAGING["slots"][i] = _PinnedSlot(max(total, 4096))
-        else:
-            slot.event.synchronize()  # the copy from 8 uploads ago: long finished
+        _STAGING["retired"] = [old for old in _STAGING["retired"] if not old.event.done]
         for part, offset in zip(parts, offsets):
             slot.buffer[offset:offset + part.nbytes] = part.reshape(-1).view(np.uint8)
         device = cp.empty(total, cp.uint8)
