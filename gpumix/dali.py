@@ -243,9 +243,10 @@ class _GpuMixStep:
     sets for the operator). FMix masks are made from the rows' keys
     (cuFFT): the FMix columns are copied to the host for that."""
 
-    def __init__(self, layout: str, spatial_shape, with_masks_output: bool):
+    def __init__(self, layout: str, spatial_shape, fmix_on: bool, with_masks_output: bool):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.spatial_shape = spatial_shape
+        self.fmix_on = fmix_on  # without FMix nothing is read back from the device
         self.with_masks_output = with_masks_output
 
     def __call__(self, images, rows):
@@ -259,7 +260,7 @@ class _GpuMixStep:
         rows = _stack(rows, cp)
         stream = cp.cuda.get_current_stream().ptr
         masks = None
-        if self.with_masks_output or bool((rows[:, table.METHOD] == FMIX).any()):
+        if self.fmix_on:
             masks = device_masks(rows[:, table.METHOD:table.DECAY_POWER + 2].get(), (h, w),
                                  stream)
         out = cp.empty_like(batch)
@@ -483,7 +484,8 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
                              "on the CPU stage, which cannot read the GPU images' shapes")
         targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
                                          source_info=source_info)
-        step = _GpuMixStep(layout, _spatial(size), return_params and config.enabled[2])
+        step = _GpuMixStep(layout, _spatial(size), config.enabled[2],
+                           return_params and config.enabled[2])
         outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
                                      num_outputs=1 + step.with_masks_output, device="gpu",
                                      output_layouts=[layout] + [""] * step.with_masks_output)

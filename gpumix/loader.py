@@ -31,10 +31,12 @@ since DALI's own message does not name it; other errors pass unchanged).
 Errors of gpumix's params operator (e.g. a label outside [0, num_classes))
 are raised after the batch that met them (gpumix.dali.raise_pending).
 
-Devices: on the CPU the pipeline mixes and normalises. On the GPU it ends at
-the uint8 crops, the targets and the params table, and each batch is mixed,
-normalised and laid out at the hand-off by one CUDA launch on torch's
-current stream (:func:`gpumix.torch.apply`), with no host synchronisation.
+Devices: on the CPU the pipeline mixes and normalises by default. On the GPU
+(or with ``handoff=True``) it ends at the uint8 crops, the targets and the
+params table, and each batch is mixed, normalised and laid out at the
+hand-off by :func:`gpumix.torch.apply`: on the GPU one CUDA launch on torch's
+current stream, with no host synchronisation; on the CPU its twin. Both
+store the same values, so the choice changes speed, never batches.
 
 Distributed: each rank reads its shard, from ``shard_id``/``num_shards`` or,
 when both are left out, from torch.distributed's rank and world size. The
@@ -134,7 +136,7 @@ class DALIMixLoader:
                  channels_last: bool = False, dtype=torch.float32, shuffle: bool = True,
                  shard_id: int | None = None, num_shards: int | None = None,
                  checkpoint: bytes | str | None = None,
-                 return_params: bool = False, **mix_options):
+                 return_params: bool = False, handoff: bool | None = None, **mix_options):
         if (data is None) == (file_list is None):
             raise ValueError("give exactly one of data (a folder root/class/image) "
                              "or file_list")
@@ -168,9 +170,10 @@ class DALIMixLoader:
         self.channels_last = channels_last
         self.return_params = return_params and train and mixing == "gpumix"
         self.device_choice = resolve_device(device)
-        # GPU training with gpumix's own graph: mixing and normalising at the hand-off.
-        self._handoff = train and self.device_choice.device == "gpu" and mixing in ("gpumix",
-                                                                                    "none")
+        # Mixing and normalising at the hand-off: the default on the GPU.
+        if handoff is None:
+            handoff = self.device_choice.device == "gpu"
+        self._handoff = bool(handoff) and train and mixing in ("gpumix", "none")
         self._with_table = self._handoff and mixing == "gpumix"
         self._dtype = dtype
         self._size = size
@@ -184,7 +187,7 @@ class DALIMixLoader:
         if train:
             graph.update(num_classes=self.num_classes, mixing=mixing, shuffle=shuffle,
                          mix_options=mix_options, return_params=self.return_params,
-                         reader_seed=seed)
+                         reader_seed=seed, handoff=self._handoff)
         elif mix_options:
             raise ValueError(f"mixing options {sorted(mix_options)} need train=True")
         device_id = torch.cuda.current_device() if self.device_choice.device == "gpu" else None

@@ -146,16 +146,16 @@ def smoothed_one_hot(labels, num_classes: int, smoothing: float):
 def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
                 mix_options: dict, dtype, shuffle: bool = True, shard_id: int = 0,
                 num_shards: int = 1, return_params: bool = False, layout: str = "CHW",
-                reader_seed: int = 0):
+                reader_seed: int = 0, handoff: bool = False):
     """Outputs of one training batch.
 
     ``mixing``: "gpumix", "none", or a function ``(images, labels, *,
     num_classes, size, **mix_options) -> (images, targets)`` on HWC uint8
     images (the benchmarks' DALI-only baselines), normalised after it with
-    ``crop_mirror_normalize``. On the CPU: (images CHW or HWC float, targets
-    float32 (K,)[, params]). On the GPU with "gpumix" or "none", the
-    normalisation leaves the graph for the hand-off
-    (:func:`gpumix.torch.apply`): (images HWC uint8, targets[, table]).
+    ``crop_mirror_normalize``. By default: (images CHW or HWC float, targets
+    float32 (K,)[, params]). With ``handoff`` ("gpumix" or "none"), mixing
+    and normalisation leave the graph for :func:`gpumix.torch.apply`:
+    (images HWC uint8, targets[, table]), the targets on the images' device.
     """
     from nvidia.dali import fn
 
@@ -168,12 +168,14 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
     if mixing not in ("gpumix", "none") and not callable(mixing):
         raise ValueError(f"mixing must be 'gpumix', 'none' or a function, got {mixing!r}")
     info = fn.get_property(encoded, key="source_info")
-    if device == "gpu" and mixing == "gpumix":
-        targets, rows = gdali.mix_params(label, num_classes=num_classes, size=tuple(size),
-                                         source_info=info, **mix_options)
-        return images, targets.gpu(), rows
-    if device == "gpu" and mixing == "none":
-        return images, smoothed_one_hot(label, num_classes, smoothing).gpu()
+    if handoff:
+        if mixing == "gpumix":
+            targets, rows = gdali.mix_params(label, num_classes=num_classes, size=tuple(size),
+                                             source_info=info, **mix_options)
+        else:
+            targets, rows = smoothed_one_hot(label, num_classes, smoothing), None
+        targets = targets.gpu() if device == "gpu" else targets
+        return (images, targets) + (() if rows is None else (rows,))
     normalize = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), output_layout=layout,
                      dtype=dtype, device=device)
     params = ()

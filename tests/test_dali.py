@@ -602,3 +602,71 @@ def test_decode_error_search_starts_where_the_reader_was_and_stops_early(monkeyp
     found = find_unreadable(ahead, num_threads=2, chunk=8)
     assert found.startswith(ahead[10]) and "Truncated" in found
     assert len(opened) == 16  # two chunks, not the dataset
+
+
+def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder):
+    """A pipeline with mix_params resumed from a DALI checkpoint makes the
+    same tables, so the hand-off mixes the same batches bit for bit."""
+    from gpumix.torch import apply
+
+    files = sorted(str(p) for p in jpeg_folder.rglob("*.jpg"))
+
+    def build(checkpoint=None):
+        @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=11,
+                      enable_checkpointing=True, exec_dynamic=True)
+        def pipe():
+            jpegs, labels = fn.readers.file(files=files, labels=list(range(len(files))),
+                                            random_shuffle=True, seed=3, name="reader")
+            images = fn.resize(fn.decoders.image(jpegs), size=(16, 12))
+            targets, rows = gdali.mix_params(labels, num_classes=len(files), size=(16, 12),
+                                             mixup_alpha=1.0, cutmix_alpha=1.0,
+                                             fmix_alpha=1.0, mode="elem")
+            return images, targets, rows
+
+        p = pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
+        p.build()
+        return p
+
+    def batches(p, n):
+        out = []
+        for _ in range(n):
+            images, targets, rows = [np.stack([np.array(s) for s in o]) for o in p.run()]
+            mixed = apply(torch.from_numpy(images), torch.from_numpy(rows))
+            out.append((rows, targets, mixed.numpy()))
+        return out
+
+    first = build()
+    batches(first, 2)
+    state = first.checkpoint()
+    expected = batches(first, 3)
+    resumed = batches(build(state), 3)
+    assert not np.array_equal(expected[0][0], expected[1][0])  # the draws do move on
+    for (rows, targets, mixed), (r_rows, r_targets, r_mixed) in zip(expected, resumed):
+        np.testing.assert_array_equal(r_rows, rows)
+        np.testing.assert_array_equal(r_targets, targets)
+        np.testing.assert_array_equal(r_mixed, mixed)
+
+
+@pytest.mark.parametrize("options", [
+    dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem", return_params=True),
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0, channels_last=True, last_batch_policy="fill"),
+    dict(mixing="none"),
+], ids=["all-methods", "channels-last-fill", "no-mixing"])
+def test_hand_off_gives_the_batches_of_the_in_graph_loader(jpeg_folder, options):
+    """The GPU loader's mechanism (uint8 crops and params table out of DALI,
+    gpumix.torch.apply at the hand-off), run here with its CPU twin, yields
+    exactly the batches, targets and params of the in-graph loader, through
+    an epoch with a partial last batch."""
+    common = dict(batch_size=8, size=(20, 16), seed=4, num_threads=2, **options)
+    graph = list(DALIMixLoader(jpeg_folder, handoff=False, **common))
+    handed = list(DALIMixLoader(jpeg_folder, handoff=True, **common))
+    assert len(graph) == len(handed) == 3
+    for in_graph, at_hand_off in zip(graph, handed):
+        assert len(in_graph) == len(at_hand_off)
+        x, t, *params = in_graph
+        hx, ht, *hparams = at_hand_off
+        assert hx.stride() == x.stride()  # the same memory format
+        torch.testing.assert_close(hx, x, rtol=0, atol=0)
+        torch.testing.assert_close(ht, t, rtol=0, atol=0)
+        for name, value in (params[0].items() if params else ()):
+            torch.testing.assert_close(hparams[0][name], value, rtol=0, atol=0, msg=name)
