@@ -253,7 +253,7 @@ def raise_pending(pipeline) -> None:
 
 def _step_outputs(index, draw_table, n_valid, shapes, addresses, has_images):
     """The objmode side: the step's (targets, table rows, masks, ok)."""
-    step = _STEPS[index]
+    step = _STEPS[int(index)]
     try:
         if not has_images:
             shapes = addresses = None
@@ -324,33 +324,34 @@ def _params_batch(targets_out, rows_out, masks_out, draws, images, names, index)
                 masks_out[i][:, :] = 0.0
 
 
-def _params_run(index: int, with_masks: bool, with_images: bool, with_names: bool):
+def _params_run(with_masks: bool, with_images: bool, with_names: bool):
     """The batch ``run_fn`` of a params operator, one per set of inputs
-    (masks only with images: their shape is the images')."""
+    (masks only with images: their shape is the images'). ``step`` is the
+    constant input naming the Python step (one int32 per sample)."""
     if with_masks and with_names:
-        def run(targets, rows, masks, draws, images, names):
-            _params_batch(targets, rows, masks, draws, images, names, index)
+        def run(targets, rows, masks, draws, step, images, names):
+            _params_batch(targets, rows, masks, draws, images, names, step[0][0])
     elif with_masks:
-        def run(targets, rows, masks, draws, images):
-            _params_batch(targets, rows, masks, draws, images, None, index)
+        def run(targets, rows, masks, draws, step, images):
+            _params_batch(targets, rows, masks, draws, images, None, step[0][0])
     elif with_images and with_names:
-        def run(targets, rows, draws, images, names):
-            _params_batch(targets, rows, None, draws, images, names, index)
+        def run(targets, rows, draws, step, images, names):
+            _params_batch(targets, rows, None, draws, images, names, step[0][0])
     elif with_images:
-        def run(targets, rows, draws, images):
-            _params_batch(targets, rows, None, draws, images, None, index)
+        def run(targets, rows, draws, step, images):
+            _params_batch(targets, rows, None, draws, images, None, step[0][0])
     elif with_names:
-        def run(targets, rows, draws, names):
-            _params_batch(targets, rows, None, draws, None, names, index)
+        def run(targets, rows, draws, step, names):
+            _params_batch(targets, rows, None, draws, None, names, step[0][0])
     else:
-        def run(targets, rows, draws):
-            _params_batch(targets, rows, None, draws, None, None, index)
+        def run(targets, rows, draws, step):
+            _params_batch(targets, rows, None, draws, None, None, step[0][0])
     return run
 
 
 def _params_setup(num_classes: int, with_masks: bool, chw: bool):
     """numba_function setup: targets (K,), table rows (N_COLUMNS,), masks
-    (H, W) of the HWC or CHW images (input 1)."""
+    (H, W) of the HWC or CHW images (input 2, after the draws and the step)."""
     n_columns = table.N_COLUMNS
     first = 1 if chw else 0
 
@@ -359,19 +360,25 @@ def _params_setup(num_classes: int, with_masks: bool, chw: bool):
             out_shapes[0][i][0] = num_classes
             out_shapes[1][i][0] = n_columns
             if with_masks:
-                out_shapes[2][i][0] = in_shapes[1][i][first]
-                out_shapes[2][i][1] = in_shapes[1][i][first + 1]
+                out_shapes[2][i][0] = in_shapes[2][i][first]
+                out_shapes[2][i][1] = in_shapes[2][i][first + 1]
     return setup
+
+
+_PARAMS_OPERATORS: dict = {}
 
 
 def params_operator(step, *, num_classes: int, with_masks: bool, with_names: bool,
                     images_type=None, layout: str = "HWC"):
-    """A batch-mode ``numba_function`` running ``step`` (a
-    gpumix.dali._ParamsStep) through objmode. Inputs: draw vectors[, images
-    of DALI type ``images_type`` (3-D samples)][, source_info]; outputs:
-    targets, table rows[, masks, which need the images]. Without images the
-    step must know the size. Its errors surface through :func:`raise_pending`."""
-    from nvidia.dali import types
+    """A function ``(draws[, images][, source_info]) -> (targets, rows[,
+    masks])`` of DALI nodes running ``step`` (a gpumix.dali._ParamsStep)
+    once per batch through a batch-mode ``numba_function`` and objmode.
+    Images are 3-D samples of DALI type ``images_type``; masks need them.
+    Without images the step must know the size. The compiled operator is
+    built once per process for each set of options and told which step to
+    call by a constant input, so a new pipeline does not compile again. Its
+    errors surface through :func:`raise_pending`."""
+    from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
     from nvidia.dali.plugin.numba import NumbaFunction
 
@@ -380,17 +387,26 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
         raise ValueError("a params operator makes FMix masks only when given the images")
     index = next(_NEXT_INDEX)
     _STEPS[index] = step
-    # The pipeline keeps the step alive (the compiled function only knows its index).
+    # The pipeline keeps the step alive (the operator only knows its index).
     Pipeline.current().__dict__.setdefault("_gpumix_steps", []).append(step)
-    inputs = [(types.FLOAT64, 1)] + [(images_type, 3)] * with_images \
-        + [(types.UINT8, 1)] * with_names
-    with warnings.catch_warnings():  # DALI compiles run_fn with nogil, which objmode ignores
-        warnings.filterwarnings("ignore", message="Code running in object mode",
-                                category=NumbaWarning)
-        return NumbaFunction(
-            run_fn=_params_run(index, with_masks, with_images, with_names),
-            setup_fn=_params_setup(num_classes, with_masks, layout == "CHW"),
-            batch_processing=True,
-            device="cpu", out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
-            outs_ndim=[1, 1] + [2] * with_masks, in_types=[t for t, _ in inputs],
-            ins_ndim=[d for _, d in inputs])
+    key = (num_classes, with_masks, with_names, images_type, layout)
+    if key not in _PARAMS_OPERATORS:
+        inputs = [(types.FLOAT64, 1), (types.INT32, 1)] + [(images_type, 3)] * with_images \
+            + [(types.UINT8, 1)] * with_names
+        with warnings.catch_warnings():  # DALI compiles run_fn with nogil, which objmode ignores
+            warnings.filterwarnings("ignore", message="Code running in object mode",
+                                    category=NumbaWarning)
+            _PARAMS_OPERATORS[key] = NumbaFunction(
+                run_fn=_params_run(with_masks, with_images, with_names),
+                setup_fn=_params_setup(num_classes, with_masks, layout == "CHW"),
+                batch_processing=True, device="cpu",
+                out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
+                outs_ndim=[1, 1] + [2] * with_masks, in_types=[t for t, _ in inputs],
+                ins_ndim=[d for _, d in inputs])
+    operator = _PARAMS_OPERATORS[key]
+
+    def run(draws, *rest):
+        step_input = fn.constant(idata=[index], shape=[1], dtype=types.INT32)
+        return operator(draws, step_input, *rest)
+
+    return run

@@ -104,7 +104,8 @@ class Mixup:
         self.rng = as_numpy_generator(generator if generator is not None else seed)
         self.mixup_enabled = True  # timm's switch for turning mixing off late in training
         self.last_params = None
-        self._scratch = None  # reused snapshot buffer for in-place mixing
+        self._scratch = None  # reused snapshot for in-place CPU mixing (NumPy)
+        self._cuda_scratch = None  # reused snapshot for in-place CUDA mixing by cycles
         self._label_flag = None  # pinned int32: set by the CUDA kernel on a bad label
 
     def check(self) -> None:
@@ -122,7 +123,8 @@ class Mixup:
                              f"call: its targets rows are NaN")
 
     def sample_params(self, batch_size: int, spatial_shape, device=None):
-        """Draw this call's parameters (masks on ``device`` when it is CUDA)."""
+        """Draw this call's parameters; for a CUDA ``device`` the FMix masks
+        are left to the launch (made on the GPU from the keys)."""
         config = self.config
         if not self.mixup_enabled:
             config = MixConfig(mixup_alpha=0.0, num_classes=config.num_classes,
@@ -182,11 +184,13 @@ class Mixup:
         by_pairs = self.inplace and table_mix.is_involution(params.pair)
         source = view
         if self.inplace and not by_pairs:  # cycles longer than two: mix from a snapshot
-            if self._scratch is None or self._scratch.shape != view.shape \
-                    or self._scratch.dtype != view.dtype or self._scratch.device != x.device:
-                self._scratch = torch.empty_like(view, memory_format=torch.contiguous_format)
-            self._scratch.copy_(view)
-            source = self._scratch
+            scratch = self._cuda_scratch
+            if scratch is None or scratch.shape != view.shape or scratch.dtype != view.dtype \
+                    or scratch.device != x.device:
+                scratch = self._cuda_scratch = torch.empty_like(
+                    view, memory_format=torch.contiguous_format)
+            scratch.copy_(view)
+            source = scratch
         masks = mix_cuda(runtime.DeviceArray.of(source), runtime.DeviceArray.of(out_view),
                          rows, params, layout, runtime.DeviceArray.of(target),
                          runtime.DeviceArray.of(targets), self._label_flag, self.config,

@@ -147,3 +147,17 @@ def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing):
     mixup(x_gpu, bad)
     with pytest.raises(ValueError, match="outside"):
         mixup.check()
+
+
+def test_cuda_launcher_hands_the_record_to_the_driver():
+    """CudaLauncher passes grid, block, stream and the record's address in the
+    shapes cuda.bindings' cuLaunchKernel takes: the call gets past argument
+    parsing to the driver, which refuses it (no driver here; a null function
+    on a GPU machine), never with a TypeError."""
+    from types import SimpleNamespace
+
+    _, rows, _ = table_for(2, 4, 4, mixup_alpha=1.0)
+    record = runtime.LaunchRecord((host((2, 4, 4, 3), np.uint8), rows.shape[0], True))
+    with pytest.raises(Exception) as raised:
+        runtime.CudaLauncher().launch(SimpleNamespace(ptr=0), (1, 2), 128, 0, record)
+    assert not isinstance(raised.value, TypeError), raised.value
