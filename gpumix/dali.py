@@ -59,7 +59,7 @@ from gpumix import dali_cpu, fmix, mixing, runtime
 from gpumix.config import FMIX, MixConfig, _check_choice as check_choice
 from gpumix.dali_cpu import raise_pending
 from gpumix.kernels import table, table_mix
-from gpumix.kernels._launch import scratch
+from gpumix.kernels._launch import row_geometry, scratch
 from gpumix.params import Draws, pairing, params_from_draws, to_table
 
 __all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
@@ -314,21 +314,15 @@ def _no_mask(launcher_key):
 def mix_table(images, out, rows, masks, layout: str, stream: int) -> None:
     """One table_mix launch: ``images`` into ``out`` (DeviceArrays, same
     shape and dtype, NCHW or NHWC) by the device ``rows``; no targets."""
-    b = images.shape[0]
-    if layout == "NCHW":
-        _, c, h, w = images.shape
-        n_rows, n_cols, cstride = c * h, w, 1
-    else:
-        _, h, w, c = images.shape
-        n_rows, n_cols, cstride = h, w * c, c
-    x = images.reshape(b, n_rows, n_cols)
+    (b, n_rows, n_cols), h, cstride = row_geometry(images.shape, layout)
     launcher = runtime.active_launcher()
     if masks is None:
         masks = _no_mask(launcher.device_key())
     empty_labels, empty_targets, flag = _no_targets(launcher)
     grid, block = table_mix.cuda_grid(b, n_rows, n_cols, 0, 1)
     runtime.launch(table_mix.cuda_kernel, grid, block, stream,
-                   (x, out.reshape(b, n_rows, n_cols), rows, masks, empty_labels, empty_targets,
+                   (images.reshape(b, n_rows, n_cols), out.reshape(b, n_rows, n_cols), rows,
+                    masks, empty_labels, empty_targets,
                     flag, h, cstride, images.dtype == np.uint8, False, np.float32(0.0),
                     np.float32(0.0)), launcher)
 

@@ -50,7 +50,7 @@ from gpumix.config import FMIX, MixConfig
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
 from gpumix.params import as_numpy_generator, draw, from_table, params_from_draws, to_table
-from gpumix.kernels._launch import StreamHandle
+from gpumix.kernels._launch import StreamHandle, row_geometry
 
 __all__ = ["Mixup", "apply", "DALIMixLoader", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -205,15 +205,9 @@ def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pai
     """The host path of a CUDA ``Mixup`` call on DeviceArrays: upload the
     table, make the FMix masks, launch gpumix.kernels.table_mix once;
     returns the masks (a DeviceArray) or None."""
-    b = x.shape[0]
-    if layout == "NCHW":
-        _, c, h, w = x.shape
-        n_rows, n_cols, cstride = c * h, w, 1
-    else:
-        _, h, w, c = x.shape
-        n_rows, n_cols, cstride = h, w * c, c
+    (b, n_rows, n_cols), h, cstride = row_geometry(x.shape, layout)
     device_rows = launcher.upload(rows, device)
-    masks = _masks(rows, params, (h, w), stream, device, launcher)
+    masks = _masks(rows, params, (h, n_cols // cstride), stream, device, launcher)
     off, on = smoothing_values(config.num_classes, config.label_smoothing)
     grid, block = table_mix.cuda_grid(b, n_rows, n_cols, b, config.num_classes)
     runtime.launch(table_mix.cuda_kernel, grid, block, stream,

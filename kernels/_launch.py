@@ -76,6 +76,16 @@ def spatial_shape(shape, layout: str) -> tuple[int, int]:
     raise ValueError(f"layout must be 'NCHW', 'NHWC' or 'NHW', got {layout!r}")
 
 
+def row_geometry(shape, layout: str) -> tuple[tuple[int, int, int], int, int]:
+    """((B, R, L), height, cstride) of the row view of a batch of ``shape``
+    in layout "NCHW" or "NHWC", without an array (for device views)."""
+    if layout == "NCHW":
+        b, c, h, w = shape
+        return (b, c * h, w), h, 1
+    b, h, w, c = shape
+    return (b, h, w * c), h, c
+
+
 def row_view(x, layout: str) -> RowView:
     """Reshape a C-contiguous batch into the kernels' (B, R, L) row view."""
     if layout == "NCHW":

@@ -116,7 +116,7 @@ def test_direct_launch_parameters_match_numbas_ptx(name, pyfunc, signature):
 def _fast_path_records():
     """Launch records of the fast path's kernels, built from example DeviceArrays."""
     from gpumix.kernels import mix_normalize, table_mix
-    from gpumix.runtime import DeviceArray, LaunchRecord
+    from gpumix.runtime import DeviceArray
 
     def array(shape, dtype):
         return DeviceArray.on_host(np.zeros(shape, dtype))
