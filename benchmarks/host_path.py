@@ -22,6 +22,7 @@ import numpy as np
 
 import gpumix
 from gpumix import runtime
+from gpumix.kernels import table_mix
 from gpumix.params import to_table
 from gpumix.torch import IMAGENET_MEAN, IMAGENET_STD, Mixup, _normalization, handoff_cuda, mix_cuda
 
@@ -62,13 +63,14 @@ def bench(batch: int = 64, size: int = 224, calls: int = 200, repeats: int = 7) 
         x = host(np.zeros((batch, 3, size, size), np.float32))
         labels, targets = host(np.zeros(batch, np.int64)), host(np.zeros((batch, 1000),
                                                                         np.float32))
-        flag = launcher.flag()
+        flag = runtime.DeviceArray.on_host(launcher.flag())
 
         def mixup_call():
             p = mixup.sample_params(batch, (size, size))
             table_rows = to_table(p, (size, size), mixup.config)
+            by_pairs = mixup.config.pairing == "flip" or table_mix.is_involution(p.pair)
             mix_cuda(x, x, table_rows, p, "NCHW", labels, targets, flag, mixup.config,
-                     True, 1, None, launcher)
+                     by_pairs, 1, None, launcher)
 
         before = len(launcher.launches)
         us = _per_call(mixup_call, calls, repeats)

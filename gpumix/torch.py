@@ -174,6 +174,7 @@ class Mixup:
         launcher = runtime.active_launcher()
         if self._label_flag is None:
             self._label_flag = launcher.flag()
+            self._label_flag_view = runtime.DeviceArray.on_host(self._label_flag)
         b = x.shape[0]
         h, w = mixing.check_images(view, layout, "x")
         rows = to_table(params, (h, w), self.config)
@@ -181,7 +182,8 @@ class Mixup:
                               device=x.device)
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
-        by_pairs = self.inplace and table_mix.is_involution(params.pair)
+        by_pairs = self.inplace and (self.config.pairing == "flip"  # i <-> B-1-i
+                                     or table_mix.is_involution(params.pair))
         source = view
         if self.inplace and not by_pairs:  # cycles longer than two: mix from a snapshot
             scratch = self._cuda_scratch
@@ -193,7 +195,7 @@ class Mixup:
             source = scratch
         masks = mix_cuda(runtime.DeviceArray.of(source), runtime.DeviceArray.of(out_view),
                          rows, params, layout, runtime.DeviceArray.of(target),
-                         runtime.DeviceArray.of(targets), self._label_flag, self.config,
+                         runtime.DeviceArray.of(targets), self._label_flag_view, self.config,
                          by_pairs, _cuda_stream().ptr, x.device, launcher)
         if masks is not None:
             self.last_params = dataclasses.replace(params, mask=masks.owner)
@@ -202,9 +204,10 @@ class Mixup:
 
 def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pairs, stream,
              device, launcher):
-    """The host path of a CUDA ``Mixup`` call on DeviceArrays: upload the
-    table, make the FMix masks, launch gpumix.kernels.table_mix once;
-    returns the masks (a DeviceArray) or None."""
+    """The host path of a CUDA ``Mixup`` call on DeviceArrays (``flag``: the
+    pinned label-error flag seen as one): upload the table, make the FMix
+    masks, launch gpumix.kernels.table_mix once; returns the masks (a
+    DeviceArray) or None."""
     (b, n_rows, n_cols), h, cstride = row_geometry(x.shape, layout)
     device_rows = launcher.upload(rows, device)
     masks = _masks(rows, params, (h, n_cols // cstride), stream, device, launcher)
@@ -212,7 +215,7 @@ def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pai
     grid, block = table_mix.cuda_grid(b, n_rows, n_cols, b, config.num_classes)
     runtime.launch(table_mix.cuda_kernel, grid, block, stream,
                    (x.reshape(b, n_rows, n_cols), out.reshape(b, n_rows, n_cols), device_rows,
-                    masks, labels, targets, runtime.DeviceArray.on_host(flag), h, cstride,
+                    masks, labels, targets, flag, h, cstride,
                     x.dtype == np.uint8, by_pairs, np.float32(off), np.float32(on)), launcher)
     return None if masks is _placeholder_mask(launcher, device) else masks
 

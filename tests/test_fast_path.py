@@ -73,8 +73,8 @@ def test_mixup_call_is_one_launch_with_the_targets(no_sync, pairing, by_pairs):
     x = host((b, c, h, w), np.float32)
     labels, targets = host(b, np.int64), host((b, 10), np.float32)
     flag = no_sync.flag()
-    mix_cuda(x, x, rows, params, "NCHW", labels, targets, flag, config, by_pairs, 99, None,
-             no_sync)
+    mix_cuda(x, x, rows, params, "NCHW", labels, targets, runtime.DeviceArray.on_host(flag),
+             config, by_pairs, 99, None, no_sync)
     name, grid, _, stream, values = no_sync.launches[-1]
     assert name == "_table_mix_cuda" and stream == 99 and len(no_sync.launches) == 1
     assert grid[1] == b * c * h + b  # image rows, then one row of targets per sample
