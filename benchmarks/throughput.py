@@ -223,7 +223,7 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
 
 
 # The issues' targets compare gpumix against these (key, base) pairs.
-PAIRS = (("e-mixcut", "c"), ("e-fmix", "c"), ("e-mixcut", "d-mixup"),
+PAIRS = (("e-mixcut", "c"), ("e-fmix", "c"), ("e-mixcut", "c-dali"), ("e-mixcut", "d-mixup"),
          ("e-mixcut", "d-cutmix"), ("e-mixcut", "a"), ("e-fmix", "a"))
 
 
