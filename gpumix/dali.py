@@ -56,10 +56,10 @@ from __future__ import annotations
 import numpy as np
 
 from gpumix import dali_cpu, fmix, mixing, runtime
-from gpumix.config import FMIX, MixConfig, _check_choice as check_choice
+from gpumix.config import MixConfig, _check_choice as check_choice
 from gpumix.dali_cpu import raise_pending
-from gpumix.kernels import table, table_mix
-from gpumix.kernels._launch import row_geometry, scratch
+from gpumix.kernels import table
+from gpumix.kernels._launch import scratch
 from gpumix.params import Draws, pairing, params_from_draws, to_table
 
 __all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
@@ -241,7 +241,7 @@ class _GpuMixStep:
     images and table rows in (on the device), the mixed batch out, by one
     launch of gpumix.kernels.table_mix on CuPy's current stream (the one DALI
     sets for the operator). FMix masks are made from the rows' keys
-    (cuFFT): the FMix columns are copied to the host for that."""
+    (cuFFT): the table is copied to the host for that."""
 
     def __init__(self, layout: str, spatial_shape, fmix_on: bool, with_masks_output: bool):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
@@ -259,86 +259,17 @@ class _GpuMixStep:
                              f"{self.spatial_shape}: the params were made for that size")
         rows = _stack(rows, cp)
         stream = cp.cuda.get_current_stream().ptr
-        masks = None
-        if self.fmix_on:
-            masks = device_masks(rows[:, table.METHOD:table.DECAY_POWER + 2].get(), (h, w),
-                                 stream)
+        launcher = runtime.active_launcher()
+        masks = launcher.fmix_masks(rows.get(), (h, w), stream) if self.fmix_on else None
         out = cp.empty_like(batch)
-        mix_table(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
-                  runtime.DeviceArray.of(rows), masks, self.layout, stream)
+        mixing.launch_table_mix(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
+                                runtime.DeviceArray.of(rows), masks, self.layout, stream,
+                                launcher)
         mixed = list(out)
         if self.with_masks_output:
             return mixed, list(masks.owner if masks is not None else
                                cp.zeros((len(images), h, w), cp.float32))
         return mixed
-
-
-def device_masks(fmix_columns: np.ndarray, shape, stream: int):
-    """(B, H, W) float32 CuPy masks on ``stream`` for the rows whose FMix
-    columns (method .. reference, host values) say FMix; zeros elsewhere."""
-    import cupy as cp
-
-    from gpumix.kernels._launch import StreamHandle, cupy_stream, upload_many
-
-    offset = table.METHOD
-    columns = np.asarray(fmix_columns)
-    used = np.flatnonzero(columns[:, table.METHOD - offset] == FMIX)
-    handle = StreamHandle(stream)
-    with cupy_stream(handle):
-        masks = cp.zeros((columns.shape[0], *shape), cp.float32)
-        if used.size:
-            first = columns[used[0]]
-            maker = fmix.cuda_mask_maker(shape, float(first[table.DECAY_POWER - offset]),
-                                         bool(first[table.REFERENCE - offset]), handle)
-            keys = (columns[used, table.KEY_HIGH - offset].astype(np.int64) << 31) \
-                | columns[used, table.KEY_LOW - offset].astype(np.int64)
-            (index,) = upload_many([(used, np.int64)], handle)
-            masks[index] = maker(
-                keys, columns[used, table.RANK_LOW - offset].astype(np.int64),
-                columns[used, table.RANK_HIGH - offset].astype(np.int64))
-    return runtime.DeviceArray.of(masks)
-
-
-_NO_MASK = {}
-
-
-def _no_mask(launcher_key):
-    """A (1, 1, 1) placeholder for the masks argument when no sample uses FMix."""
-    import cupy as cp
-
-    if launcher_key not in _NO_MASK:
-        _NO_MASK[launcher_key] = runtime.DeviceArray.of(cp.zeros((1, 1, 1), cp.float32))
-    return _NO_MASK[launcher_key]
-
-
-def mix_table(images, out, rows, masks, layout: str, stream: int) -> None:
-    """One table_mix launch: ``images`` into ``out`` (DeviceArrays, same
-    shape and dtype, NCHW or NHWC) by the device ``rows``; no targets."""
-    (b, n_rows, n_cols), h, cstride = row_geometry(images.shape, layout)
-    launcher = runtime.active_launcher()
-    if masks is None:
-        masks = _no_mask(launcher.device_key())
-    empty_labels, empty_targets, flag = _no_targets(launcher)
-    grid, block = table_mix.cuda_grid(b, n_rows, n_cols, 0, 1)
-    runtime.launch(table_mix.cuda_kernel, grid, block, stream,
-                   (images.reshape(b, n_rows, n_cols), out.reshape(b, n_rows, n_cols), rows,
-                    masks, empty_labels, empty_targets,
-                    flag, h, cstride, images.dtype == np.uint8, False, np.float32(0.0),
-                    np.float32(0.0)), launcher)
-
-
-_NO_TARGETS = {}
-
-
-def _no_targets(launcher):
-    """(labels (1,), targets (0, 1), error flag (1,)) device placeholders."""
-    key = launcher.device_key()
-    if key not in _NO_TARGETS:
-        import cupy as cp
-
-        _NO_TARGETS[key] = tuple(runtime.DeviceArray.of(a) for a in (
-            cp.zeros(1, cp.int64), cp.zeros((0, 1), cp.float32), cp.zeros(1, cp.int32)))
-    return _NO_TARGETS[key]
 
 
 def _stack(batch, xp):

@@ -323,3 +323,53 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
 
 def n_pixels(shape) -> int:
     return int(math.prod(shape))
+
+
+def table_fmix(rows):
+    """What a params table (gpumix.kernels.table, host rows) says of FMix:
+    (indices of the rows that use it, their keys, rank lows, rank highs,
+    decay power, reference_compatible); None when no row uses FMix."""
+    from gpumix.kernels import table
+
+    rows = np.asarray(rows)
+    used = np.flatnonzero(rows[:, table.METHOD] == 3)  # gpumix.config.FMIX
+    if used.size == 0:
+        return None
+    first = rows[used[0]]
+    keys = (rows[used, table.KEY_HIGH].astype(np.int64) << 31) \
+        | rows[used, table.KEY_LOW].astype(np.int64)
+    return (used, keys, rows[used, table.RANK_LOW].astype(np.int64),
+            rows[used, table.RANK_HIGH].astype(np.int64), float(first[table.DECAY_POWER]),
+            bool(first[table.REFERENCE]))
+
+
+def masks_from_table(rows, shape):
+    """CPU masks (B, H, W) float32 for a params table (zeros where a row
+    does not use FMix), or None when no row uses FMix."""
+    fmix = table_fmix(rows)
+    if fmix is None:
+        return None
+    used, keys, low, high, decay_power, reference = fmix
+    masks = np.zeros((len(rows), *shape), np.float32)
+    masks[used] = cpu_mask_maker(tuple(shape), decay_power, reference)(keys, low, high)
+    return masks
+
+
+def masks_from_table_cuda(rows, shape, stream):
+    """The CUDA twin of :func:`masks_from_table` (host rows in, CuPy masks
+    out, made on ``stream`` with pinned uploads only), or None without FMix."""
+    import cupy as cp
+
+    from gpumix.kernels._launch import StreamHandle, cupy_stream, upload_many
+
+    fmix = table_fmix(rows)
+    if fmix is None:
+        return None
+    used, keys, low, high, decay_power, reference = fmix
+    handle = StreamHandle(stream)
+    with cupy_stream(handle):
+        masks = cp.zeros((len(rows), *shape), cp.float32)
+        (index,) = upload_many([(used, np.int64)], handle)
+        masks[index] = cuda_mask_maker(tuple(shape), decay_power, reference, handle)(
+            keys, low, high)
+    return masks

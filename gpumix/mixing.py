@@ -8,6 +8,8 @@ Numba CUDA kernels, on the stream given, with no copy to the host).
     soft_targets(labels, params, K, s)   float32 (B, K)
     reference_mix_images / reference_mix_dense / reference_soft_targets
                                          the NumPy oracle, from gpumix.kernels
+    launch_table_mix(x, out, rows, ...)  every method (and the targets) in one
+                                         CUDA launch, from a params table
 
 Samples are grouped by method and each group is one kernel launch: CutMix
 and unmixed samples share the box kernel (an unmixed sample has an empty box,
@@ -23,8 +25,8 @@ import numpy as np
 from gpumix.config import CUTMIX, FMIX, MIXUP, NONE
 from gpumix.params import MixParams
 from gpumix.kernels import blend, box_paste, mask_mix, soft_targets as targets_kernel
-from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_view,
-                             spatial_shape, upload_many)
+from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_geometry,
+                             row_view, spatial_shape, upload_many)
 
 VALID_CHANNELS = (1, 3, 4)
 
@@ -264,3 +266,38 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
         return out
     labels = check_labels(labels, params.batch_size, num_classes)
     return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)
+
+
+# ------------------------------------------------------- the params table
+def no_mask(launcher):
+    """The (1, 1, 1) masks argument of a launch in which no sample uses FMix."""
+    from gpumix import runtime
+
+    return runtime.kept(launcher, "no_mask", lambda: launcher.empty((1, 1, 1), np.float32))
+
+
+def launch_table_mix(x, out, rows, masks, layout: str, stream: int, launcher,
+                     by_pairs: bool = False, targets=None) -> None:
+    """Enqueue gpumix.kernels.table_mix once: ``x`` into ``out``
+    (DeviceArrays of one shape and dtype, NCHW or NHWC) by the device params
+    table ``rows``, ``masks`` (B, H, W) or None. ``targets``: None, or
+    (labels, targets, error flag, off value, on value) to write the soft
+    targets in the same launch."""
+    from gpumix import runtime
+    from gpumix.kernels import table_mix
+
+    (b, n_rows, n_cols), h, cstride = row_geometry(x.shape, layout)
+    if targets is None:
+        labels, out_targets, flag = runtime.kept(launcher, "no_targets", lambda: (
+            launcher.empty(1, np.int64), launcher.empty((0, 1), np.float32),
+            launcher.empty(1, np.int32)))
+        off = on = np.float32(0.0)
+    else:
+        labels, out_targets, flag, off, on = targets
+    grid, block = table_mix.cuda_grid(b, n_rows, n_cols, out_targets.shape[0],
+                                      out_targets.shape[1])
+    runtime.launch(table_mix.cuda_kernel, grid, block, stream,
+                   (x.reshape(b, n_rows, n_cols), out.reshape(b, n_rows, n_cols), rows,
+                    no_mask(launcher) if masks is None else masks, labels, out_targets, flag,
+                    h, cstride, x.dtype == np.uint8, by_pairs, np.float32(off),
+                    np.float32(on)), launcher)

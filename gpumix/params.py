@@ -356,23 +356,6 @@ def from_table(rows, masks=None) -> MixParams:
                      if fmix_on else None)
 
 
-def table_masks(rows, shape) -> np.ndarray:
-    """CPU FMix masks (B, H, W) float32 from a params table's keys and ranks
-    (zeros for the rows that do not use FMix)."""
-    rows = np.asarray(rows)
-    masks = np.zeros((rows.shape[0], *shape), np.float32)
-    used = np.flatnonzero(rows[:, table.METHOD] == FMIX)
-    if used.size:
-        first = rows[used[0]]
-        make = fmix.cpu_mask_maker(tuple(shape), float(first[table.DECAY_POWER]),
-                                   bool(first[table.REFERENCE]))
-        keys = (rows[used, table.KEY_HIGH].astype(np.int64) << 31) \
-            | rows[used, table.KEY_LOW].astype(np.int64)
-        masks[used] = make(keys, rows[used, table.RANK_LOW].astype(np.int64),
-                           rows[used, table.RANK_HIGH].astype(np.int64))
-    return masks
-
-
 def ramp_lam(num_low, num_high, n_pixels: int) -> np.ndarray:
     """The mean of a soft FMix mask with these rank bounds (the label weight
     of the primary): ``num_low`` ranks at 1, then a linear ramp from 1 down

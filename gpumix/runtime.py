@@ -232,11 +232,18 @@ class CudaLauncher:
         copy.copy_(pinned, non_blocking=True)
         return DeviceArray(copy.data_ptr(), host.shape, host.strides, host.dtype, copy)
 
-    def empty(self, shape, dtype, device) -> DeviceArray:
-        import torch
+    def empty(self, shape, dtype) -> DeviceArray:
+        """A zeroed device array on the current device (placeholders)."""
+        import cupy
 
-        tensor = torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=device)
-        return DeviceArray.of(tensor)
+        return DeviceArray.of(cupy.zeros(shape, dtype))
+
+    def fmix_masks(self, rows, shape, stream: int):
+        """FMix masks of a host params table on ``stream``, or None without FMix."""
+        from gpumix.fmix import masks_from_table_cuda
+
+        masks = masks_from_table_cuda(rows, shape, stream)
+        return None if masks is None else DeviceArray.of(masks)
 
     def flag(self):
         """A pinned int32 flag the device can write (unified addressing) and the host read."""
@@ -276,14 +283,36 @@ class RecordingLauncher:
         self.uploads.append(host)
         return DeviceArray.on_host(host)
 
-    def empty(self, shape, dtype, device=None) -> DeviceArray:
-        return DeviceArray.on_host(np.empty(shape, dtype))
+    def empty(self, shape, dtype) -> DeviceArray:
+        return DeviceArray.on_host(np.zeros(shape, dtype))
+
+    def fmix_masks(self, rows, shape, stream):
+        """Recorded as one step (the normals kernel, cuFFT and the selection)."""
+        from gpumix.fmix import table_fmix
+
+        if table_fmix(rows) is None:
+            return None
+        self.launches.append(("fmix_masks", None, None, stream, None))
+        return self.empty((len(rows), *shape), np.float32)
 
     def flag(self):
         return np.zeros(1, np.int32)
 
     def synchronize(self, *args) -> None:
         raise SynchronizingCall("a recorded host path must not synchronise")
+
+
+_KEPT: dict = {}
+
+
+def kept(launcher, name: str, make):
+    """A device array made once per device for the process by ``make()``
+    (placeholders, normalisation constants), kept alive here."""
+    key = (launcher.device_key(), name)
+    value = _KEPT.get(key)
+    if value is None:
+        value = _KEPT[key] = make()
+    return value
 
 
 _LOCAL = threading.local()

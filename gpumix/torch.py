@@ -46,11 +46,12 @@ import numpy as np
 import torch
 
 from gpumix import mixing, runtime
-from gpumix.config import FMIX, MixConfig
+from gpumix.config import MixConfig
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
-from gpumix.params import as_numpy_generator, draw, from_table, params_from_draws, to_table
-from gpumix.kernels._launch import StreamHandle, row_geometry
+from gpumix.fmix import masks_from_table
+from gpumix.params import as_numpy_generator, draw, params_from_draws, to_table
+from gpumix.kernels._launch import StreamHandle
 
 __all__ = ["Mixup", "apply", "DALIMixLoader", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -151,7 +152,7 @@ class Mixup:
         params = self.sample_params(x.shape[0], (h, w), x.device)
         self.last_params = params
         if x.is_cuda:
-            return self._call_cuda(x, view, layout, target, params)
+            return self._call_cuda(x, view, layout, (h, w), target, params)
         # Targets first: their label check fails before x is written in place.
         targets = mixing.soft_targets(target.numpy(), params, self.config.num_classes,
                                       self.config.label_smoothing)
@@ -168,7 +169,7 @@ class Mixup:
             scratch = self._scratch = np.empty_like(array)
         return scratch
 
-    def _call_cuda(self, x, view, layout, target, params):
+    def _call_cuda(self, x, view, layout, spatial_shape, target, params):
         """One pinned upload of the table, one launch (after the masks with FMix)."""
         self._raise_label_error()  # a bad label met by an earlier call
         launcher = runtime.active_launcher()
@@ -176,8 +177,7 @@ class Mixup:
             self._label_flag = launcher.flag()
             self._label_flag_view = runtime.DeviceArray.on_host(self._label_flag)
         b = x.shape[0]
-        h, w = mixing.check_images(view, layout, "x")
-        rows = to_table(params, (h, w), self.config)
+        rows = to_table(params, spatial_shape, self.config)
         targets = torch.empty((b, self.config.num_classes), dtype=torch.float32,
                               device=x.device)
         out = x if self.inplace else torch.empty_like(x)
@@ -206,40 +206,15 @@ def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pai
              device, launcher):
     """The host path of a CUDA ``Mixup`` call on DeviceArrays (``flag``: the
     pinned label-error flag seen as one): upload the table, make the FMix
-    masks, launch gpumix.kernels.table_mix once; returns the masks (a
-    DeviceArray) or None."""
-    (b, n_rows, n_cols), h, cstride = row_geometry(x.shape, layout)
+    masks, launch gpumix.kernels.table_mix once with the targets; returns the
+    masks (a DeviceArray) or None."""
     device_rows = launcher.upload(rows, device)
-    masks = _masks(rows, params, (h, n_cols // cstride), stream, device, launcher)
+    masks = launcher.fmix_masks(rows, (x.shape[1:3] if layout == "NHWC" else x.shape[2:]),
+                                stream)
     off, on = smoothing_values(config.num_classes, config.label_smoothing)
-    grid, block = table_mix.cuda_grid(b, n_rows, n_cols, b, config.num_classes)
-    runtime.launch(table_mix.cuda_kernel, grid, block, stream,
-                   (x.reshape(b, n_rows, n_cols), out.reshape(b, n_rows, n_cols), device_rows,
-                    masks, labels, targets, flag, h, cstride,
-                    x.dtype == np.uint8, by_pairs, np.float32(off), np.float32(on)), launcher)
-    return None if masks is _placeholder_mask(launcher, device) else masks
-
-
-_PLACEHOLDERS: dict = {}
-
-
-def _placeholder_mask(launcher, device):
-    key = (launcher.device_key(), "mask")
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = launcher.empty((1, 1, 1), np.float32, device)
-    return _PLACEHOLDERS[key]
-
-
-def _masks(rows, params, shape, stream, device, launcher):
-    """Device masks (B, H, W) when a sample uses FMix, else a placeholder."""
-    if not np.any(params.method == FMIX):
-        return _placeholder_mask(launcher, device)
-    if isinstance(launcher, runtime.RecordingLauncher):
-        launcher.launches.append(("fmix_masks", None, None, stream, None))
-        return launcher.empty((rows.shape[0], *shape), np.float32, device)
-    from gpumix.dali import device_masks
-
-    return device_masks(rows[:, table.METHOD:table.DECAY_POWER + 2], shape, stream)
+    mixing.launch_table_mix(x, out, device_rows, masks, layout, stream, launcher, by_pairs,
+                            targets=(labels, targets, flag, off, on))
+    return masks
 
 
 def _host_table(table_like) -> np.ndarray:
@@ -340,12 +315,7 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
 
 
 def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
-    params = from_table(rows)
-    masks = None
-    if params.fmix_keys is not None:
-        from gpumix.params import table_masks
-
-        masks = table_masks(rows, images.shape[1:3])
+    masks = masks_from_table(rows, images.shape[1:3])
     wide = torch.empty(shape, dtype=torch.float32)
     fused.cpu(images, rows, masks if masks is not None else np.zeros((1, 1, 1), np.float32),
               mean32, inv_std32, chw, out=wide.numpy())
@@ -357,19 +327,13 @@ def handoff_cuda(images, rows, mean32, inv_std32, chw, out, stream, device, laun
     """The host path of :func:`apply` on CUDA, on DeviceArrays: returns the
     masks DeviceArray (None without FMix)."""
     b, h, w, _ = images.shape
-    method = rows[:, table.METHOD]
-    masks = None
-    if np.any(method == FMIX):
-        params = from_table(rows)
-        masks = _masks(rows, params, (h, w), stream, device, launcher)
-    key = (launcher.device_key(), mean32.tobytes(), inv_std32.tobytes())
-    constants = _PLACEHOLDERS.get(key)
-    if constants is None:
-        constants = _PLACEHOLDERS[key] = (launcher.upload(mean32, device),
-                                         launcher.upload(inv_std32, device))
+    masks = launcher.fmix_masks(rows, (h, w), stream)
+    constants = runtime.kept(launcher, f"normalization {mean32.tobytes()} {inv_std32.tobytes()}",
+                             lambda: (launcher.upload(mean32, device),
+                                      launcher.upload(inv_std32, device)))
     device_rows = launcher.upload(rows, device)
     grid, block = fused.cuda_grid(b, h, w)
     runtime.launch(fused.cuda_kernel, grid, block, stream,
-                   (images, device_rows, masks if masks is not None
-                    else _placeholder_mask(launcher, device), *constants, chw, out), launcher)
+                   (images, device_rows, mixing.no_mask(launcher) if masks is None else masks,
+                    *constants, chw, out), launcher)
     return masks
