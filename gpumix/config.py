@@ -3,15 +3,26 @@
 
 Option names follow timm's ``Mixup`` (mixup_alpha, cutmix_alpha,
 cutmix_minmax, prob, switch_prob, mode, correct_lam, label_smoothing,
-num_classes) plus FMix's (fmix_alpha, decay_power, max_soft, reformulate)
-and gpumix's own (pairing, box_placement, method_weights,
-reference_compatible). An alpha of 0 turns its method off; with every method
-off mixing is the identity and targets are smoothed one-hots.
+num_classes) plus FMix's (fmix_alpha, decay_power, max_soft, reformulate),
+one group per further method (``resizemix_*``, ``smoothmix_*``,
+``gridmix_*``, ``saliencymix_alpha``) and gpumix's own (pairing,
+box_placement, method_weights, reference_compatible). An alpha of 0 turns
+its method off; with every method off mixing is the identity and targets are
+smoothed one-hots.
 
-Method choice once mixing happens: ``method_weights`` (MixUp, CutMix, FMix)
-when given; otherwise, with exactly MixUp and CutMix on, CutMix with
-probability ``switch_prob`` (timm's meaning); otherwise uniform over the
-methods that are on.
+Methods (:data:`METHODS`, codes 1..7 in that order, 0 = no mixing): MixUp,
+CutMix, FMix, ResizeMix, SmoothMix, GridMix, SaliencyMix. Which are on and
+how often each is chosen once mixing happens:
+
+* ``method_weights`` a mapping ``{name: weight}``: exactly the named methods
+  with a positive weight are on, chosen in proportion to the weights. A
+  named method that has an alpha needs it positive (``cutmix_alpha`` for
+  "cutmix", ...); ResizeMix, SmoothMix and GridMix have none.
+* ``method_weights`` three numbers (timm-style, MixUp, CutMix, FMix): those
+  of the three whose alpha is positive, in proportion to the weights.
+* None: the methods whose alpha is positive; with exactly MixUp and CutMix
+  on, CutMix with probability ``switch_prob`` (timm's meaning); otherwise
+  uniform over them.
 
 ``cutmix_minmax=(lo, hi)`` draws the CutMix lam from Uniform(lo, hi) (the
 contract in docs/semantics.md; timm instead draws box sides directly) and
@@ -26,7 +37,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NONE, MIXUP, CUTMIX, FMIX = 0, 1, 2, 3  # the per-sample method codes of MixParams.method
+METHODS = ("mixup", "cutmix", "fmix", "resizemix", "smoothmix", "gridmix", "saliencymix")
+# The per-sample method codes of MixParams.method and the params table.
+NONE, MIXUP, CUTMIX, FMIX, RESIZEMIX, SMOOTHMIX, GRIDMIX, SALIENCYMIX = range(len(METHODS) + 1)
+MASK_METHODS = (FMIX, SMOOTHMIX, GRIDMIX)  # applied through a (B, H, W) mask
+BOX_METHODS = (CUTMIX, SALIENCYMIX)  # a box of the partner's pixels at the same place
+ALPHA_OF = {"mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "fmix": "fmix_alpha",
+            "saliencymix": "saliencymix_alpha"}
+SMOOTHMIX_SHAPES = ("circle", "square")
+INTERPOLATIONS = ("nearest", "bilinear")
+MAX_GRID = 8  # GridMix cells per side: n * n <= 64 cells fit two 32-bit table columns
 
 MODES = ("batch", "elem")
 PAIRINGS = ("flip", "roll", "permutation")
@@ -40,6 +60,20 @@ def _check_number(name: str, value, low: float, high: float = math.inf, *, high_
     if not ok or math.isnan(value):
         bracket = ")" if high_open else "]"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def _check_range(name: str, value, low: float, high: float, *, integer=False) -> tuple:
+    """A (lo, hi) pair with low <= lo <= hi <= high, as floats (ints if ``integer``)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}")
+    for k, v in enumerate(value):
+        if integer and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise TypeError(f"{name}[{k}] must be an int, got {type(v).__name__}")
+        _check_number(f"{name}[{k}]", v, low, high)
+    if value[0] > value[1]:
+        raise ValueError(f"{name} must have lo <= hi, got {tuple(value)!r}")
+    kind = int if integer else float
+    return kind(value[0]), kind(value[1])
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -57,7 +91,7 @@ class MixConfig:
     fmix_alpha: float = 0.0
     prob: float = 1.0
     switch_prob: float = 0.5
-    method_weights: tuple[float, float, float] | None = None
+    method_weights: tuple[float, float, float] | dict | None = None
     mode: str = "batch"
     pairing: str = "flip"
     correct_lam: bool = True
@@ -68,9 +102,16 @@ class MixConfig:
     max_soft: float = 0.0
     reformulate: bool = False
     reference_compatible: bool = False
+    resizemix_scale: tuple[float, float] = (0.1, 0.8)
+    resizemix_interpolation: str = "nearest"
+    smoothmix_sigma: tuple[float, float] = (0.25, 0.5)
+    smoothmix_shape: str = "circle"
+    gridmix_grid: tuple[int, int] = (2, 8)
+    gridmix_prob: float = 0.5
+    saliencymix_alpha: float = 0.0
 
     def __post_init__(self):
-        for name in ("mixup_alpha", "cutmix_alpha", "fmix_alpha"):
+        for name in ALPHA_OF.values():
             _check_number(name, getattr(self, name), 0.0)
         _check_number("prob", self.prob, 0.0, 1.0)
         _check_number("switch_prob", self.switch_prob, 0.0, 1.0)
@@ -93,20 +134,63 @@ class MixConfig:
             if lo > hi:
                 raise ValueError(f"cutmix_minmax must have lo <= hi, got {self.cutmix_minmax!r}")
             object.__setattr__(self, "cutmix_minmax", (float(lo), float(hi)))
+        fields = {"resizemix_scale": _check_range("resizemix_scale", self.resizemix_scale,
+                                                  0.0, 1.0),
+                  "smoothmix_sigma": _check_range("smoothmix_sigma", self.smoothmix_sigma,
+                                                  0.0, math.inf),
+                  "gridmix_grid": _check_range("gridmix_grid", self.gridmix_grid, 1, MAX_GRID,
+                                               integer=True)}
+        if fields["smoothmix_sigma"][0] <= 0:
+            raise ValueError(f"smoothmix_sigma must be positive, got {self.smoothmix_sigma!r}")
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        _check_number("gridmix_prob", self.gridmix_prob, 0.0, 1.0)
+        _check_choice("smoothmix_shape", self.smoothmix_shape, SMOOTHMIX_SHAPES)
+        _check_choice("resizemix_interpolation", self.resizemix_interpolation, INTERPOLATIONS)
         if self.method_weights is not None:
-            if len(self.method_weights) != 3:
-                raise ValueError("method_weights must be three weights (mixup, cutmix, fmix), "
-                                 f"got {self.method_weights!r}")
-            for name, w in zip(("mixup", "cutmix", "fmix"), self.method_weights):
-                _check_number(f"method_weights[{name}]", w, 0.0)
-            object.__setattr__(self, "method_weights", tuple(float(w) for w in self.method_weights))
+            object.__setattr__(self, "method_weights", self._checked_weights())
+
+    def _checked_weights(self):
+        """method_weights as a tuple of floats or a {name: float} dict, checked."""
+        weights = self.method_weights
+        if isinstance(weights, dict):
+            checked = {}
+            for name, w in weights.items():
+                _check_choice("method_weights key", name, METHODS)
+                _check_number(f"method_weights[{name!r}]", w, 0.0)
+                alpha = ALPHA_OF.get(name)
+                if w > 0 and alpha and not self._alpha_on(name):
+                    raise ValueError(f"method_weights gives {name!r} a weight but {alpha} is 0: "
+                                     f"set {alpha} > 0 (or drop {name!r})")
+                checked[name] = float(w)
+            return checked
+        if isinstance(weights, (str, bytes)) or len(weights) != 3:
+            raise ValueError("method_weights must be three weights (mixup, cutmix, fmix) or a "
+                             f"mapping of method names to weights, got {weights!r}")
+        for name, w in zip(METHODS, weights):
+            _check_number(f"method_weights[{name}]", w, 0.0)
+        return tuple(float(w) for w in weights)
+
+    def _alpha_on(self, name: str) -> bool:
+        if name == "cutmix" and self.cutmix_minmax is not None:
+            return True
+        return getattr(self, ALPHA_OF[name]) > 0
+
+    @functools.cached_property
+    def enabled(self) -> tuple[bool, ...]:
+        """Whether each method of :data:`METHODS` is on (MixUp, CutMix, FMix first)."""
+        if isinstance(self.method_weights, dict):
+            return tuple(self.method_weights.get(name, 0.0) > 0 for name in METHODS)
+        return tuple(name in ALPHA_OF and self._alpha_on(name) for name in METHODS)
+
+    def on(self, name: str) -> bool:
+        """Whether the method called ``name`` (one of :data:`METHODS`) is on."""
+        return self.enabled[METHODS.index(name)]
 
     @property
-    def enabled(self) -> tuple[bool, bool, bool]:
-        """Whether MixUp, CutMix and FMix are on."""
-        return (self.mixup_alpha > 0,
-                self.cutmix_alpha > 0 or self.cutmix_minmax is not None,
-                self.fmix_alpha > 0)
+    def uses_masks(self) -> bool:
+        """Whether some method on is applied through masks (FMix, SmoothMix, GridMix)."""
+        return any(self.enabled[code - 1] for code in MASK_METHODS)
 
     @functools.cached_property
     def cumulative_method_probabilities(self) -> np.ndarray:
@@ -116,12 +200,16 @@ class MixConfig:
         return cumulative
 
     def method_probabilities(self) -> np.ndarray:
-        """P(MixUp), P(CutMix), P(FMix) given that mixing happens (zeros if all off)."""
+        """P(method) for each of :data:`METHODS` given that mixing happens
+        (zeros if all are off)."""
         on = np.array(self.enabled, dtype=np.float64)
-        if self.method_weights is not None:
-            weights = np.array(self.method_weights) * on
-        elif on[0] and on[1] and not on[2]:
-            weights = np.array([1.0 - self.switch_prob, self.switch_prob, 0.0])
+        if isinstance(self.method_weights, dict):
+            weights = np.array([self.method_weights.get(name, 0.0) for name in METHODS]) * on
+        elif self.method_weights is not None:
+            weights = np.array([*self.method_weights, 0, 0, 0, 0], np.float64) * on
+        elif on[0] and on[1] and on.sum() == 2:
+            weights = np.zeros(len(METHODS))
+            weights[:2] = 1.0 - self.switch_prob, self.switch_prob
         else:
             weights = on
         total = weights.sum()

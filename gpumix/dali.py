@@ -56,7 +56,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpumix import dali_cpu, fmix, mixing, runtime
-from gpumix.config import MixConfig, _check_choice as check_choice
+from gpumix.config import MAX_GRID, MixConfig, _check_choice as check_choice
 from gpumix.dali_cpu import raise_pending
 from gpumix.kernels import table
 from gpumix.kernels._launch import scratch
@@ -72,7 +72,7 @@ PARAM_COLUMNS = {"labels": (table.LABEL, 1), "pair": (table.PAIR, 1), "lam": (ta
 
 def param_names(config: MixConfig) -> tuple[str, ...]:
     """Names of the params outputs of :func:`mix` with ``return_params=True``."""
-    return PARAM_NAMES + (("mask",) if config.enabled[2] else ())
+    return PARAM_NAMES + (("mask",) if config.uses_masks else ())
 
 
 def restrict_pairing(pair: np.ndarray, n_valid: int) -> np.ndarray:
@@ -109,19 +109,28 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
     """Where each draw sits in the per-sample float64 vector of
     :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
     x, round up), the lam of each enabled method, the label, with FMix the
-    two 31-bit halves of the spectrum key, and with pairing "permutation"
-    the partner index. A method that is off has no column (its lam is 1)."""
-    mixup_on, cutmix_on, fmix_on = config.enabled
+    two 31-bit halves of the spectrum key, with pairing "permutation" the
+    partner index, with ResizeMix, SmoothMix or GridMix one more uniform
+    (their scale) and with GridMix one uniform per cell. A method that is
+    off has no column (its lam is 1)."""
+    mixup_on, cutmix_on, fmix_on = config.enabled[:3]
     widths = [("apply", 1), ("method", 1), ("box", 2), ("round_up", 1)]
     widths += [(name, 1) for name, on in (("lam_mixup", mixup_on), ("lam_cutmix", cutmix_on),
                                           ("lam_fmix", fmix_on)) if on]
     widths += [("label", 1)] + ([("key_halves", 2)] if fmix_on else [])
     widths += [("permutation", 1)] if config.pairing == "permutation" else []
+    widths += [("scale", 1)] if _uses_scale(config) else []
+    widths += [("cells", MAX_GRID ** 2)] if config.on("gridmix") else []
+    widths += [("lam_saliencymix", 1)] if config.on("saliencymix") else []
     columns, start = {}, 0
     for name, width in widths:
         columns[name] = slice(start, start + width)
         start += width
     return columns
+
+
+def _uses_scale(config: MixConfig) -> bool:
+    return config.on("resizemix") or config.on("smoothmix") or config.on("gridmix")
 
 
 class _ParamsStep:
@@ -139,7 +148,7 @@ class _ParamsStep:
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.columns = draw_columns(config)
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
-        self.make_masks = make_masks and config.enabled[2]
+        self.make_masks = make_masks and config.uses_masks
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
         self.errors: list = []  # raised by dali_cpu.raise_pending
         self.applier_errors = np.zeros(1, np.int64)  # set by the CPU appliers (partner_of)
@@ -158,7 +167,11 @@ class _ParamsStep:
                      lam_mixup=column["lam_mixup"][:, 0] if "lam_mixup" in column else ones,
                      lam_cutmix=column["lam_cutmix"][:, 0] if "lam_cutmix" in column else ones,
                      lam_fmix=column["lam_fmix"][:, 0] if "lam_fmix" in column else ones,
-                     normal_keys=keys)
+                     normal_keys=keys,
+                     scale_u=column["scale"][:, 0] if "scale" in column else None,
+                     cells_u=column.get("cells"),
+                     lam_saliencymix=column["lam_saliencymix"][:, 0]
+                     if "lam_saliencymix" in column else None)
 
     def _mask_maker(self, shape):
         if not self.make_masks:
@@ -243,10 +256,10 @@ class _GpuMixStep:
     sets for the operator). FMix masks are made from the rows' keys
     (cuFFT): the table is copied to the host for that."""
 
-    def __init__(self, layout: str, spatial_shape, fmix_on: bool, with_masks_output: bool):
+    def __init__(self, layout: str, spatial_shape, masks_on: bool, with_masks_output: bool):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.spatial_shape = spatial_shape
-        self.fmix_on = fmix_on  # without FMix nothing is read back from the device
+        self.masks_on = masks_on  # without masks nothing is read back from the device
         self.with_masks_output = with_masks_output
 
     def __call__(self, images, rows):
@@ -260,11 +273,12 @@ class _GpuMixStep:
         rows = _stack(rows, cp)
         stream = cp.cuda.get_current_stream().ptr
         launcher = runtime.active_launcher()
-        masks = launcher.fmix_masks(rows.get(), (h, w), stream) if self.fmix_on else None
+        device_rows = runtime.DeviceArray.of(rows)
+        masks = mixing.launch_masks(rows.get(), device_rows, (h, w), stream, launcher) \
+            if self.masks_on else None
         out = cp.empty_like(batch)
         mixing.launch_table_mix(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
-                                runtime.DeviceArray.of(rows), masks, self.layout, stream,
-                                launcher)
+                                device_rows, masks, self.layout, stream, launcher)
         mixed = list(out)
         if self.with_masks_output:
             return mixed, list(masks.owner if masks is not None else
@@ -297,7 +311,7 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     from nvidia.dali import fn, types
 
     f64 = types.FLOAT64
-    mixup_on, cutmix_on, fmix_on = config.enabled
+    mixup_on, cutmix_on, fmix_on = config.enabled[:3]
     parts = [fn.random.uniform(range=[0.0, 1.0], shape=[5], dtype=f64)]
     if mixup_on:
         parts.append(fn.random.beta(alpha=config.mixup_alpha, beta=config.mixup_alpha,
@@ -320,6 +334,12 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     if config.pairing == "permutation":
         permutation = fn.batch_permutation(no_fixed_points=batch_size != 1)
         parts.append(fn.reshape(fn.cast(permutation, dtype=f64), shape=[1]))
+    uniforms = (1 if _uses_scale(config) else 0) + (MAX_GRID ** 2 if config.on("gridmix") else 0)
+    if uniforms:
+        parts.append(fn.random.uniform(range=[0.0, 1.0], shape=[uniforms], dtype=f64))
+    if config.on("saliencymix"):
+        a = config.saliencymix_alpha
+        parts.append(fn.random.beta(alpha=a, beta=a, shape=[1], dtype=f64))
     return fn.cat(*parts)
 
 
@@ -341,7 +361,7 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
     batch_size = Pipeline.current().max_batch_size
     inputs = [_draw_vectors(config, size, batch_size, labels)] + ([images] * with_images)
     inputs += [] if source_info is None else [source_info]
-    masks_on = with_images and config.enabled[2]
+    masks_on = with_images and config.uses_masks
     operator = dali_cpu.params_operator(
         step, num_classes=config.num_classes, with_masks=masks_on,
         with_names=source_info is not None, images_type=images_type if with_images else None,
@@ -358,7 +378,7 @@ def _param_outputs(rows, masks, config: MixConfig) -> tuple:
               "method": types.INT8, "box": types.INT64}
     outputs = [fn.cast(rows[start:start + width], dtype=dtypes[name])
                for name, (start, width) in PARAM_COLUMNS.items()]
-    if config.enabled[2]:
+    if config.uses_masks:
         outputs.append(masks)
     return tuple(outputs)
 
@@ -409,8 +429,8 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
                              "on the CPU stage, which cannot read the GPU images' shapes")
         targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
                                          source_info=source_info)
-        step = _GpuMixStep(layout, _spatial(size), config.enabled[2],
-                           return_params and config.enabled[2])
+        step = _GpuMixStep(layout, _spatial(size), config.uses_masks,
+                           return_params and config.uses_masks)
         outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
                                      num_outputs=1 + step.with_masks_output, device="gpu",
                                      output_layouts=[layout] + [""] * step.with_masks_output)

@@ -3,7 +3,7 @@ the array (NumPy -> Numba CPU kernels; anything with
 ``__cuda_array_interface__`` such as CuPy arrays or CUDA torch tensors ->
 Numba CUDA kernels, on the stream given, with no copy to the host).
 
-    mix_images(images, params, layout)   MixUp / CutMix / FMix per sample
+    mix_images(images, params, layout)   every method per sample
     mix_dense(dense, params, layout)     the same boxes/masks, pasted only
     soft_targets(labels, params, K, s)   float32 (B, K)
     reference_mix_images / reference_mix_dense / reference_soft_targets
@@ -11,9 +11,12 @@ Numba CUDA kernels, on the stream given, with no copy to the host).
     launch_table_mix(x, out, rows, ...)  every method (and the targets) in one
                                          CUDA launch, from a params table
 
-Samples are grouped by method and each group is one kernel launch: CutMix
-and unmixed samples share the box kernel (an unmixed sample has an empty box,
-so it is copied exactly), MixUp uses the blend kernel, FMix the mask kernel.
+Samples are grouped by method and each group is one kernel launch: CutMix,
+SaliencyMix and unmixed samples share the box kernel (an unmixed sample has
+an empty box, so it is copied exactly), MixUp uses the blend kernel, FMix,
+SmoothMix and GridMix the mask kernel, ResizeMix the resize kernel.
+SaliencyMix boxes are placed on the partners' saliency peaks first
+(gpumix.saliency.place_boxes).
 Kernels never write their input: in place (``out is images``) the kernels read
 a snapshot (one copy, into ``scratch`` when given) and write ``images``.
 """
@@ -22,11 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpumix.config import CUTMIX, FMIX, MIXUP, NONE
+from gpumix import fmix
+from gpumix.config import BOX_METHODS, MASK_METHODS, MIXUP, NONE, RESIZEMIX
 from gpumix.params import MixParams
-from gpumix.kernels import blend, box_paste, mask_mix, soft_targets as targets_kernel
+from gpumix.kernels import (blend, box_paste, mask_mix, resize_paste, shape_mask,
+                            soft_targets as targets_kernel)
 from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_geometry,
-                             row_view, spatial_shape, upload_many)
+                                    row_grid, row_view, spatial_shape, upload_many)
 
 VALID_CHANNELS = (1, 3, 4)
 
@@ -70,27 +75,35 @@ def check_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
 def reference_mix_images(images: np.ndarray, params: MixParams, layout: str) -> np.ndarray:
     """NumPy oracle: each kernel's reference on its samples."""
     out = images.copy()
-    cut = np.flatnonzero(params.method == CUTMIX)
-    mixup = np.flatnonzero(params.method == MIXUP)
-    fm = np.flatnonzero(params.method == FMIX)
+    cut = _samples(params, BOX_METHODS)
+    mixup = params.samples(MIXUP)
+    fm = _samples(params, MASK_METHODS)
+    resized = params.samples(RESIZEMIX)
     if cut.size:
         out[cut] = box_paste.reference(images, params.pair, params.box, layout, cut)[cut]
     if mixup.size:
         out[mixup] = blend.reference(images, params.pair, params.lam, mixup)[mixup]
     if fm.size:
         out[fm] = mask_mix.reference(images, params.pair, params.mask, layout, fm)[fm]
+    if resized.size:
+        out[resized] = resize_paste.reference(images, params.pair, params.box, layout,
+                                              params.bilinear, resized)[resized]
     return out
 
 
 def reference_mix_dense(dense: np.ndarray, params: MixParams, layout: str = "NHW") -> np.ndarray:
     _refuse_mixup_on_dense(params)
     out = dense.copy()
-    cut = np.flatnonzero(params.method == CUTMIX)
-    fm = np.flatnonzero(params.method == FMIX)
+    cut = _samples(params, BOX_METHODS)
+    fm = _samples(params, MASK_METHODS)
+    resized = params.samples(RESIZEMIX)
     if cut.size:
         out[cut] = box_paste.reference(dense, params.pair, params.box, layout, cut)[cut]
     if fm.size:
         out[fm] = mask_mix.reference(dense, params.pair, params.mask, layout, fm, paste=True)[fm]
+    if resized.size:
+        out[resized] = resize_paste.reference(dense, params.pair, params.box, layout, False,
+                                              resized)[resized]
     return out
 
 
@@ -102,12 +115,17 @@ def reference_soft_targets(labels, params: MixParams, num_classes: int, smoothin
 def _refuse_mixup_on_dense(params: MixParams) -> None:
     if np.any(params.method == MIXUP):
         raise ValueError("MixUp cannot be applied to dense targets (segmentation maps): "
-                         "their values would be blended; use CutMix or FMix, or mix "
+                         "their values would be blended; use a box or mask method, or mix "
                          "per-pixel soft targets yourself")
 
 
+def _samples(params: MixParams, codes) -> np.ndarray:
+    """Indices (int64) of the samples whose method is one of ``codes``."""
+    return np.flatnonzero(np.isin(params.method, codes)).astype(np.int64)
+
+
 def _box_samples(params: MixParams) -> np.ndarray:
-    return np.flatnonzero((params.method == CUTMIX) | (params.method == NONE)).astype(np.int64)
+    return _samples(params, (NONE, *BOX_METHODS))
 
 
 def _run_cpu(x, params: MixParams, layout: str, out, paste: bool):
@@ -120,10 +138,14 @@ def _run_cpu(x, params: MixParams, layout: str, out, paste: bool):
     mixup = params.samples(MIXUP)
     if mixup.size:
         blend.cpu(view.rows, params.pair, params.lam, mixup, out=out_rows)
-    fm = params.samples(FMIX)
+    fm = _samples(params, MASK_METHODS)
     if fm.size:
         mask_mix.cpu(view.rows, params.pair, np.ascontiguousarray(params.mask, np.float32), fm,
                      view.height, view.cstride, paste, out=out_rows)
+    resized = params.samples(RESIZEMIX)
+    if resized.size:  # dense maps (paste) are resized nearest: labels are never blended
+        resize_paste.cpu(view.rows, params.pair, params.box, resized, view.height, view.cstride,
+                         params.bilinear and not paste, out=out_rows)
     return out
 
 
@@ -149,10 +171,12 @@ def as_cupy(x):
 def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
     view = row_view(as_cupy(x), layout)
     out_rows = row_view(as_cupy(out), layout).rows
-    box_samples, mixup, fm = _box_samples(params), params.samples(MIXUP), params.samples(FMIX)
+    box_samples, mixup = _box_samples(params), params.samples(MIXUP)
+    fm, resized = _samples(params, MASK_METHODS), params.samples(RESIZEMIX)
     host = {"pair": (params.pair, np.int64), "box": (params.box, np.int64),
             "box_samples": (box_samples, np.int64), "lam": (params.lam, np.float32),
-            "mixup": (mixup, np.int64), "fmix": (fm, np.int64)}
+            "mixup": (mixup, np.int64), "fmix": (fm, np.int64),
+            "resized": (resized, np.int64)}
     mask = params.mask
     if fm.size and not is_cuda_array(mask):
         host["mask"] = (mask, np.float32)
@@ -166,6 +190,10 @@ def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
         masks = dev["mask"] if "mask" in dev else as_cupy(mask).astype(np.float32, copy=False)
         mask_mix.cuda(view.rows, dev["pair"], masks, dev["fmix"], view.height, view.cstride,
                       paste, out=out_rows, stream=stream)
+    if resized.size:
+        resize_paste.cuda(view.rows, dev["pair"], dev["box"], dev["resized"], view.height,
+                          view.cstride, params.bilinear and not paste, out=out_rows,
+                          stream=stream)
     return out
 
 
@@ -269,8 +297,37 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
 
 
 # ------------------------------------------------------- the params table
+def masks_from_table(rows, shape):
+    """CPU masks (B, H, W) float32 of a host params table: FMix's from the
+    keys, SmoothMix's and GridMix's from their columns (zeros elsewhere), or
+    None when no row uses a mask."""
+    masks = fmix.masks_from_table(rows, shape)
+    if shape_mask.uses_shape_masks(rows):
+        if masks is None:
+            masks = np.zeros((len(rows), *shape), np.float32)
+        shape_mask.cpu(np.ascontiguousarray(rows, np.float64), masks)
+    return masks
+
+
+def launch_masks(rows, device_rows, shape, stream: int, launcher):
+    """The CUDA twin of :func:`masks_from_table` on ``stream``: FMix masks
+    from the host rows' keys (gpumix.fmix), then one launch of
+    gpumix.kernels.shape_mask reading the device rows; returns the masks
+    (a DeviceArray) or None."""
+    from gpumix import runtime
+
+    masks = launcher.fmix_masks(rows, shape, stream)
+    if shape_mask.uses_shape_masks(rows):
+        if masks is None:
+            masks = launcher.empty((len(rows), *shape), np.float32)
+        grid, block = row_grid(len(rows) * shape[0], shape[1])
+        runtime.launch(shape_mask.cuda_kernel, grid, block, stream, (device_rows, masks),
+                       launcher)
+    return masks
+
+
 def no_mask(launcher):
-    """The (1, 1, 1) masks argument of a launch in which no sample uses FMix."""
+    """The (1, 1, 1) masks argument of a launch in which no sample uses a mask."""
     from gpumix import runtime
 
     return runtime.kept(launcher, "no_mask", lambda: launcher.empty((1, 1, 1), np.float32))

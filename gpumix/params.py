@@ -13,12 +13,33 @@ CUDA kernels, DALI operators, the torch module):
     pair    (B,)      int64    partner of each primary
     lam     (B,)      float32  weight of the primary in the target (realised
                                pixel fraction for CutMix/FMix)
-    method  (B,)      int8     NONE/MIXUP/CUTMIX/FMIX (gpumix.config)
-    box     (B, 4)    int64    CutMix box (y0, y1, x0, x1), half-open
-    mask    (B, H, W) float32  FMix mask (1 = primary), or None when no FMix
-                               (or when made later, from the keys and ranks)
+    method  (B,)      int8     a code of gpumix.config (NONE, MIXUP, ...)
+    box     (B, 4)    int64    box (y0, y1, x0, x1), half-open: CutMix's and
+                               SaliencyMix's, or where ResizeMix pastes
+    mask    (B, H, W) float32  FMix / SmoothMix / GridMix mask (1 = primary),
+                               or None when no sample uses one (or when made
+                               later, from the keys, ranks and shape params)
     fmix_keys  (B,)   int64    FMix spectrum key (0 where unused), or None
     fmix_ranks (B, 2) int64    FMix ranks (low, high) of the mask's ramp, or None
+    smooth  (B, 5)    float64  SmoothMix (centre_y, centre_x, sigma_y, sigma_x,
+                               square), or None
+    grid    (B, 3)    int64    GridMix (n, cells_low, cells_high), or None
+    bilinear          bool     ResizeMix resizes bilinearly (else nearest)
+
+Methods beyond MixUp, CutMix and FMix (gpumix.config.METHODS):
+
+* ResizeMix: tau ~ U(resizemix_scale); the box is int(H tau) x int(W tau),
+  placed uniformly where it fits (box_u); lam = 1 - box area / (H W).
+* SmoothMix: centre (int(u H), int(u W)) from box_u, sigma = s H and s W
+  with s ~ U(smoothmix_sigma); lam = the mean of the primary's mask
+  1 - G (gpumix.kernels.shape_mask), from the two 1-D profiles.
+* GridMix: n uniform on gridmix_grid, each of the n * n cells the
+  partner's with probability gridmix_prob; lam = the exact fraction of the
+  primary's pixels.
+* SaliencyMix: CutMix's box size from lam ~ Beta(saliencymix_alpha), placed
+  later on the partner's saliency peak (gpumix.saliency); the box always lies
+  inside the image, so lam = 1 - box area / (H W) is known before the
+  images are.
 
 :func:`to_table` and :func:`from_table` convert MixParams to and from the
 params table of gpumix.kernels.table (one float64 row per sample), the form
@@ -37,8 +58,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpumix import fmix
-from gpumix.config import CUTMIX, FMIX, MIXUP, NONE, MixConfig
-from gpumix.kernels import table
+from gpumix.config import (CUTMIX, FMIX, GRIDMIX, MASK_METHODS, MAX_GRID, MIXUP, NONE,
+                           RESIZEMIX, SALIENCYMIX, SMOOTHMIX, MixConfig)
+from gpumix.kernels import shape_mask, table
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,9 @@ class MixParams:
     mask: np.ndarray | None = None
     fmix_keys: np.ndarray | None = None
     fmix_ranks: np.ndarray | None = None
+    smooth: np.ndarray | None = None
+    grid: np.ndarray | None = None
+    bilinear: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -73,7 +98,7 @@ class MixParams:
             raise ValueError(f"params.pair must index the batch [0, {b}), got {self.pair}")
         if b and not (np.all(self.lam >= 0) and np.all(self.lam <= 1)):  # NaN fails too
             raise ValueError(f"params.lam must lie in [0, 1], got {self.lam}")
-        if np.any(self.method == FMIX):
+        if np.any(np.isin(self.method, MASK_METHODS)):
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)
                 raise ValueError(f"params.mask must have shape {(b, *spatial_shape)}, got {got}")
@@ -93,6 +118,10 @@ class Draws:
     normal_keys: np.ndarray | None  # (n,) int64 FMix spectrum keys; each expands to the
                                     # unit's N(0, 1) normals (gpumix.kernels.normals)
     permutation: np.ndarray | None = field(default=None)  # (B,) pairing="permutation"
+    scale_u: np.ndarray | None = None  # (n,) uniform [0, 1): ResizeMix tau, SmoothMix
+                                       # sigma, GridMix n (one method per unit uses it)
+    cells_u: np.ndarray | None = None  # (n, MAX_GRID**2) uniform [0, 1): GridMix cells
+    lam_saliencymix: np.ndarray | None = None  # (n,) Beta(saliencymix_alpha, ...)
 
 
 def as_numpy_generator(rng) -> np.random.Generator:
@@ -144,17 +173,18 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
         else np.ones(n)
     normal_keys = rng.integers(0, 2**62, n) if fmix_on else None
     permutation = derangement(batch_size, rng) if config.pairing == "permutation" else None
-    return Draws(
-        apply_u=rng.random(n),
-        method_u=rng.random(n),
-        lam_mixup=_beta(rng, config.mixup_alpha, n),
-        lam_cutmix=lam_cutmix,
-        lam_fmix=lam_fmix,
-        box_u=rng.random((n, 2)),
-        round_up_u=rng.random(n),
-        normal_keys=normal_keys,
-        permutation=permutation,
-    )
+    draws = dict(apply_u=rng.random(n), method_u=rng.random(n),
+                 lam_mixup=_beta(rng, config.mixup_alpha, n), lam_cutmix=lam_cutmix,
+                 lam_fmix=lam_fmix, box_u=rng.random((n, 2)), round_up_u=rng.random(n),
+                 normal_keys=normal_keys, permutation=permutation)
+    # Later methods draw after the first three's, so their streams stay as they were.
+    if config.on("resizemix") or config.on("smoothmix") or config.on("gridmix"):
+        draws["scale_u"] = rng.random(n)
+    if config.on("gridmix"):
+        draws["cells_u"] = rng.random((n, MAX_GRID ** 2))
+    if config.on("saliencymix"):
+        draws["lam_saliencymix"] = _beta(rng, config.saliencymix_alpha, n)
+    return Draws(**draws)
 
 
 def pairing(config: MixConfig, batch_size: int, permutation=None) -> np.ndarray:
@@ -174,7 +204,7 @@ def choose_methods(config: MixConfig, apply_u, method_u) -> np.ndarray:
     cumulative = config.cumulative_method_probabilities
     chosen = MIXUP + np.searchsorted(cumulative, method_u, side="right")
     mixing = (np.asarray(apply_u) < config.prob) & (cumulative[-1] > 0)
-    return np.where(mixing, np.minimum(chosen, FMIX), NONE).astype(np.int8)
+    return np.where(mixing, np.minimum(chosen, cumulative.size), NONE).astype(np.int8)
 
 
 def _clip(a, low: int, high: int):
@@ -217,6 +247,88 @@ def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip") -> np.ndarr
     return np.stack([y0, y1, x0, x1], axis=1).astype(np.int64)
 
 
+def _inside_boxes(cut_h, cut_w, box_u, spatial_shape) -> np.ndarray:
+    """Boxes of the given sides placed uniformly where they fit."""
+    h, w = spatial_shape
+    y0, y1 = _box_axis(h, cut_h, box_u[:, 0], "inside")
+    x0, x1 = _box_axis(w, cut_w, box_u[:, 1], "inside")
+    return np.stack([y0, y1, x0, x1], axis=1).astype(np.int64)
+
+
+def resizemix_boxes(scale_u, box_u, spatial_shape, scale_range) -> np.ndarray:
+    """ResizeMix boxes: sides int(H tau), int(W tau) with tau ~ U(scale_range)."""
+    lo, hi = scale_range
+    tau = lo + np.asarray(scale_u, np.float64) * (hi - lo)
+    h, w = spatial_shape
+    return _inside_boxes((h * tau).astype(np.int64), (w * tau).astype(np.int64), box_u,
+                         spatial_shape)
+
+
+def smoothmix_shapes(scale_u, box_u, spatial_shape, config: MixConfig) -> np.ndarray:
+    """SmoothMix (centre_y, centre_x, sigma_y, sigma_x, square) per unit."""
+    h, w = spatial_shape
+    lo, hi = config.smoothmix_sigma
+    s = lo + np.asarray(scale_u, np.float64) * (hi - lo)
+    cy = np.minimum((box_u[:, 0] * h).astype(np.int64), h - 1)
+    cx = np.minimum((box_u[:, 1] * w).astype(np.int64), w - 1)
+    square = np.full(s.shape, float(config.smoothmix_shape == "square"))
+    return np.stack([cy, cx, s * h, s * w, square], axis=1).astype(np.float64)
+
+
+def smoothmix_lam(smooth, spatial_shape) -> np.ndarray:
+    """The mean of each SmoothMix primary mask 1 - G (kernels/shape_mask.py),
+    from its 1-D profiles: sum gy * sum gx for the circle, and for the square
+    sum over y of sum over x of min(gy, gx) by one sort of gx."""
+    h, w = spatial_shape
+    lam = np.empty(len(smooth))
+    for u, (cy, cx, sy, sx, square) in enumerate(smooth):
+        gy = np.exp(-0.5 * ((np.arange(h) - cy) / sy) ** 2).astype(np.float32)
+        gx = np.exp(-0.5 * ((np.arange(w) - cx) / sx) ** 2).astype(np.float32)
+        gy, gx = gy.astype(np.float64), np.sort(gx).astype(np.float64)
+        if square:
+            below = np.searchsorted(gx, gy)  # gx[:below] < gy: those terms are gx
+            prefix = np.concatenate([[0.0], np.cumsum(gx)])
+            total = np.sum(prefix[below] + gy * (w - below))
+        else:
+            total = gy.sum() * gx.sum()
+        lam[u] = 1.0 - total / (h * w)
+    return lam
+
+
+def gridmix_cells(scale_u, cells_u, config: MixConfig) -> np.ndarray:
+    """GridMix (n, cells_low, cells_high) per unit: n uniform on gridmix_grid,
+    bit c set (cell c the partner's) where cells_u[c] < gridmix_prob."""
+    lo, hi = config.gridmix_grid
+    n = lo + np.minimum((np.asarray(scale_u) * (hi - lo + 1)).astype(np.int64), hi - lo)
+    taken = (cells_u < config.gridmix_prob) & (np.arange(MAX_GRID ** 2) < (n * n)[:, None])
+    weights = np.left_shift(np.int64(1), np.arange(32, dtype=np.int64))
+    low = (taken[:, :32] * weights).sum(axis=1)
+    high = (taken[:, 32:] * weights).sum(axis=1)
+    return np.stack([n, low, high], axis=1).astype(np.int64)
+
+
+def gridmix_lam(grid, spatial_shape) -> np.ndarray:
+    """The exact fraction of pixels in cells the primary keeps."""
+    h, w = spatial_shape
+    lam = np.empty(len(grid))
+    for u, (n, low, high) in enumerate(grid):
+        rows = np.bincount(np.arange(h) * n // h, minlength=n)
+        cols = np.bincount(np.arange(w) * n // w, minlength=n)
+        bits = (int(high) << 32) | int(low)
+        taken = np.array([(bits >> c) & 1 for c in range(n * n)]).reshape(n, n)
+        lam[u] = float(np.sum(np.outer(rows, cols) * (1 - taken))) / (h * w)
+    return lam
+
+
+def saliencymix_sizes(lam, spatial_shape) -> np.ndarray:
+    """SaliencyMix boxes before placement: CutMix's sides at the origin."""
+    h, w = spatial_shape
+    ratio = np.sqrt(1.0 - np.asarray(lam, np.float64))
+    zeros = np.zeros(ratio.shape, np.int64)
+    return np.stack([zeros, (h * ratio).astype(np.int64), zeros, (w * ratio).astype(np.int64)],
+                    axis=1)
+
+
 def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
     """Fraction of pixels outside the box (the primary's share)."""
     h, w = spatial_shape
@@ -252,6 +364,27 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         realised = box_lam(box, spatial_shape) if config.correct_lam else sampled
         lam = np.where(is_cut, realised, lam)
 
+    smooth = grid = None
+    for code, make_boxes in ((RESIZEMIX, lambda: resizemix_boxes(
+            draws.scale_u, draws.box_u, spatial_shape, config.resizemix_scale)),
+            (SALIENCYMIX, lambda: saliencymix_sizes(draws.lam_saliencymix, spatial_shape))):
+        chosen = method == code
+        if chosen.any():
+            box = np.where(chosen[:, None], make_boxes(), box)
+            realised = box_lam(box, spatial_shape)
+            if code == SALIENCYMIX and not config.correct_lam:
+                realised = draws.lam_saliencymix
+            lam = np.where(chosen, realised, lam)
+    is_smooth = method == SMOOTHMIX
+    if is_smooth.any():
+        smooth = np.where(is_smooth[:, None],
+                          smoothmix_shapes(draws.scale_u, draws.box_u, spatial_shape, config), 0.0)
+        lam[is_smooth] = smoothmix_lam(smooth[is_smooth], spatial_shape)
+    is_grid = method == GRIDMIX
+    if is_grid.any():
+        grid = np.where(is_grid[:, None], gridmix_cells(draws.scale_u, draws.cells_u, config), 0)
+        lam[is_grid] = gridmix_lam(grid[is_grid], spatial_shape)
+
     mask = keys = ranks = None
     is_fmix = method == FMIX
     if is_fmix.any():
@@ -276,6 +409,19 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         fmix_lam = ramp_lam(lo, hi, n_pix) if config.max_soft > 0 else k / n_pix
         lam = np.where(is_fmix, fmix_lam, lam)
 
+    if make_masks and (smooth is not None or grid is not None):
+        shape_rows = np.zeros((units, table.N_COLUMNS))
+        shape_rows[:, table.METHOD] = method
+        _write_shapes(shape_rows, smooth, grid)
+        on_host = mask is None or isinstance(mask, np.ndarray)
+        host = mask if mask is not None and on_host else np.zeros((units, *spatial_shape),
+                                                                   np.float32)
+        shape_mask.cpu(shape_rows, host)
+        if mask is None:
+            mask = host
+        elif not on_host:  # FMix masks made on the GPU: add these to them
+            used = np.flatnonzero(is_smooth | is_grid)
+            mask[used] = _array_module(mask).asarray(host[used])
     if units != batch_size:  # mode "batch": one unit for every sample
         method = np.repeat(method, batch_size)
         lam = np.repeat(lam, batch_size)
@@ -285,6 +431,8 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         if keys is not None:
             keys = np.repeat(keys, batch_size)
             ranks = np.repeat(ranks, batch_size, axis=0)
+        smooth = None if smooth is None else np.repeat(smooth, batch_size, axis=0)
+        grid = None if grid is None else np.repeat(grid, batch_size, axis=0)
     return MixParams(
         pair=pairing(config, batch_size, draws.permutation) if pair is None
         else np.asarray(pair, np.int64),
@@ -294,7 +442,18 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         mask=mask,
         fmix_keys=keys,
         fmix_ranks=ranks,
+        smooth=smooth,
+        grid=grid,
+        bilinear=config.resizemix_interpolation == "bilinear",
     )
+
+
+def _write_shapes(rows, smooth, grid) -> None:
+    """Write the SmoothMix and GridMix columns of a table."""
+    if smooth is not None:
+        rows[:, table.CENTRE_Y:table.SQUARE + 1] = smooth
+    if grid is not None:
+        rows[:, table.GRID:table.CELLS_HIGH + 1] = grid
 
 
 def _array_module(a):
@@ -328,6 +487,8 @@ def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
     out[:, table.DECAY_POWER] = config.decay_power
     out[:, table.REFERENCE] = config.reference_compatible
     out[:, table.HEIGHT:table.WIDTH + 1] = spatial_shape
+    _write_shapes(out, params.smooth, params.grid)
+    out[:, table.BILINEAR] = params.bilinear
     if own_address is not None:
         own = np.asarray(own_address, np.int64)
         if own.size and own.max() >= 2**53:
@@ -348,12 +509,18 @@ def from_table(rows, masks=None) -> MixParams:
     fmix_on = bool(np.any(method == FMIX))
     keys = (rows[:, table.KEY_HIGH].astype(np.int64) << 31) | rows[:, table.KEY_LOW].astype(
         np.int64)
+    smooth_on, grid_on = bool(np.any(method == SMOOTHMIX)), bool(np.any(method == GRIDMIX))
     return MixParams(pair=rows[:, table.PAIR].astype(np.int64),
                      lam=rows[:, table.LAM].astype(np.float32), method=method,
                      box=rows[:, table.Y0:table.X1 + 1].astype(np.int64), mask=masks,
                      fmix_keys=keys if fmix_on else None,
                      fmix_ranks=rows[:, table.RANK_LOW:table.RANK_HIGH + 1].astype(np.int64)
-                     if fmix_on else None)
+                     if fmix_on else None,
+                     smooth=rows[:, table.CENTRE_Y:table.SQUARE + 1].copy() if smooth_on
+                     else None,
+                     grid=rows[:, table.GRID:table.CELLS_HIGH + 1].astype(np.int64) if grid_on
+                     else None,
+                     bilinear=bool(np.any(rows[:, table.BILINEAR] != 0)))
 
 
 def ramp_lam(num_low, num_high, n_pixels: int) -> np.ndarray:

@@ -49,7 +49,6 @@ from gpumix import mixing, runtime
 from gpumix.config import MixConfig
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
-from gpumix.fmix import masks_from_table
 from gpumix.params import as_numpy_generator, draw, params_from_draws, to_table
 from gpumix.kernels._launch import StreamHandle
 
@@ -182,8 +181,8 @@ class Mixup:
                               device=x.device)
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
-        by_pairs = self.inplace and (self.config.pairing == "flip"  # i <-> B-1-i
-                                     or table_mix.is_involution(params.pair))
+        by_pairs = self.inplace and not self.config.on("resizemix") and (
+            self.config.pairing == "flip" or table_mix.is_involution(params.pair))  # i <-> j
         source = view
         if self.inplace and not by_pairs:  # cycles longer than two: mix from a snapshot
             scratch = self._cuda_scratch
@@ -209,8 +208,9 @@ def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pai
     masks, launch gpumix.kernels.table_mix once with the targets; returns the
     masks (a DeviceArray) or None."""
     device_rows = launcher.upload(rows, device)
-    masks = launcher.fmix_masks(rows, (x.shape[1:3] if layout == "NHWC" else x.shape[2:]),
-                                stream)
+    masks = mixing.launch_masks(rows, device_rows,
+                                x.shape[1:3] if layout == "NHWC" else x.shape[2:], stream,
+                                launcher)
     off, on = smoothing_values(config.num_classes, config.label_smoothing)
     mixing.launch_table_mix(x, out, device_rows, masks, layout, stream, launcher, by_pairs,
                             targets=(labels, targets, flag, off, on))
@@ -315,7 +315,7 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
 
 
 def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
-    masks = masks_from_table(rows, images.shape[1:3])
+    masks = mixing.masks_from_table(rows, images.shape[1:3])
     wide = torch.empty(shape, dtype=torch.float32)
     fused.cpu(images, rows, masks if masks is not None else np.zeros((1, 1, 1), np.float32),
               mean32, inv_std32, chw, out=wide.numpy())
@@ -327,11 +327,11 @@ def handoff_cuda(images, rows, mean32, inv_std32, chw, out, stream, device, laun
     """The host path of :func:`apply` on CUDA, on DeviceArrays: returns the
     masks DeviceArray (None without FMix)."""
     b, h, w, _ = images.shape
-    masks = launcher.fmix_masks(rows, (h, w), stream)
     constants = runtime.kept(launcher, f"normalization {mean32.tobytes()} {inv_std32.tobytes()}",
                              lambda: (launcher.upload(mean32, device),
                                       launcher.upload(inv_std32, device)))
     device_rows = launcher.upload(rows, device)
+    masks = mixing.launch_masks(rows, device_rows, (h, w), stream, launcher)
     grid, block = fused.cuda_grid(b, h, w)
     runtime.launch(fused.cuda_kernel, grid, block, stream,
                    (images, device_rows, mixing.no_mask(launcher) if masks is None else masks,

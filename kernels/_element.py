@@ -22,6 +22,7 @@ widens to float64 behind our back); lam is the weight of the primary sample
 from __future__ import annotations
 
 import functools
+import math
 from types import SimpleNamespace
 
 import numba
@@ -140,7 +141,40 @@ def _build(jit, fmul, fadd):
             return float32(1.0)
         return float32(1.0 - (rank - num_low) / (width - 1.0))
 
+    @jit
+    def source_span(o, n_in, n_out, bilinear):
+        """The source indices (i0, i1) and the weight of i1 of output index
+        ``o`` when ``n_in`` samples are resized to ``n_out``, as
+        ``torch.nn.functional.interpolate`` computes them in float32:
+        "nearest" takes floor(o * n_in / n_out) (exact for equal sizes and
+        for doubling, as torch special-cases them); "bilinear" uses
+        half-pixel centres (align_corners=False), the source clamped at 0."""
+        if not bilinear:
+            if n_out == n_in:
+                i = o
+            elif n_out == 2 * n_in:
+                i = o // 2
+            else:
+                scale = float32(n_in) / float32(n_out)
+                i = min(int64(math.floor(float32(o) * scale)), n_in - 1)
+            return i, i, float32(0.0)
+        scale = float32(n_in) / float32(n_out)
+        source = max(scale * (float32(o) + float32(0.5)) - float32(0.5), float32(0.0))
+        i0 = int64(source)
+        i1 = i0 + 1 if i0 < n_in - 1 else i0
+        return i0, i1, min(max(source - float32(i0), float32(0.0)), float32(1.0))
+
+    @jit
+    def bilerp(v00, v01, v10, v11, wy, wx):
+        """Bilinear blend of four values (first index y, second x) with the
+        weights of the second row and column, in float32."""
+        top = (float32(1.0) - wx) * float32(v00) + wx * float32(v01)
+        bottom = (float32(1.0) - wx) * float32(v10) + wx * float32(v11)
+        return (float32(1.0) - wy) * top + wy * bottom
+
     return SimpleNamespace(
+        source_span=source_span,
+        bilerp=bilerp,
         blend_value=blend_value,
         mask_value=mask_value,
         mixed_value=mixed_value,

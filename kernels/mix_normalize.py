@@ -2,13 +2,14 @@
 to the model (mixing as in kernels/blend.py, box_paste.py and mask_mix.py).
 
 Input: a batch of HWC uint8 images ``(B, H, W, C)`` and its params table
-(kernels/table.py: partner, lam, method, box per sample), plus FMix masks
-``(B, H, W)`` float32 when a sample uses FMix. For every sample i with
+(kernels/table.py: partner, lam, method, box per sample), plus masks
+``(B, H, W)`` float32 when a sample uses FMix, SmoothMix or GridMix. For every sample i with
 partner j and every element:
 
     v   = the mixed uint8 value: MixUp rounded ties-to-even, the box's
-          pixels from j for CutMix, the mask blend (rounded) for FMix,
-          x[i] itself for an unmixed sample
+          pixels from j for CutMix and SaliencyMix, the mask blend
+          (rounded) for FMix, SmoothMix and GridMix, j resized into the box
+          for ResizeMix, x[i] itself for an unmixed sample
     out = (float32(v) - mean[c]) * inv_std[c]        (float32, then the
           output dtype: float16 rounds to nearest even)
 
@@ -30,11 +31,12 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
-from gpumix.kernels import blend, box_paste, mask_mix, table
+from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, table
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import LazyCudaKernel, run_parallel
+from gpumix.kernels.table_mix import is_mask_method
 
-MIXUP, CUTMIX, FMIX = 1, 2, 3  # gpumix.config's method codes
+MIXUP, CUTMIX, FMIX, RESIZEMIX, SMOOTHMIX, GRIDMIX, SALIENCYMIX = range(1, 8)  # gpumix.config
 
 _element = element_functions("cpu")
 _blend_uint8 = _element.blend_uint8
@@ -48,12 +50,16 @@ def reference(images: np.ndarray, rows: np.ndarray, masks, mean, std, chw: bool,
     method = rows[:, table.METHOD].astype(np.int64)
     lam = rows[:, table.LAM].astype(np.float32)
     box = rows[:, table.Y0:table.X1 + 1].astype(np.int64)
+    bilinear = bool(np.any(rows[:, table.BILINEAR] != 0))
     mixed = images.copy()
-    for code, mix in ((CUTMIX, lambda s: box_paste.reference(images, pair, box, "NHWC", s)),
-                      (0, lambda s: box_paste.reference(images, pair, box, "NHWC", s)),
-                      (MIXUP, lambda s: blend.reference(images, pair, lam, s)),
-                      (FMIX, lambda s: mask_mix.reference(images, pair, masks, "NHWC", s))):
-        samples = np.flatnonzero(method == code)
+    for codes, mix in (((0, CUTMIX, SALIENCYMIX),
+                        lambda s: box_paste.reference(images, pair, box, "NHWC", s)),
+                       ((MIXUP,), lambda s: blend.reference(images, pair, lam, s)),
+                       ((FMIX, SMOOTHMIX, GRIDMIX),
+                        lambda s: mask_mix.reference(images, pair, masks, "NHWC", s)),
+                       ((RESIZEMIX,), lambda s: resize_paste.reference(images, pair, box, "NHWC",
+                                                                      bilinear, s))):
+        samples = np.flatnonzero(np.isin(method, codes))
         if samples.size:
             mixed[samples] = mix(samples)[samples]
     mean = np.asarray(mean, np.float32)
@@ -122,18 +128,25 @@ def mix_normalize_sample_cpu(out, image, partner, row, mask, mean, inv_std, chw)
     a, b = image.reshape(height, n_cols), partner.reshape(height, n_cols)
     method, lam = np.int64(-1), np.float32(1.0)
     y0, y1, x0, x1 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+    bilinear = False
     if row is not None:
+        bilinear = row[table.BILINEAR] != 0
         method, lam = np.int64(row[table.METHOD]), np.float32(row[table.LAM])
         y0, y1 = np.int64(row[table.Y0]), np.int64(row[table.Y1])
         x0, x1 = np.int64(row[table.X0]), np.int64(row[table.X1])
+    if method == RESIZEMIX:  # mix into a copy first, then normalise it like an unmixed sample
+        resized = np.empty((height, n_cols), np.uint8)
+        resize_paste.resize_sample_cpu(a, b, y0, y1, x0, x1, height, channels, bilinear, True,
+                                       resized)
+        a, method, y1 = resized, np.int64(0), y0
     if chw and channels == 3 and mean.shape[0] == 3:  # RGB to CHW: loops LLVM vectorises
         o = out.reshape(3 * height, width)
         for y in range(height):
             o0, o1, o2 = o[y], o[height + y], o[2 * height + y]
             if method == MIXUP:
                 _rgb_blend(a[y], b[y], lam, o0, o1, o2, mean, inv_std)
-            elif method == FMIX:
-                if mask is not None:  # always, for FMix is on whenever a sample uses it
+            elif is_mask_method(method):
+                if mask is not None:  # always, for masks come whenever a sample uses them
                     _rgb_mask(a[y], b[y], mask[y], o0, o1, o2, mean, inv_std)
             else:
                 _rgb_copy(a[y], o0, o1, o2, mean, inv_std)
@@ -147,7 +160,7 @@ def mix_normalize_sample_cpu(out, image, partner, row, mask, mean, inv_std, chw)
         ra, rb = a[y:y + 1], b[y:y + 1]
         if method == MIXUP:
             blend.blend_sample_cpu(ra, rb, lam, True, row_buffer)
-        elif method == FMIX:
+        elif is_mask_method(method):
             if mask is not None:
                 mask_mix.mask_sample_cpu(ra, rb, mask[y:y + 1], 1, channels, True, False,
                                          row_buffer, mask_row)
@@ -178,6 +191,10 @@ def cpu(images, rows, masks, mean, inv_std, chw: bool, *, out):
 _gpu = element_functions("cuda")
 _blend_uint8_gpu = _gpu.blend_uint8
 _mixed_value_gpu = _gpu.mixed_value
+_source_span_gpu = _gpu.source_span
+_bilerp_gpu = _gpu.bilerp
+_quantize_gpu = _gpu.quantize_uint8
+_is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_func)
 
 
 def _mix_normalize_cuda(images, rows, masks, mean, inv_std, chw, out):
@@ -194,18 +211,36 @@ def _mix_normalize_cuda(images, rows, masks, mean, inv_std, chw, out):
         in_box_rows = int64(rows[i, table.Y0]) <= y and y < int64(rows[i, table.Y1])
         x0 = int64(rows[i, table.X0])
         x1 = int64(rows[i, table.X1])
+        y0 = int64(rows[i, table.Y0])
+        masked = _is_mask_method_gpu(method)
+        bilinear = rows[i, table.BILINEAR] != 0
+        resized = method == RESIZEMIX and in_box_rows
+        sy0, sy1, wy = int64(0), int64(0), float32(0.0)
+        if resized:
+            sy0, sy1, wy = _source_span_gpu(y - y0, height, int64(rows[i, table.Y1]) - y0,
+                                            bilinear)
         for x in range(x_start, width, x_step):
             m = float32(1.0)
-            if method == FMIX:
+            if masked:
                 m = masks[i, y, x]
             from_partner = in_box_rows and x0 <= x and x < x1
+            sx0, sx1, wx = int64(0), int64(0), float32(0.0)
+            if resized and from_partner:
+                sx0, sx1, wx = _source_span_gpu(x - x0, width, x1 - x0, bilinear)
             for c in range(channels):
                 a = images[i, y, x, c]
                 b = images[j, y, x, c]
                 if method == MIXUP:
                     v = _blend_uint8_gpu(a, b, lam)
-                elif method == FMIX:
+                elif masked:
                     v = _mixed_value_gpu(a, b, m, True)
+                elif from_partner and method == RESIZEMIX:
+                    if bilinear:
+                        v = _quantize_gpu(_bilerp_gpu(
+                            images[j, sy0, sx0, c], images[j, sy0, sx1, c],
+                            images[j, sy1, sx0, c], images[j, sy1, sx1, c], wy, wx))
+                    else:
+                        v = float32(images[j, sy0, sx0, c])
                 elif from_partner:
                     v = float32(b)
                 else:

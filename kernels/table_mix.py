@@ -4,10 +4,12 @@ with the soft targets in the same launch.
 Images keep their dtype and layout (the (B, R, L) row views of
 kernels._launch). Sample i takes from its partner j = pair[i]:
 
-    MixUp    lam * x[i] + (1 - lam) * x[j]           (kernels/blend.py)
-    CutMix   x[j] inside the box, x[i] elsewhere     (kernels/box_paste.py)
-    FMix     the mask blend                          (kernels/mask_mix.py)
-    none     x[i]
+    MixUp                      lam * x[i] + (1 - lam) * x[j]   (kernels/blend.py)
+    CutMix, SaliencyMix        x[j] inside the box, x[i] elsewhere
+                                                           (kernels/box_paste.py)
+    FMix, SmoothMix, GridMix   the mask blend                  (kernels/mask_mix.py)
+    ResizeMix                  x[j] resized into the box       (kernels/resize_paste.py)
+    none                       x[i]
 
 with the per-element functions of kernels._element, so the values equal the
 per-method kernels'. Targets (rows B .. 2B of the launch, when given):
@@ -16,7 +18,8 @@ per-method kernels'. Targets (rows B .. 2B of the launch, when given):
 makes that row NaN, so a bad label is never silently trained on.
 
 In place by pairs (``by_pairs``): where the pairing is an involution
-(pair[pair[i]] == i, e.g. timm's flip), the thread of element e of sample
+(pair[pair[i]] == i, e.g. timm's flip) and no sample uses ResizeMix (whose
+pixels read the partner elsewhere), the thread of element e of sample
 i <= j reads x[i][e] and x[j][e] and then writes both outputs, so ``out``
 may be ``x`` with no snapshot. Otherwise ``out`` must not alias ``x``.
 
@@ -32,11 +35,20 @@ import math
 import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
-from gpumix.kernels import blend, box_paste, mask_mix, table
+from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, table
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import LazyCudaKernel, row_grid
 
-MIXUP, FMIX = 1, 3  # gpumix.config's method codes
+MIXUP, FMIX, RESIZEMIX, SMOOTHMIX, GRIDMIX = 1, 3, 4, 5, 6  # gpumix.config's method codes
+
+
+@njit(inline="always")
+def is_mask_method(method):
+    """FMix, SmoothMix and GridMix: applied through the sample's mask."""
+    return method == FMIX or method == SMOOTHMIX or method == GRIDMIX
+
+
+_is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_func)
 
 
 @njit(cache=True, nogil=True)
@@ -53,11 +65,15 @@ def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
     a, b, o = image.reshape(shape2d), partner.reshape(shape2d), out.reshape(shape2d)
     if method == MIXUP:
         blend.blend_sample_cpu(a, b, np.float32(row[table.LAM]), quantize, o)
-    elif method == FMIX:
-        if mask is not None:  # always, for FMix is on whenever a sample uses it
+    elif is_mask_method(method):
+        if mask is not None:  # always, for masks come whenever a sample uses them
             mask_row = np.empty(a.shape[1], np.float32)
             mask_mix.mask_sample_cpu(a, b, mask, height, cstride, quantize, False, o, mask_row)
-    else:  # CutMix, or no mixing (an empty box): a copy and the box
+    elif method == RESIZEMIX:
+        resize_paste.resize_sample_cpu(a, b, np.int64(row[table.Y0]), np.int64(row[table.Y1]),
+                                       np.int64(row[table.X0]), np.int64(row[table.X1]),
+                                       height, cstride, row[table.BILINEAR] != 0, quantize, o)
+    else:  # CutMix, SaliencyMix, or no mixing (an empty box): a copy and the box
         box_paste.paste_sample_cpu(a, b, np.int64(row[table.Y0]), np.int64(row[table.Y1]),
                                    np.int64(row[table.X0]), np.int64(row[table.X1]), height,
                                    cstride, o)
@@ -72,8 +88,9 @@ _target_value_gpu = _gpu.target_value
 
 
 @_cuda_api.jit(device=True, inline=True)
-def _store(out, i, r, k, a, b, rows, masks, height, cstride, quantize):
-    """out[i, r, k] from the primary value ``a`` and the partner's ``b``."""
+def _store(x, out, i, j, r, k, a, b, rows, masks, height, cstride, quantize):
+    """out[i, r, k] from the primary value ``a`` and the partner's ``b``
+    (``x[j]``'s other pixels for ResizeMix)."""
     method = int64(rows[i, table.METHOD])
     if method == MIXUP:
         lam = float32(rows[i, table.LAM])
@@ -81,14 +98,20 @@ def _store(out, i, r, k, a, b, rows, masks, height, cstride, quantize):
             out[i, r, k] = _blend_uint8_gpu(a, b, lam)
         else:
             out[i, r, k] = _blend_value_gpu(a, b, lam)
-    elif method == FMIX:
+    elif _is_mask_method_gpu(method):
         out[i, r, k] = _mixed_value_gpu(a, b, masks[i, r % height, k // cstride], quantize)
-    elif _box_contains_gpu(r % height, k // cstride, int64(rows[i, table.Y0]),
-                           int64(rows[i, table.Y1]), int64(rows[i, table.X0]),
-                           int64(rows[i, table.X1])):
-        out[i, r, k] = b
-    else:
+    elif not _box_contains_gpu(r % height, k // cstride, int64(rows[i, table.Y0]),
+                               int64(rows[i, table.Y1]), int64(rows[i, table.X0]),
+                               int64(rows[i, table.X1])):
         out[i, r, k] = a
+    elif method == RESIZEMIX:
+        y0, x0 = int64(rows[i, table.Y0]), int64(rows[i, table.X0])
+        out[i, r, k] = resize_paste.resized_value(
+            x, j, r, k, r % height, y0, x0, int64(rows[i, table.Y1]) - y0,
+            int64(rows[i, table.X1]) - x0, height, cstride, rows[i, table.BILINEAR] != 0,
+            quantize)
+    else:
+        out[i, r, k] = b
 
 
 def _table_mix_cuda(x, out, rows, masks, labels, targets, error, height, cstride, quantize,
@@ -121,9 +144,9 @@ def _table_mix_cuda(x, out, rows, masks, labels, targets, error, height, cstride
         for k in range(col_start, n_cols, col_step):
             a = x[i, r, k]
             b = x[j, r, k]
-            _store(out, i, r, k, a, b, rows, masks, height, cstride, quantize)
+            _store(x, out, i, j, r, k, a, b, rows, masks, height, cstride, quantize)
             if by_pairs and j != i:
-                _store(out, j, r, k, b, a, rows, masks, height, cstride, quantize)
+                _store(x, out, j, i, r, k, b, a, rows, masks, height, cstride, quantize)
 
 
 cuda_kernel = LazyCudaKernel(_table_mix_cuda)
@@ -135,6 +158,12 @@ def cuda_grid(n_samples: int, n_rows: int, n_cols: int, n_targets: int, n_classe
 
 
 def is_involution(pair: np.ndarray) -> bool:
-    """Whether pair[pair[i]] == i for every i (then mixing in place by pairs works)."""
+    """Whether pair[pair[i]] == i for every i."""
     pair = np.asarray(pair)
     return bool(np.all(pair[pair] == np.arange(pair.shape[0])))
+
+
+def pairs_in_place(pair: np.ndarray, method: np.ndarray) -> bool:
+    """Whether a launch may mix in place by pairs (``by_pairs``): the pairing
+    is an involution and no sample uses ResizeMix."""
+    return is_involution(pair) and not np.any(np.asarray(method) == RESIZEMIX)

@@ -1,0 +1,197 @@
+"""ResizeMix paste (Qin et al., "ResizeMix: Mixing Data with Preserved
+Object Information and True Labels", 2020).
+
+For every selected sample i with partner j = pair[i] and box
+``(y0, y1, x0, x1)`` = box[i] (half-open, inside the image):
+
+    out[i][y, x] = resize(x[j], (y1 - y0, x1 - x0))[y - y0, x - x0]   in the box
+                   x[i][y, x]                                         elsewhere
+
+The whole partner image shrunk into the box, with torch's
+``interpolate`` index rules (gpumix.kernels._element.source_span):
+"nearest" copies source pixels (exact for every dtype), "bilinear" blends
+four in float32 (uint8 rounded ties-to-even). A thread of an output pixel
+reads partner pixels elsewhere, so ``out`` must not alias ``x``.
+
+Arrays are the (B, R, L) row views of gpumix.kernels._launch; the source
+row of row r is ``r - r % height + sy`` (the same channel plane) and the
+source column of column k is ``sx * cstride + k % cstride``.
+
+Three versions: :func:`reference` (NumPy), :func:`cpu` (Numba, parallel
+over samples; :func:`resize_sample_cpu` is also the per-sample body of the
+DALI appliers), :func:`cuda`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda as _cuda_api, float32, int64, njit
+
+from gpumix.kernels._element import element_functions
+from gpumix.kernels._launch import (LazyCudaKernel, as_index_array, copy_bytes,
+                                    float16_via_float32, run_parallel)
+
+
+def _source_indices(n_in: int, n_out: int, bilinear: bool):
+    """NumPy: (i0, i1, weight of i1) for every output index, float32 as torch."""
+    o = np.arange(n_out)
+    scale = np.float32(n_in) / np.float32(n_out)
+    if not bilinear:
+        if n_out == n_in:
+            i = o
+        elif n_out == 2 * n_in:
+            i = o // 2
+        else:
+            i = np.minimum(np.floor(o.astype(np.float32) * scale).astype(np.int64), n_in - 1)
+        return i, i, np.zeros(n_out, np.float32)
+    source = np.maximum(scale * (o.astype(np.float32) + np.float32(0.5)) - np.float32(0.5),
+                        np.float32(0))
+    i0 = source.astype(np.int64)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, np.clip(source - i0.astype(np.float32), 0, 1).astype(np.float32)
+
+
+def reference(x: np.ndarray, pair, box, layout: str, bilinear: bool, samples=None):
+    """NumPy ResizeMix of the listed samples of a batch in ``layout``
+    (NCHW, NHWC or NHW)."""
+    samples = range(len(x)) if samples is None else samples
+    out = x.copy()
+    spatial = (2, 3) if layout == "NCHW" else (1, 2)
+    h, w = x.shape[spatial[0]], x.shape[spatial[1]]
+    for i in samples:
+        y0, y1, x0, x1 = (int(v) for v in box[i])
+        if y1 <= y0 or x1 <= x0:
+            continue
+        src = np.moveaxis(x[int(pair[i])], (spatial[0] - 1, spatial[1] - 1), (0, 1))
+        yi0, yi1, wy = _source_indices(h, y1 - y0, bilinear)
+        xi0, xi1, wx = _source_indices(w, x1 - x0, bilinear)
+        if bilinear:
+            wy = wy.reshape((-1, 1) + (1,) * (src.ndim - 2))
+            wx = wx.reshape((1, -1) + (1,) * (src.ndim - 2))
+            f = src.astype(np.float32)
+            one = np.float32(1)
+            top = (one - wx) * f[yi0][:, xi0] + wx * f[yi0][:, xi1]
+            bottom = (one - wx) * f[yi1][:, xi0] + wx * f[yi1][:, xi1]
+            patch = (one - wy) * top + wy * bottom
+            if x.dtype == np.uint8:
+                patch = np.rint(np.clip(patch, 0, 255))
+            patch = patch.astype(x.dtype)
+        else:
+            patch = src[yi0][:, xi0]
+        patch = np.moveaxis(patch, (0, 1), (spatial[0] - 1, spatial[1] - 1))
+        if layout == "NCHW":
+            out[i, :, y0:y1, x0:x1] = patch
+        else:
+            out[i, y0:y1, x0:x1] = patch
+    return out
+
+
+_cpu = element_functions("cpu")
+_source_span_cpu = _cpu.source_span
+_bilerp_cpu = _cpu.bilerp
+_quantize_cpu = _cpu.quantize_uint8
+
+
+@njit(cache=True, nogil=True)
+def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize, out):
+    """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with partner
+    ``b`` resized into the box (``out`` must not alias ``b``)."""
+    n_rows, n_cols = a.shape[0], a.shape[1]
+    width = n_cols // cstride
+    copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * n_cols * a.itemsize)
+    box_h, box_w = y1 - y0, x1 - x0
+    if box_h <= 0 or box_w <= 0:
+        return
+    for r in range(n_rows):
+        y = r % height
+        if y < y0 or y >= y1:
+            continue
+        base = r - y
+        sy0, sy1, wy = _source_span_cpu(y - y0, height, box_h, bilinear)
+        for x in range(x0, x1):
+            sx0, sx1, wx = _source_span_cpu(x - x0, width, box_w, bilinear)
+            for c in range(cstride):
+                k0, k1 = sx0 * cstride + c, sx1 * cstride + c
+                if bilinear:
+                    v = _bilerp_cpu(b[base + sy0, k0], b[base + sy0, k1], b[base + sy1, k0],
+                                    b[base + sy1, k1], wy, wx)
+                    out[r, x * cstride + c] = _quantize_cpu(v) if quantize else v
+                else:
+                    out[r, x * cstride + c] = b[base + sy0, k0]
+
+
+@njit(cache=True, nogil=True)
+def _resize_rows_cpu(x, pair, box, samples, height, cstride, bilinear, quantize, out, lo, hi):
+    for s in range(lo, hi):
+        i = samples[s]
+        resize_sample_cpu(x[i], x[pair[i]], box[i, 0], box[i, 1], box[i, 2], box[i, 3], height,
+                          cstride, bilinear, quantize, out[i])
+
+
+def _cpu_any_dtype(x, pair, box, samples, height, cstride, bilinear=False, *, out):
+    samples = as_index_array(samples)
+    run_parallel(_resize_rows_cpu, samples.size, x, pair, box, samples, height, cstride,
+                 bilinear, x.dtype == np.uint8, out)
+    return out
+
+
+cpu = float16_via_float32(_cpu_any_dtype)
+cpu.__doc__ = "Resize the listed samples' partners into their boxes, on the CPU."
+
+_gpu = element_functions("cuda")
+_source_span_gpu = _gpu.source_span
+_bilerp_gpu = _gpu.bilerp
+_quantize_gpu = _gpu.quantize_uint8
+
+
+@_cuda_api.jit(device=True, inline=True)
+def resized_value(x, j, r, k, y, box_y0, box_x0, box_h, box_w, height, cstride, bilinear,
+                  quantize):
+    """The value of row-view element (r, k) of the partner ``x[j]`` resized
+    into a box at (box_y0, box_x0) of size (box_h, box_w); (r, k) in the box."""
+    width = x.shape[2] // cstride
+    px = k // cstride
+    c = k - px * cstride
+    base = r - y
+    sy0, sy1, wy = _source_span_gpu(y - box_y0, height, box_h, bilinear)
+    sx0, sx1, wx = _source_span_gpu(px - box_x0, width, box_w, bilinear)
+    k0 = sx0 * cstride + c
+    if not bilinear:
+        return float32(x[j, base + sy0, k0])
+    k1 = sx1 * cstride + c
+    v = _bilerp_gpu(x[j, base + sy0, k0], x[j, base + sy0, k1], x[j, base + sy1, k0],
+                    x[j, base + sy1, k1], wy, wx)
+    return _quantize_gpu(v) if quantize else v
+
+
+def _resize_rows_cuda(x, pair, box, samples, height, cstride, bilinear, quantize, out):
+    n_rows = x.shape[1]
+    n_cols = x.shape[2]
+    col_start = _cuda_api.blockIdx.x * _cuda_api.blockDim.x + _cuda_api.threadIdx.x
+    col_step = _cuda_api.blockDim.x * _cuda_api.gridDim.x
+    for row in range(_cuda_api.blockIdx.y, samples.size * n_rows, _cuda_api.gridDim.y):
+        s = row // n_rows
+        r = row - s * n_rows
+        i = samples[s]
+        y = r % height
+        y0, y1 = int64(box[i, 0]), int64(box[i, 1])
+        x0, x1 = int64(box[i, 2]), int64(box[i, 3])
+        for k in range(col_start, n_cols, col_step):
+            px = k // cstride
+            if y0 <= y and y < y1 and x0 <= px and px < x1:
+                out[i, r, k] = resized_value(x, pair[i], r, k, y, y0, x0, y1 - y0, x1 - x0,
+                                             height, cstride, bilinear, quantize)
+            else:
+                out[i, r, k] = x[i, r, k]
+
+
+cuda_kernel = LazyCudaKernel(_resize_rows_cuda)
+
+
+def cuda(x, pair, box, samples, height: int, cstride: int, bilinear: bool = False, *, out,
+         stream=None):
+    """ResizeMix on the GPU: device arrays (B, R, L), int64 pair/samples/box."""
+    cuda_kernel.launch_rows(samples.shape[0] * x.shape[1], x.shape[2], stream,
+                            x, pair, box, samples, height, cstride, bilinear,
+                            x.dtype == np.uint8, out)
+    return out

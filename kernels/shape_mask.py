@@ -1,0 +1,153 @@
+"""Masks drawn by a formula from the params table: SmoothMix and GridMix.
+
+Both are applied like FMix masks (kernels/mask_mix.py; 1 = primary). For
+every row i whose method is SMOOTHMIX or GRIDMIX (gpumix.config) and every
+pixel (y, x) of an H x W image:
+
+SmoothMix (Lee et al., "SmoothMix: a Simple Yet Effective Data Augmentation
+to Train Robust Classifiers", CVPR-W 2020): a Gaussian bump G weighs the
+partner, so the primary's mask is 1 - G, with
+
+    gy = float32(exp(-((y - centre_y) / sigma_y)^2 / 2))       (float64 exp)
+    gx = float32(exp(-((x - centre_x) / sigma_x)^2 / 2))
+    G  = gy * gx (circle, float32)  or  min(gy, gx) (square)
+
+(the square variant is exp(-max(dy^2, dx^2) / 2) in scaled distances,
+since exp is monotone). Made from the two 1-D profiles, so the CPU and CUDA
+masks agree wherever their float64 exp rounds to the same float32 (all
+but about one value in 2^29).
+
+GridMix (Baek et al., "GridMix: Strong regularization through local context
+mapping", Pattern Recognition 2021): an n x n grid, pixel (y, x) in cell
+(y n // H, x n // W); the cells whose bit is set in the row's cell set take
+the partner (mask 0), the rest the primary (mask 1).
+
+Versions: :func:`reference` (NumPy, the formulas above evaluated directly),
+:func:`cpu` (Numba, parallel over rows) and :data:`cuda_kernel`; they
+write only the rows of these two methods.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda as _cuda_api, float32, int64, njit
+
+from gpumix.kernels import table
+from gpumix.kernels._launch import LazyCudaKernel, run_parallel
+
+SMOOTHMIX, GRIDMIX = 5, 6  # gpumix.config's method codes
+
+
+def _profile(v, centre, sigma):
+    """One axis of the SmoothMix Gaussian at integer position ``v``."""
+    d = (v - centre) / sigma
+    return float32(math.exp(-0.5 * d * d))
+
+
+def _bump(gy, gx, square):
+    """G from the two profiles."""
+    if square:
+        return min(gy, gx)
+    return gy * gx
+
+
+def _grid_value(row, y, x, height, width):
+    """GridMix mask value (1 primary, 0 partner) of pixel (y, x)."""
+    n = int64(row[table.GRID])
+    cell = ((y * n) // height) * n + (x * n) // width
+    bits = int64(row[table.CELLS_LOW]) if cell < 32 else int64(row[table.CELLS_HIGH])
+    return float32(0.0) if (bits >> (cell % 32)) & 1 else float32(1.0)
+
+
+_profile_cpu = njit(inline="always")(_profile)
+_bump_cpu = njit(inline="always")(_bump)
+_grid_value_cpu = njit(inline="always")(_grid_value)
+
+
+def reference(rows, shape) -> np.ndarray:
+    """NumPy masks (B, H, W) float32 of the table's SmoothMix and GridMix
+    rows (zeros elsewhere)."""
+    rows = np.asarray(rows, np.float64)
+    h, w = shape
+    out = np.zeros((len(rows), h, w), np.float32)
+    y, x = np.arange(h)[:, None], np.arange(w)[None, :]
+    for i, row in enumerate(rows):
+        method = int(row[table.METHOD])
+        if method == SMOOTHMIX:
+            gy = np.exp(-0.5 * ((y - row[table.CENTRE_Y]) / row[table.SIGMA_Y]) ** 2)
+            gx = np.exp(-0.5 * ((x - row[table.CENTRE_X]) / row[table.SIGMA_X]) ** 2)
+            gy, gx = gy.astype(np.float32), gx.astype(np.float32)
+            bump = np.minimum(gy, gx) if row[table.SQUARE] else gy * gx
+            out[i] = np.float32(1) - bump
+        elif method == GRIDMIX:
+            n = int(row[table.GRID])
+            cell = (y * n // h) * n + (x * n // w)
+            bits = np.array([int(row[table.CELLS_LOW]), int(row[table.CELLS_HIGH])], np.int64)
+            taken = (bits[cell // 32] >> (cell % 32)) & 1
+            out[i] = np.where(taken == 1, 0.0, 1.0)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _masks_cpu(rows, out, lo, hi):
+    height, width = out.shape[1], out.shape[2]
+    gy = np.empty(height, np.float32)
+    gx = np.empty(width, np.float32)
+    for i in range(lo, hi):
+        row = rows[i]
+        method = np.int64(row[table.METHOD])
+        if method == SMOOTHMIX:
+            for y in range(height):
+                gy[y] = _profile_cpu(y, row[table.CENTRE_Y], row[table.SIGMA_Y])
+            for x in range(width):
+                gx[x] = _profile_cpu(x, row[table.CENTRE_X], row[table.SIGMA_X])
+            square = row[table.SQUARE] != 0
+            for y in range(height):
+                for x in range(width):
+                    out[i, y, x] = np.float32(1.0) - _bump_cpu(gy[y], gx[x], square)
+        elif method == GRIDMIX:
+            for y in range(height):
+                for x in range(width):
+                    out[i, y, x] = _grid_value_cpu(row, y, x, height, width)
+
+
+def cpu(rows, out) -> np.ndarray:
+    """Write the masks of the SmoothMix and GridMix rows of ``rows`` (B,
+    N_COLUMNS float64) into ``out`` (B, H, W) float32, on every core."""
+    run_parallel(_masks_cpu, rows.shape[0], rows, out)
+    return out
+
+
+_profile_gpu = _cuda_api.jit(device=True, inline=True)(_profile)
+_bump_gpu = _cuda_api.jit(device=True, inline=True)(_bump)
+_grid_value_gpu = _cuda_api.jit(device=True, inline=True)(_grid_value)
+
+
+def _masks_cuda(rows, out):
+    n_samples, height, width = out.shape
+    x_start = _cuda_api.blockIdx.x * _cuda_api.blockDim.x + _cuda_api.threadIdx.x
+    x_step = _cuda_api.blockDim.x * _cuda_api.gridDim.x
+    for image_row in range(_cuda_api.blockIdx.y, n_samples * height, _cuda_api.gridDim.y):
+        i = image_row // height
+        y = image_row - i * height
+        method = int64(rows[i, table.METHOD])
+        if method == SMOOTHMIX:
+            gy = _profile_gpu(y, rows[i, table.CENTRE_Y], rows[i, table.SIGMA_Y])
+            square = rows[i, table.SQUARE] != 0
+            for x in range(x_start, width, x_step):
+                gx = _profile_gpu(x, rows[i, table.CENTRE_X], rows[i, table.SIGMA_X])
+                out[i, y, x] = float32(1.0) - _bump_gpu(gy, gx, square)
+        elif method == GRIDMIX:
+            for x in range(x_start, width, x_step):
+                out[i, y, x] = _grid_value_gpu(rows[i], y, x, height, width)
+
+
+cuda_kernel = LazyCudaKernel(_masks_cuda)
+
+
+def uses_shape_masks(rows) -> bool:
+    """Whether a host table has a SmoothMix or GridMix row."""
+    method = np.asarray(rows)[:, table.METHOD]
+    return bool(np.any((method == SMOOTHMIX) | (method == GRIDMIX)))
