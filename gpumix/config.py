@@ -46,6 +46,7 @@ ALPHA_OF = {"mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "fmix": "fmix_alph
             "saliencymix": "saliencymix_alpha"}
 SMOOTHMIX_SHAPES = ("circle", "square")
 INTERPOLATIONS = ("nearest", "bilinear")
+SALIENCY_METHODS = ("spectral_residual", "fine_grained")  # gpumix.saliency
 MAX_GRID = 8  # GridMix cells per side: n * n <= 64 cells fit two 32-bit table columns
 
 MODES = ("batch", "elem")
@@ -109,6 +110,7 @@ class MixConfig:
     gridmix_grid: tuple[int, int] = (2, 8)
     gridmix_prob: float = 0.5
     saliencymix_alpha: float = 0.0
+    saliencymix_saliency: str = "spectral_residual"
 
     def __post_init__(self):
         for name in ALPHA_OF.values():
@@ -147,6 +149,7 @@ class MixConfig:
         _check_number("gridmix_prob", self.gridmix_prob, 0.0, 1.0)
         _check_choice("smoothmix_shape", self.smoothmix_shape, SMOOTHMIX_SHAPES)
         _check_choice("resizemix_interpolation", self.resizemix_interpolation, INTERPOLATIONS)
+        _check_choice("saliencymix_saliency", self.saliencymix_saliency, SALIENCY_METHODS)
         if self.method_weights is not None:
             object.__setattr__(self, "method_weights", self._checked_weights())
 

@@ -55,11 +55,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpumix import dali_cpu, fmix, mixing, runtime
+from gpumix import dali_cpu, fmix, mixing, runtime, saliency
 from gpumix.config import MAX_GRID, MixConfig, _check_choice as check_choice
 from gpumix.dali_cpu import raise_pending
 from gpumix.kernels import table
-from gpumix.kernels._launch import scratch
+from gpumix.kernels._launch import scratch, upload_many
 from gpumix.params import Draws, pairing, params_from_draws, to_table
 
 __all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
@@ -149,6 +149,7 @@ class _ParamsStep:
         self.columns = draw_columns(config)
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
         self.make_masks = make_masks and config.uses_masks
+        self.images_dtype = None  # NumPy dtype of the images the operator is given, if any
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
         self.errors: list = []  # raised by dali_cpu.raise_pending
         self.applier_errors = np.zeros(1, np.int64)  # set by the CPU appliers (partner_of)
@@ -236,6 +237,10 @@ class _ParamsStep:
                                       self.config.label_smoothing)
         rows = to_table(params, spatial, self.config, label_ids, own_address=addresses,
                         error_address=self.applier_errors.ctypes.data)
+        if addresses is not None and self.config.on("saliencymix"):
+            shape = tuple(int(n) for n in shapes[0])
+            samples = [_sample_at(int(a), shape, self.images_dtype) for a in addresses]
+            saliency.place_rows(samples, rows, self.layout, self.config.saliencymix_saliency)
         masks = np.zeros((0, 0, 0), np.float32)
         if self.make_masks:
             masks = params.mask if params.mask is not None else self._no_masks(
@@ -249,6 +254,17 @@ class _ParamsStep:
         return zeros
 
 
+def _sample_at(address: int, shape, dtype) -> np.ndarray:
+    """A read-only NumPy view of the sample DALI holds at ``address`` (valid
+    while the operator runs: DALI keeps its inputs alive until then)."""
+    import ctypes
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    view = np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype).reshape(shape)
+    view.flags.writeable = False
+    return view
+
+
 class _GpuMixStep:
     """The GPU ``python_function`` of :func:`mix` with ``device="gpu"``:
     images and table rows in (on the device), the mixed batch out, by one
@@ -256,10 +272,12 @@ class _GpuMixStep:
     sets for the operator). FMix masks are made from the rows' keys
     (cuFFT): the table is copied to the host for that."""
 
-    def __init__(self, layout: str, spatial_shape, masks_on: bool, with_masks_output: bool):
+    def __init__(self, layout: str, spatial_shape, masks_on: bool, with_masks_output: bool,
+                 saliency_on: bool = False):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.spatial_shape = spatial_shape
         self.masks_on = masks_on  # without masks nothing is read back from the device
+        self.saliency_on = saliency_on
         self.with_masks_output = with_masks_output
 
     def __call__(self, images, rows):
@@ -273,8 +291,16 @@ class _GpuMixStep:
         rows = _stack(rows, cp)
         stream = cp.cuda.get_current_stream().ptr
         launcher = runtime.active_launcher()
+        host_rows = rows.get() if self.masks_on or self.saliency_on else None
+        if self.saliency_on:  # placed in a copy: the input stays as DALI made it
+            rows = rows.copy()
         device_rows = runtime.DeviceArray.of(rows)
-        masks = mixing.launch_masks(rows.get(), device_rows, (h, w), stream, launcher) \
+        if self.saliency_on:
+            saliency.place_device_rows(
+                runtime.DeviceArray.of(batch), device_rows, host_rows, self.layout, stream, None,
+                launcher, upload=lambda host: runtime.DeviceArray.of(
+                    upload_many([(host, np.int64)], cp.cuda.get_current_stream())[0]))
+        masks = mixing.launch_masks(host_rows, device_rows, (h, w), stream, launcher) \
             if self.masks_on else None
         out = cp.empty_like(batch)
         mixing.launch_table_mix(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
@@ -356,8 +382,12 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
     needs ``size``."""
     from nvidia.dali.pipeline import Pipeline
 
+    from nvidia.dali import types
+
     with_images = images is not None
     step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=with_images)
+    step.images_dtype = {types.UINT8: np.uint8, types.FLOAT: np.float32,
+                         types.UINT16: np.float16}.get(images_type)
     batch_size = Pipeline.current().max_batch_size
     inputs = [_draw_vectors(config, size, batch_size, labels)] + ([images] * with_images)
     inputs += [] if source_info is None else [source_info]
@@ -430,7 +460,7 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
                                          source_info=source_info)
         step = _GpuMixStep(layout, _spatial(size), config.uses_masks,
-                           return_params and config.uses_masks)
+                           return_params and config.uses_masks, config.on("saliencymix"))
         outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
                                      num_outputs=1 + step.with_masks_output, device="gpu",
                                      output_layouts=[layout] + [""] * step.with_masks_output)

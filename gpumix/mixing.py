@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpumix import fmix
+from gpumix import fmix, saliency
 from gpumix.config import BOX_METHODS, MASK_METHODS, MIXUP, NONE, RESIZEMIX
 from gpumix.params import MixParams
 from gpumix.kernels import (blend, box_paste, mask_mix, resize_paste, shape_mask,
@@ -241,7 +241,8 @@ def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=
 
 def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, stream=None,
                scratch=None):
-    """Mix an image batch (uint8/float16/float32, NCHW or NHWC) with ``params``.
+    """Mix an image batch (uint8/float16/float32, NCHW or NHWC) with ``params``
+    (SaliencyMix boxes not placed yet are placed on these images first).
 
     Returns ``out`` (a new array by default; pass ``out=images`` to write in
     place, optionally with a reusable ``scratch`` array of the same shape and
@@ -250,6 +251,7 @@ def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, str
     """
     h, w = check_images(images, layout)
     params.check(images.shape[0], (h, w))
+    params = saliency.place_boxes(images, params, layout, stream=stream)
     return _apply(images, params, layout, out, paste=False, stream=stream, scratch=scratch)
 
 
@@ -260,6 +262,9 @@ def mix_dense(dense, params: MixParams, layout: str = "NHW", *, out=None, stream
         raise ValueError(f"dense must be {len(layout)}-D for layout {layout!r}, "
                          f"got shape {tuple(dense.shape)}")
     params.check(dense.shape[0], spatial_shape(dense.shape, layout))
+    if saliency.unplaced(params.method, params.box).size:
+        raise ValueError("params hold SaliencyMix boxes not placed yet: place them on the "
+                         "images first (gpumix.saliency.place_boxes), then mix both")
     return _apply(dense, params, layout, out, paste=True, stream=stream)
 
 

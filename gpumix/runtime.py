@@ -245,6 +245,12 @@ class CudaLauncher:
         masks = masks_from_table_cuda(rows, shape, stream)
         return None if masks is None else DeviceArray.of(masks)
 
+    def saliency_peaks(self, images, layout: str, samples, stream: int) -> DeviceArray:
+        """SaliencyMix peaks (S, 2) of the listed samples, made on ``stream``."""
+        from gpumix.saliency import device_peaks
+
+        return device_peaks(images, layout, samples, stream, self)
+
     def flag(self):
         """A pinned int32 flag the device can write (unified addressing) and the host read."""
         import torch
@@ -294,6 +300,11 @@ class RecordingLauncher:
             return None
         self.launches.append(("fmix_masks", None, None, stream, None))
         return self.empty((len(rows), *shape), np.float32)
+
+    def saliency_peaks(self, images, layout, samples, stream):
+        """Recorded as one step (the thumbnail kernel, cuFFT and the arg-max)."""
+        self.launches.append(("saliency_peaks", None, None, stream, None))
+        return self.empty((samples.shape[0], 2), np.int64)
 
     def flag(self):
         return np.zeros(1, np.int32)

@@ -9,8 +9,10 @@ hand-off from a DALI pipeline that made the params with
 
 Arguments are timm's ``Mixup`` (mixup_alpha, cutmix_alpha, cutmix_minmax,
 prob, switch_prob, mode, correct_lam, label_smoothing, num_classes) plus
-FMix (fmix_alpha, decay_power, max_soft, reformulate, reference_compatible)
-and gpumix's pairing, box_placement and method_weights (gpumix.config).
+FMix (fmix_alpha, decay_power, max_soft, reformulate, reference_compatible),
+gpumix's pairing, box_placement and method_weights, and as further keywords
+every other gpumix.MixConfig option (ResizeMix, SmoothMix, GridMix and
+SaliencyMix: ``Mixup(method_weights={"mixup": 1, "resizemix": 1})``).
 Differences from timm, on purpose: odd and partial batches work (a batch of
 one pairs with itself); mode "pair" is not offered; ``cutmix_minmax`` bounds
 lam (docs/semantics.md) rather than box sides.
@@ -20,18 +22,20 @@ as NHWC without a copy). CPU tensors run the Numba CPU kernels on their
 memory. CUDA tensors: the params are sampled on the host, packed into one
 params table (gpumix.kernels.table), uploaded through pinned memory, and ONE
 kernel (gpumix.kernels.table_mix) mixes every sample and writes the soft
-targets on torch's current stream; FMix masks are made on the GPU first
-(normals kernel, cuFFT, selection). Nothing waits for the device: labels are
+targets on torch's current stream; masks are made on the GPU first (FMix:
+normals kernel, cuFFT, selection; SmoothMix and GridMix: one kernel), and
+SaliencyMix boxes placed there (thumbnails, cuFFT, arg-max, one kernel). Nothing waits for the device: labels are
 checked by the kernel, which sets a flag in pinned memory; the next call,
 or :meth:`Mixup.check` (which waits), raises a ValueError for it, and the
 bad rows of the targets are NaN.
 
 In place (default, like timm): ``x`` is overwritten and returned. On CUDA
-with an involutive pairing (the default "flip") the kernel mixes both
-samples of a pair in one thread and needs no copy of the batch; other
-pairings mix from a snapshot kept between calls. With ``inplace=False`` a
+with an involutive pairing (the default "flip") and ResizeMix off the kernel
+mixes both samples of a pair in one thread and needs no copy of the batch;
+otherwise it mixes from a snapshot kept between calls. With ``inplace=False`` a
 new tensor is returned and ``x`` is untouched. The parameters of the last
-call are kept in ``last_params`` for inspection.
+call are kept in ``last_params`` for inspection (on CUDA its SaliencyMix
+boxes are the unplaced sizes: they are placed on the device).
 
 Randomness: one NumPy generator per module, seeded by ``seed`` (or drawn
 from ``generator``, a torch.Generator); the same seed gives the same
@@ -45,7 +49,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from gpumix import mixing, runtime
+from gpumix import mixing, runtime, saliency
 from gpumix.config import MixConfig
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
@@ -90,7 +94,7 @@ class Mixup:
                  num_classes=1000, *, fmix_alpha=0.0, decay_power=3.0, max_soft=0.0,
                  reformulate=False, reference_compatible=False, pairing="flip",
                  box_placement="clip", method_weights=None, inplace=True, seed=None,
-                 generator=None):
+                 generator=None, **method_options):
         if mode == "pair":
             raise ValueError("mode 'pair' is not supported; use 'batch' or 'elem'")
         self.config = MixConfig(
@@ -99,7 +103,8 @@ class Mixup:
             method_weights=method_weights, mode=mode, pairing=pairing, correct_lam=correct_lam,
             label_smoothing=label_smoothing, num_classes=num_classes,
             box_placement=box_placement, decay_power=decay_power, max_soft=max_soft,
-            reformulate=reformulate, reference_compatible=reference_compatible)
+            reformulate=reformulate, reference_compatible=reference_compatible,
+            **method_options)
         self.inplace = inplace
         self.rng = as_numpy_generator(generator if generator is not None else seed)
         self.mixup_enabled = True  # timm's switch for turning mixing off late in training
@@ -149,6 +154,9 @@ class Mixup:
             raise ValueError(f"target is on {target.device} but x on {x.device}")
         h, w = mixing.check_images(view, layout, "x")
         params = self.sample_params(x.shape[0], (h, w), x.device)
+        if not x.is_cuda:
+            params = saliency.place_boxes(view.numpy(), params, layout,
+                                          self.config.saliencymix_saliency)
         self.last_params = params
         if x.is_cuda:
             return self._call_cuda(x, view, layout, (h, w), target, params)
@@ -208,6 +216,7 @@ def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pai
     masks, launch gpumix.kernels.table_mix once with the targets; returns the
     masks (a DeviceArray) or None."""
     device_rows = launcher.upload(rows, device)
+    saliency.place_device_rows(x, device_rows, rows, layout, stream, device, launcher)
     masks = mixing.launch_masks(rows, device_rows,
                                 x.shape[1:3] if layout == "NHWC" else x.shape[2:], stream,
                                 launcher)
@@ -315,6 +324,9 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
 
 
 def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
+    if saliency.unplaced(rows[:, table.METHOD], rows[:, table.Y0:table.X1 + 1]).size:
+        rows = rows.copy()  # the caller's table stays as it was
+        saliency.place_rows(images, rows, "NHWC")
     masks = mixing.masks_from_table(rows, images.shape[1:3])
     wide = torch.empty(shape, dtype=torch.float32)
     fused.cpu(images, rows, masks if masks is not None else np.zeros((1, 1, 1), np.float32),
@@ -331,6 +343,7 @@ def handoff_cuda(images, rows, mean32, inv_std32, chw, out, stream, device, laun
                              lambda: (launcher.upload(mean32, device),
                                       launcher.upload(inv_std32, device)))
     device_rows = launcher.upload(rows, device)
+    saliency.place_device_rows(images, device_rows, rows, "NHWC", stream, device, launcher)
     masks = mixing.launch_masks(rows, device_rows, (h, w), stream, launcher)
     grid, block = fused.cuda_grid(b, h, w)
     runtime.launch(fused.cuda_kernel, grid, block, stream,

@@ -17,7 +17,8 @@ import pytest
 from numba import cuda
 from numba.core import types
 
-from gpumix.kernels import blend, box_paste, mask_mix, mask_select, normals, soft_targets
+from gpumix.kernels import (blend, box_paste, mask_mix, mask_select, normals, resize_paste,
+                            saliency, shape_mask, soft_targets, table)
 from gpumix.kernels._launch import DirectLaunch, parameter_converters
 
 assert not numba.config.ENABLE_CUDASIM
@@ -40,6 +41,15 @@ def signatures():
         yield f"mask_mix-{name}", mask_mix.cuda_kernel.pyfunc, (
             rows(t), I64, types.Array(types.float32, 3, "C"), I64, types.int64, types.int64,
             types.boolean, types.boolean, rows(t))
+        yield f"resize_paste-{name}", resize_paste.cuda_kernel.pyfunc, (
+            rows(t), I64, types.Array(types.int64, 2, "C"), I64, types.int64, types.int64,
+            types.boolean, types.boolean, rows(t))
+        yield f"saliency_thumbnails-{name}", saliency.cuda_kernel.pyfunc, (
+            rows(t), I64, types.int64, types.int64, types.int64, rows(types.float32))
+    table_rows = types.Array(types.float64, 2, "C")
+    yield "shape_mask", shape_mask.cuda_kernel.pyfunc, (table_rows, rows(types.float32))
+    yield "saliency_place", saliency.place_kernel.pyfunc, (
+        table_rows, I64, types.Array(types.int64, 2, "C"), types.int64, types.int64)
     yield "box_paste-int64-dense", box_paste.cuda_kernel.pyfunc, (
         rows(types.int64), I64, types.Array(types.int64, 2, "C"), I64, types.int64, types.int64,
         rows(types.int64))
@@ -122,13 +132,14 @@ def _fast_path_records():
         return DeviceArray.on_host(np.zeros(shape, dtype))
 
     for out_dtype in (np.float32, np.float16):
-        args = (array((2, 4, 5, 3), np.uint8), array((2, 19), np.float64),
+        args = (array((2, 4, 5, 3), np.uint8), array((2, table.N_COLUMNS), np.float64),
                 array((2, 4, 5), np.float32), array(3, np.float32), array(3, np.float32), True,
                 array((2, 3, 4, 5), out_dtype))
         yield f"mix_normalize-{np.dtype(out_dtype).name}", mix_normalize.cuda_kernel, args
     for image_dtype in (np.uint8, np.float16, np.float32):
         args = (array((2, 12, 5), image_dtype), array((2, 12, 5), image_dtype),
-                array((2, 19), np.float64), array((2, 4, 5), np.float32), array(2, np.int64),
+                array((2, table.N_COLUMNS), np.float64), array((2, 4, 5), np.float32),
+                array(2, np.int64),
                 array((2, 7), np.float32), array(1, np.int32), 4, 1, True, False,
                 np.float32(0.1), np.float32(0.9))
         yield f"table_mix-{np.dtype(image_dtype).name}", table_mix.cuda_kernel, args
