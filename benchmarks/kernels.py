@@ -5,7 +5,10 @@
   batch (read + write), MixUp 3 x (two reads, one write), CutMix 2 x;
 * gpumix.torch.Mixup against timm's Mixup on the same float32 CPU tensor;
 * per-sample FMix masks for the batch (one FFT call + selection) against
-  looping the published per-mask function B times.
+  looping the published per-mask function B times;
+* ResizeMix (nearest, bilinear), SmoothMix and GridMix applied to the batch
+  against CutMix on the same batch (paired), the sampling of their params
+  and masks, and SaliencyMix's saliency peaks for the whole batch.
 
 Every comparison is timed in pairs: blocks of back-to-back calls of the
 reference (the copy, timm, the published loop) and of gpumix alternate,
@@ -152,6 +155,45 @@ def bench_fmix(batch: int, size: int, repeats: int) -> list[dict]:
              "published_median_s": loop["median_s"], "speedup_vs_published": speedup}]
 
 
+def bench_more_methods(batch: int, size: int, repeats: int) -> list[dict]:
+    import gpumix
+    from gpumix import saliency
+
+    rows = []
+    rng = np.random.default_rng(0)
+    shape = (size, size)
+    for dtype in (np.uint8, np.float32):
+        x = rng.integers(0, 256, (batch, 3, size, size)).astype(dtype)
+        out = np.empty_like(x)
+        cutmix = gpumix.sample(gpumix.MixConfig(mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem"),
+                               batch, shape, rng)
+        for name, options in (("resizemix nearest", dict(method_weights={"resizemix": 1})),
+                              ("resizemix bilinear", dict(method_weights={"resizemix": 1},
+                                                          resizemix_interpolation="bilinear")),
+                              ("smoothmix", dict(method_weights={"smoothmix": 1})),
+                              ("gridmix", dict(method_weights={"gridmix": 1}))):
+            config = gpumix.MixConfig(mode="elem", **options)
+            params = gpumix.sample(config, batch, shape, rng)
+            t, t_cut, cut_over_ours = paired(
+                lambda: gpumix.mix_images(x, params, "NCHW", out=out),
+                lambda: gpumix.mix_images(x, cutmix, "NCHW", out=out), repeats)
+            rows.append({"case": f"cpu {name} {np.dtype(dtype).name} vs cutmix", **t,
+                         "cutmix_median_s": t_cut["median_s"],
+                         "over_cutmix": 1.0 / cut_over_ours, "target_over_cutmix": 1.5})
+            if dtype == np.uint8:
+                times = [_time(lambda: gpumix.sample(config, batch, shape, rng))
+                         for _ in range(repeats)]
+                rows.append({"case": f"sample {name} params (masks too) x{batch}",
+                             **_stats(times)})
+    x = rng.integers(0, 256, (batch, size, size, 3), np.uint8)
+    samples = np.arange(batch)
+    saliency.host_centres(x, "NHWC", samples)
+    times = [_time(lambda: saliency.host_centres(x, "NHWC", samples)) for _ in range(repeats)]
+    rows.append({"case": f"saliencymix peaks x{batch} (thumbnails + FFTs)", **_stats(times),
+                 "target_s": 0.010})
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'case':<52} {'median ms':>10} {'min-max ms':>16}  result"]
     for r in rows:
@@ -161,6 +203,13 @@ def format_table(rows: list[dict]) -> str:
                       f"({r['copy_bandwidth_GBps']:.1f} GB/s)")
         elif "speedup_vs_timm" in r:
             result = f"{r['speedup_vs_timm']:.1f}x timm ({r['timm_median_s'] * 1e3:.2f} ms)"
+        elif "over_cutmix" in r:
+            result = (f"{r['over_cutmix']:.2f}x CutMix's time ({r['cutmix_median_s'] * 1e3:.2f} "
+                      f"ms; target <= {r['target_over_cutmix']}x)")
+        elif "target_s" in r:
+            result = f"target <= {r['target_s'] * 1e3:.0f} ms"
+        elif "speedup_vs_published" not in r:
+            result = ""
         else:
             result = (f"{r['speedup_vs_published']:.1f}x published "
                       f"({r['published_median_s'] * 1e3:.1f} ms)")
@@ -196,7 +245,8 @@ def main(argv=None) -> dict:
         args.batch_size, args.size, args.repeats = 8, 64, 3
     rows = (bench_cpu_kernels(args.batch_size, args.size, args.repeats)
             + bench_against_timm(args.batch_size, args.size, args.repeats)
-            + bench_fmix(args.batch_size, args.size, args.repeats))
+            + bench_fmix(args.batch_size, args.size, args.repeats)
+            + bench_more_methods(args.batch_size, args.size, args.repeats))
     settings = {"batch_size": args.batch_size, "size": args.size, "repeats": args.repeats,
                 "device": "cpu"}
     return write_report(rows, settings, args.json, format_table(rows))

@@ -1,5 +1,6 @@
-"""A picture of what gpumix does: one row per method (MixUp, CutMix, FMix),
-each sample captioned with lam and its two largest soft-target classes."""
+"""A picture of what gpumix does: one row per method (MixUp, CutMix, FMix,
+ResizeMix, SmoothMix, GridMix, SaliencyMix), each sample captioned with lam
+and its two largest soft-target classes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ METHODS = {
     "MixUp": dict(mixup_alpha=1.0),
     "CutMix": dict(mixup_alpha=0.0, cutmix_alpha=1.0),
     "FMix": dict(mixup_alpha=0.0, fmix_alpha=1.0),
+    "ResizeMix": dict(method_weights={"resizemix": 1.0}),
+    "SmoothMix": dict(method_weights={"smoothmix": 1.0}),
+    "GridMix": dict(method_weights={"gridmix": 1.0}),
+    "SaliencyMix": dict(method_weights={"saliencymix": 1.0}, saliencymix_alpha=1.0),
 }
 MEAN = np.array(IMAGENET_MEAN) / 255  # on 0..1 values, as the loader's output
 STD = np.array(IMAGENET_STD) / 255

@@ -51,6 +51,7 @@ class Config:
     name: str
     make: Callable  # (settings) -> iterable of (images, targets)
     results: list = field(default_factory=list)
+    optional: bool = False  # run only when named with --only
 
 
 def _torch_loader(settings, collate=None, uint8=False):
@@ -131,7 +132,19 @@ def configurations(settings) -> list[Config]:
         Config("e-fmix", "gpumix FMix (per-sample masks)",
                lambda s: dali_loader(s, "gpumix", mixup_alpha=0.0, fmix_alpha=1.0,
                                      mode="elem", label_smoothing=0.1)),
+        *(Config(f"e-{name}", f"gpumix {title} (per sample)", _one_method(name, options),
+                 optional=True) for name, title, options in MORE_METHODS),
     ]
+
+
+MORE_METHODS = (("resizemix", "ResizeMix", {}), ("smoothmix", "SmoothMix", {}),
+                ("gridmix", "GridMix", {}), ("saliencymix", "SaliencyMix",
+                                             {"saliencymix_alpha": 1.0}))
+
+
+def _one_method(name: str, options: dict):
+    return lambda s: dali_loader(s, "gpumix", method_weights={name: 1.0}, mode="elem",
+                                 label_smoothing=0.1, **options)
 
 
 class _Clock:
@@ -189,7 +202,8 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
     runs before pass r + 1 of any, so slow drifts of a shared machine affect
     all alike. Each pass first reads ``warmup`` untimed batches, which drains
     whatever the loader prefetched while another configuration ran."""
-    configs = [c for c in configurations(settings) if only is None or c.key in only]
+    configs = [c for c in configurations(settings)
+               if (c.key in only if only else not c.optional)]
     states = {}
     for config in configs:  # build, compile and fill every loader once
         factory = config.make(settings)
@@ -249,10 +263,11 @@ def format_paired(ratios: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'':3}{'configuration':44} {'images/s':>9} {'min-max':>15} {'vs a':>6}"]
+    width = max([9] + [len(r["key"]) + 1 for r in rows])
+    lines = [f"{'configuration':{width + 38}} {'images/s':>9} {'min-max':>15} {'vs a':>6}"]
     for r in rows:
         speed = f"{r['speedup_vs_a']:.2f}x" if r["speedup_vs_a"] else "-"
-        lines.append(f"{r['key']:<9}{r['name']:38} {r['images_per_s']:>9.0f} "
+        lines.append(f"{r['key']:<{width}}{r['name']:38} {r['images_per_s']:>9.0f} "
                      f"{r['min']:>7.0f}-{r['max']:<7.0f} {speed:>6}")
     return "\n".join(lines)
 

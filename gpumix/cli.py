@@ -148,7 +148,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_positive, default=3, help="untimed batches first")
     bench.add_argument("--settle", type=float, default=1.0,
                        help="seconds of pause after each pass (loaders refill their queues)")
-    bench.add_argument("--only", nargs="+", help="configuration keys (a a0 b c d-mixup ...)")
+    bench.add_argument("--only", nargs="+",
+                       help="configuration keys (a a0 b c d-mixup ...; e-resizemix, "
+                            "e-smoothmix, e-gridmix and e-saliencymix run only when named)")
     bench.add_argument("--quick", action="store_true", help="tiny run (tests, smoke checks)")
     bench.add_argument("--out", default="results", help="folder for bench.json and bench.png")
     bench.set_defaults(run=cmd_bench)

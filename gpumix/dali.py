@@ -269,16 +269,19 @@ class _GpuMixStep:
     """The GPU ``python_function`` of :func:`mix` with ``device="gpu"``:
     images and table rows in (on the device), the mixed batch out, by one
     launch of gpumix.kernels.table_mix on CuPy's current stream (the one DALI
-    sets for the operator). FMix masks are made from the rows' keys
-    (cuFFT): the table is copied to the host for that."""
+    sets for the operator). Masks are made from the rows (FMix: the keys and
+    cuFFT) and SaliencyMix boxes placed on the device; both need the table on
+    the host too, so it is copied there first. With ``return_params`` it
+    also outputs the masks and the table as applied."""
 
-    def __init__(self, layout: str, spatial_shape, masks_on: bool, with_masks_output: bool,
-                 saliency_on: bool = False):
+    def __init__(self, layout: str, spatial_shape, masks_on: bool, saliency_on: bool,
+                 return_params: bool):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.spatial_shape = spatial_shape
-        self.masks_on = masks_on  # without masks nothing is read back from the device
+        self.masks_on = masks_on  # without masks or SaliencyMix nothing is read back
         self.saliency_on = saliency_on
-        self.with_masks_output = with_masks_output
+        self.with_masks_output = return_params and masks_on
+        self.with_rows_output = return_params
 
     def __call__(self, images, rows):
         import cupy as cp
@@ -305,11 +308,13 @@ class _GpuMixStep:
         out = cp.empty_like(batch)
         mixing.launch_table_mix(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
                                 device_rows, masks, self.layout, stream, launcher)
-        mixed = list(out)
+        outputs = [list(out)]
         if self.with_masks_output:
-            return mixed, list(masks.owner if masks is not None else
-                               cp.zeros((len(images), h, w), cp.float32))
-        return mixed
+            outputs.append(list(masks.owner if masks is not None else
+                                cp.zeros((len(images), h, w), cp.float32)))
+        if self.with_rows_output:
+            outputs.append(list(rows))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def _stack(batch, xp):
@@ -459,15 +464,17 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
                              "on the CPU stage, which cannot read the GPU images' shapes")
         targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
                                          source_info=source_info)
-        step = _GpuMixStep(layout, _spatial(size), config.uses_masks,
-                           return_params and config.uses_masks, config.on("saliencymix"))
+        step = _GpuMixStep(layout, _spatial(size), config.uses_masks, config.on("saliencymix"),
+                           return_params)
+        extra = step.with_masks_output + step.with_rows_output
         outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
-                                     num_outputs=1 + step.with_masks_output, device="gpu",
-                                     output_layouts=[layout] + [""] * step.with_masks_output)
-        mixed, *masks = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+                                     num_outputs=1 + extra, device="gpu",
+                                     output_layouts=[layout] + [""] * extra)
+        mixed, *rest = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         params = ()
-        if return_params:  # every output on the GPU, like the images
-            params = tuple(p.gpu() for p in _param_outputs(rows, None, config)[:5]) + tuple(masks)
+        if return_params:  # every output on the GPU, like the images; boxes as applied
+            applied = rest[-1]
+            params = _param_outputs(applied, rest[0] if step.with_masks_output else None, config)
         return (mixed, targets.gpu(), *params)
     half = dtype == types.FLOAT16  # Numba has no CPU float16: its bits, as uint16
     source = fn.reinterpret(images, dtype=types.UINT16) if half else images

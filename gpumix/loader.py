@@ -261,9 +261,9 @@ class DALIMixLoader:
         images = batch["images"]
         rows = batch["table"] if self._with_table else identity_table(images.shape[0],
                                                                       self._size)
-        mixed, masks = apply(images, rows, mean=pipelines.IMAGENET_MEAN,
-                             std=pipelines.IMAGENET_STD, channels_last=self.channels_last,
-                             dtype=self._dtype, return_masks=True)
+        mixed, masks, boxes = apply(images, rows, mean=pipelines.IMAGENET_MEAN,
+                                    std=pipelines.IMAGENET_STD, channels_last=self.channels_last,
+                                    dtype=self._dtype, return_applied=True)
         if not self.return_params:
             return mixed, batch["targets"]
         from gpumix.dali import PARAM_COLUMNS
@@ -274,9 +274,10 @@ class DALIMixLoader:
                   PARAM_COLUMNS.items()}
         params = {"labels": params["labels"].long(), "pair": params["pair"].long(),
                   "lam": params["lam"].float(), "method": params["method"].to(torch.int8),
-                  "box": params["box"].long()}
-        if "mask" in self._param_names:
-            params["mask"] = masks
+                  "box": boxes}
+        if "mask" in self._param_names:  # zeros for a batch where no sample used one
+            params["mask"] = masks if masks is not None else torch.zeros(
+                images.shape[:3], dtype=torch.float32, device=images.device)
         return mixed, batch["targets"], params
 
     # ------------------------------------------------------------ public

@@ -311,21 +311,25 @@ def gridmix_lam(grid, spatial_shape) -> np.ndarray:
     """The exact fraction of pixels in cells the primary keeps."""
     h, w = spatial_shape
     lam = np.empty(len(grid))
-    for u, (n, low, high) in enumerate(grid):
+    bit = np.arange(MAX_GRID ** 2)
+    for n in np.unique(grid[:, 0]):
+        chosen = np.flatnonzero(grid[:, 0] == n)
         rows = np.bincount(np.arange(h) * n // h, minlength=n)
         cols = np.bincount(np.arange(w) * n // w, minlength=n)
-        bits = (int(high) << 32) | int(low)
-        taken = np.array([(bits >> c) & 1 for c in range(n * n)]).reshape(n, n)
-        lam[u] = float(np.sum(np.outer(rows, cols) * (1 - taken))) / (h * w)
+        area = np.outer(rows, cols).reshape(-1)  # pixels of cell c = a n + b
+        halves = grid[chosen[:, None], 1 + bit[:n * n] // 32]
+        taken = (halves >> (bit[:n * n] % 32)) & 1
+        lam[chosen] = ((1 - taken) * area).sum(axis=1) / (h * w)
     return lam
 
 
 def saliencymix_sizes(lam, spatial_shape) -> np.ndarray:
-    """SaliencyMix boxes before placement: CutMix's sides at the origin."""
+    """SaliencyMix boxes before placement: CutMix's sides, as the unplaced
+    box ``(-cut_h, 0, -cut_w, 0)`` (gpumix.saliency), which covers no pixel."""
     h, w = spatial_shape
     ratio = np.sqrt(1.0 - np.asarray(lam, np.float64))
     zeros = np.zeros(ratio.shape, np.int64)
-    return np.stack([zeros, (h * ratio).astype(np.int64), zeros, (w * ratio).astype(np.int64)],
+    return np.stack([-(h * ratio).astype(np.int64), zeros, -(w * ratio).astype(np.int64), zeros],
                     axis=1)
 
 

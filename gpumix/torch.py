@@ -272,7 +272,7 @@ def identity_table(batch_size: int, size) -> np.ndarray:
 
 
 def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-          channels_last: bool = False, dtype=torch.float32, return_masks: bool = False):
+          channels_last: bool = False, dtype=torch.float32, return_applied: bool = False):
     """Mix and normalise a batch at the hand-off from DALI: the CUDA twin of
     gpumix.dali.mix_normalize.
 
@@ -281,11 +281,15 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
     table from :func:`gpumix.dali.mix_params` (CPU tensor or array). Returns
     a (B, C, H, W) ``dtype`` (float32 or float16) tensor on the images'
     device, ``(mixed - mean) / std`` per channel, contiguous or (with
-    ``channels_last``) in channels-last memory; with ``return_masks`` also the
-    FMix masks (B, H, W) float32 (zeros for other samples; None without FMix).
+    ``channels_last``) in channels-last memory. With ``return_applied``:
+    ``(mixed, masks, boxes)``, the masks (B, H, W) float32 of FMix, SmoothMix
+    and GridMix (zeros for other samples; None without them) and the boxes
+    (B, 4) int64 as applied (SaliencyMix's placed on the images), on the
+    images' device.
 
     On CUDA it is one launch of gpumix.kernels.mix_normalize on torch's
-    current stream (after the FMix masks, when a sample uses FMix), with the
+    current stream (after the masks and the SaliencyMix boxes, when a sample
+    needs them), with the
     table uploaded through pinned memory: no host synchronisation. DALI's
     torch iterator has already made torch's stream wait for the images, and
     keeps their memory until the tensor is freed and the device is idle
@@ -313,14 +317,19 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
     if images.is_cuda:
         launcher = runtime.active_launcher()
         out = torch.empty(shape, dtype=dtype, device=images.device)
-        masks = handoff_cuda(runtime.DeviceArray.of(images), rows, mean32, inv_std32, chw,
-                             runtime.DeviceArray.of(out), _cuda_stream().ptr, images.device,
-                             launcher)
+        masks, device_rows = handoff_cuda(runtime.DeviceArray.of(images), rows, mean32,
+                                          inv_std32, chw, runtime.DeviceArray.of(out),
+                                          _cuda_stream().ptr, images.device, launcher)
         masks = None if masks is None else torch.as_tensor(masks.owner, device=images.device)
+        applied = device_rows.owner.view(torch.float64).reshape(b, table.N_COLUMNS)
     else:
-        out, masks = _handoff_cpu(images.numpy(), rows, mean32, inv_std32, chw, shape, dtype)
+        out, masks, applied = _handoff_cpu(images.numpy(), rows, mean32, inv_std32, chw, shape,
+                                           dtype)
+        applied = torch.from_numpy(applied)
     result = out if chw else out.permute(0, 3, 1, 2)
-    return (result, masks) if return_masks else result
+    if return_applied:
+        return result, masks, applied[:, table.Y0:table.X1 + 1].long()
+    return result
 
 
 def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
@@ -332,12 +341,12 @@ def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
     fused.cpu(images, rows, masks if masks is not None else np.zeros((1, 1, 1), np.float32),
               mean32, inv_std32, chw, out=wide.numpy())
     out = wide if dtype == torch.float32 else wide.to(dtype)
-    return out, None if masks is None else torch.from_numpy(masks)
+    return out, None if masks is None else torch.from_numpy(masks), rows
 
 
 def handoff_cuda(images, rows, mean32, inv_std32, chw, out, stream, device, launcher):
     """The host path of :func:`apply` on CUDA, on DeviceArrays: returns the
-    masks DeviceArray (None without FMix)."""
+    masks DeviceArray (None without masks) and the device table."""
     b, h, w, _ = images.shape
     constants = runtime.kept(launcher, f"normalization {mean32.tobytes()} {inv_std32.tobytes()}",
                              lambda: (launcher.upload(mean32, device),
@@ -349,4 +358,4 @@ def handoff_cuda(images, rows, mean32, inv_std32, chw, out, stream, device, laun
     runtime.launch(fused.cuda_kernel, grid, block, stream,
                    (images, device_rows, mixing.no_mask(launcher) if masks is None else masks,
                     *constants, chw, out), launcher)
-    return masks
+    return masks, device_rows

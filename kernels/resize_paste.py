@@ -95,29 +95,45 @@ _quantize_cpu = _cpu.quantize_uint8
 @njit(cache=True, nogil=True)
 def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize, out):
     """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with partner
-    ``b`` resized into the box (``out`` must not alias ``b``)."""
+    ``b`` resized into the box (``out`` must not alias ``b``). The source
+    columns and weights of the box's columns are found once per sample with
+    the same scalar function the CUDA kernel uses, so values are equal."""
     n_rows, n_cols = a.shape[0], a.shape[1]
     width = n_cols // cstride
     copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * n_cols * a.itemsize)
     box_h, box_w = y1 - y0, x1 - x0
     if box_h <= 0 or box_w <= 0:
         return
+    k0 = np.empty(box_w * cstride, np.int64)  # source column of each output column
+    k1 = np.empty(box_w * cstride, np.int64)
+    wx = np.empty(box_w * cstride, np.float32)
+    for x in range(box_w):
+        sx0, sx1, w = _source_span_cpu(x, width, box_w, bilinear)
+        for c in range(cstride):
+            k0[x * cstride + c] = sx0 * cstride + c
+            k1[x * cstride + c] = sx1 * cstride + c
+            wx[x * cstride + c] = w
+    first = x0 * cstride
     for r in range(n_rows):
         y = r % height
         if y < y0 or y >= y1:
             continue
         base = r - y
         sy0, sy1, wy = _source_span_cpu(y - y0, height, box_h, bilinear)
-        for x in range(x0, x1):
-            sx0, sx1, wx = _source_span_cpu(x - x0, width, box_w, bilinear)
-            for c in range(cstride):
-                k0, k1 = sx0 * cstride + c, sx1 * cstride + c
-                if bilinear:
-                    v = _bilerp_cpu(b[base + sy0, k0], b[base + sy0, k1], b[base + sy1, k0],
-                                    b[base + sy1, k1], wy, wx)
-                    out[r, x * cstride + c] = _quantize_cpu(v) if quantize else v
-                else:
-                    out[r, x * cstride + c] = b[base + sy0, k0]
+        top, bottom, target = b[base + sy0], b[base + sy1], out[r, first:first + box_w * cstride]
+        if bilinear:
+            for k in range(target.shape[0]):
+                v = _bilerp_cpu(top[k0[k]], top[k1[k]], bottom[k0[k]], bottom[k1[k]], wy, wx[k])
+                target[k] = _quantize_cpu(v) if quantize else v
+        elif cstride == 3:  # RGB pixels: one source index per pixel
+            for x in range(box_w):
+                k = k0[3 * x]
+                target[3 * x] = top[k]
+                target[3 * x + 1] = top[k + 1]
+                target[3 * x + 2] = top[k + 2]
+        else:
+            for k in range(target.shape[0]):
+                target[k] = top[k0[k]]
 
 
 @njit(cache=True, nogil=True)

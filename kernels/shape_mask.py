@@ -53,17 +53,15 @@ def _bump(gy, gx, square):
     return gy * gx
 
 
-def _grid_value(row, y, x, height, width):
-    """GridMix mask value (1 primary, 0 partner) of pixel (y, x)."""
-    n = int64(row[table.GRID])
-    cell = ((y * n) // height) * n + (x * n) // width
+def _cell_value(row, cell):
+    """GridMix mask value (1 primary, 0 partner) of cell ``cell``."""
     bits = int64(row[table.CELLS_LOW]) if cell < 32 else int64(row[table.CELLS_HIGH])
     return float32(0.0) if (bits >> (cell % 32)) & 1 else float32(1.0)
 
 
 _profile_cpu = njit(inline="always")(_profile)
 _bump_cpu = njit(inline="always")(_bump)
-_grid_value_cpu = njit(inline="always")(_grid_value)
+_cell_value_cpu = njit(inline="always")(_cell_value)
 
 
 def reference(rows, shape) -> np.ndarray:
@@ -107,10 +105,18 @@ def _masks_cpu(rows, out, lo, hi):
             for y in range(height):
                 for x in range(width):
                     out[i, y, x] = np.float32(1.0) - _bump_cpu(gy[y], gx[x], square)
-        elif method == GRIDMIX:
+        elif method == GRIDMIX:  # each cell's value, then a gather per row
+            n = np.int64(row[table.GRID])
+            values = np.empty(n * n, np.float32)
+            for cell in range(n * n):
+                values[cell] = _cell_value_cpu(row, cell)
+            columns = np.empty(width, np.int64)
+            for x in range(width):
+                columns[x] = (x * n) // width
             for y in range(height):
+                first = ((y * n) // height) * n
                 for x in range(width):
-                    out[i, y, x] = _grid_value_cpu(row, y, x, height, width)
+                    out[i, y, x] = values[first + columns[x]]
 
 
 def cpu(rows, out) -> np.ndarray:
@@ -122,7 +128,7 @@ def cpu(rows, out) -> np.ndarray:
 
 _profile_gpu = _cuda_api.jit(device=True, inline=True)(_profile)
 _bump_gpu = _cuda_api.jit(device=True, inline=True)(_bump)
-_grid_value_gpu = _cuda_api.jit(device=True, inline=True)(_grid_value)
+_cell_value_gpu = _cuda_api.jit(device=True, inline=True)(_cell_value)
 
 
 def _masks_cuda(rows, out):
@@ -140,8 +146,10 @@ def _masks_cuda(rows, out):
                 gx = _profile_gpu(x, rows[i, table.CENTRE_X], rows[i, table.SIGMA_X])
                 out[i, y, x] = float32(1.0) - _bump_gpu(gy, gx, square)
         elif method == GRIDMIX:
+            n = int64(rows[i, table.GRID])
+            first = ((y * n) // height) * n
             for x in range(x_start, width, x_step):
-                out[i, y, x] = _grid_value_gpu(rows[i], y, x, height, width)
+                out[i, y, x] = _cell_value_gpu(rows[i], first + (x * n) // width)
 
 
 cuda_kernel = LazyCudaKernel(_masks_cuda)

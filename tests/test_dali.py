@@ -41,6 +41,9 @@ METHODS = {
     "fmix": dict(mixup_alpha=0.0, fmix_alpha=1.0, max_soft=0.1),
     "all": dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, prob=0.9,
                 pairing="permutation"),
+    "more": dict(method_weights={"mixup": 1, "resizemix": 1, "smoothmix": 1, "gridmix": 1,
+                                 "saliencymix": 1}, saliencymix_alpha=1.0,
+                 pairing="permutation"),
 }
 
 
@@ -189,7 +192,7 @@ def split_and_fused(options, names, labels, num_classes=5):
     return batch, runs
 
 
-@pytest.mark.parametrize("method", ["all", "mixup"])
+@pytest.mark.parametrize("method", ["all", "mixup", "more"])
 def test_mix_params_then_apply_equals_mix_normalize(method):
     """The split API (params in the pipeline, gpumix.torch.apply at the
     hand-off) stores exactly what the in-graph operator stores. The last two
@@ -206,9 +209,10 @@ def test_mix_params_then_apply_equals_mix_normalize(method):
         np.testing.assert_array_equal(raw, batch)
         np.testing.assert_array_equal(rows[:, columns.PAIR], pair.reshape(-1))
         np.testing.assert_array_equal(rows[:, columns.LAM].astype(np.float32), lam.reshape(-1))
-        np.testing.assert_array_equal(rows[:, columns.Y0:columns.X1 + 1], box)
         np.testing.assert_array_equal(t_split, targets)
-        mixed = apply(torch.from_numpy(raw), torch.from_numpy(rows), mean=MEAN, std=STD)
+        mixed, _, applied = apply(torch.from_numpy(raw), torch.from_numpy(rows), mean=MEAN,
+                                  std=STD, return_applied=True)
+        np.testing.assert_array_equal(applied.numpy(), box)  # SaliencyMix's placed alike
         np.testing.assert_array_equal(mixed.numpy(), images)
         assert set(pair.reshape(-1)[:5]) <= set(range(5)) and pair.reshape(-1)[5] == 5
     assert not np.array_equal(fused[0][0], fused[1][0])  # the batches do differ
@@ -537,7 +541,7 @@ def test_gpu_loader_matches_the_cpu_contract(id_file_list):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method", ["mixup", "cutmix", "fmix"])
+@pytest.mark.parametrize("method", ["mixup", "cutmix", "fmix", "more"])
 def test_gpu_operator_equals_reference(method):
     rng = np.random.default_rng(0)
     batch = (rng.random((5, 12, 10, 3)) * 255).astype(np.uint8)
@@ -604,7 +608,12 @@ def test_decode_error_search_starts_where_the_reader_was_and_stops_early(monkeyp
     assert len(opened) == 16  # two chunks, not the dataset
 
 
-def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder):
+@pytest.mark.parametrize("options", [
+    dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0),
+    dict(method_weights={"resizemix": 1, "smoothmix": 1, "gridmix": 1, "saliencymix": 1},
+         saliencymix_alpha=1.0, resizemix_interpolation="bilinear"),
+], ids=["mixup-cutmix-fmix", "resizemix-smoothmix-gridmix-saliencymix"])
+def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder, options):
     """A pipeline with mix_params resumed from a DALI checkpoint makes the
     same tables, so the hand-off mixes the same batches bit for bit."""
     from gpumix.torch import apply
@@ -619,8 +628,7 @@ def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder)
                                             random_shuffle=True, seed=3, name="reader")
             images = fn.resize(fn.decoders.image(jpegs), size=(16, 12))
             targets, rows = gdali.mix_params(labels, num_classes=len(files), size=(16, 12),
-                                             mixup_alpha=1.0, cutmix_alpha=1.0,
-                                             fmix_alpha=1.0, mode="elem")
+                                             mode="elem", **options)
             return images, targets, rows
 
         p = pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
@@ -651,7 +659,10 @@ def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder)
     dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem", return_params=True),
     dict(mixup_alpha=0.8, cutmix_alpha=1.0, channels_last=True, last_batch_policy="fill"),
     dict(mixing="none"),
-], ids=["all-methods", "channels-last-fill", "no-mixing"])
+    dict(method_weights={"cutmix": 1, "resizemix": 1, "smoothmix": 1, "gridmix": 1,
+                         "saliencymix": 1}, cutmix_alpha=1.0, saliencymix_alpha=1.0,
+         mode="elem", return_params=True),
+], ids=["all-methods", "channels-last-fill", "no-mixing", "more-methods"])
 def test_hand_off_gives_the_batches_of_the_in_graph_loader(jpeg_folder, options):
     """The GPU loader's mechanism (uint8 crops and params table out of DALI,
     gpumix.torch.apply at the hand-off), run here with its CPU twin, yields

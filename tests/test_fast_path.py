@@ -28,6 +28,10 @@ def no_sync(monkeypatch):
         yield launcher
 
 
+MORE = dict(method_weights={"resizemix": 1, "smoothmix": 1, "gridmix": 1, "saliencymix": 1},
+            saliencymix_alpha=1.0)
+
+
 def host(shape, dtype):
     return runtime.DeviceArray.on_host(np.zeros(shape, dtype))
 
@@ -82,6 +86,27 @@ def test_mixup_call_is_one_launch_with_the_targets(no_sync, pairing, by_pairs):
     assert len(no_sync.uploads) == 1
 
 
+def test_new_methods_place_boxes_and_make_masks_before_the_one_mix_launch(no_sync):
+    """SaliencyMix boxes are placed on the device (peaks, then the place
+    kernel) and SmoothMix/GridMix masks made by one kernel, all on the
+    call's stream, before the one launch that mixes; two uploads (the
+    table, and the rows to place with their partners), no wait."""
+    b, c, h, w = 16, 3, 24, 20
+    params, rows, config = table_for(b, h, w, **MORE)
+    assert {4, 5, 6, 7} <= set(params.method.tolist())
+    x, out = host((b, c, h, w), np.uint8), host((b, c, h, w), np.uint8)
+    labels, targets = host(b, np.int64), host((b, 10), np.float32)
+    mix_cuda(x, out, rows, params, "NCHW", labels, targets,
+             runtime.DeviceArray.on_host(no_sync.flag()), config, False, 5, None, no_sync)
+    assert [entry[0] for entry in no_sync.launches] == [
+        "saliency_peaks", "_place_cuda", "_masks_cuda", "_table_mix_cuda"]
+    assert {entry[3] for entry in no_sync.launches} == {5}
+    np.testing.assert_array_equal(no_sync.uploads[0], rows)
+    todo = np.flatnonzero(params.method == 7)
+    np.testing.assert_array_equal(no_sync.uploads[1], [todo, params.pair[todo]])
+    assert len(no_sync.uploads) == 2
+
+
 def test_recording_launcher_refuses_to_synchronise():
     with pytest.raises(runtime.SynchronizingCall):
         runtime.RecordingLauncher().synchronize()
@@ -105,11 +130,14 @@ def test_apply_checks_its_inputs():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("methods", ["timm-fmix", "more"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last):
+def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last, methods):
     from gpumix.torch import apply
 
-    params, rows, _ = table_for(16, 40, 36, mixup_alpha=0.8, cutmix_alpha=1.0, fmix_alpha=1.0)
+    options = dict(mixup_alpha=0.8, cutmix_alpha=1.0, fmix_alpha=1.0) if methods != "more" \
+        else MORE
+    params, rows, _ = table_for(16, 40, 36, **options)
     images = torch.randint(0, 256, (16, 40, 36, 3), dtype=torch.uint8)
     expected = apply(images, rows, channels_last=channels_last)
     on_gpu = images.cuda()
@@ -123,12 +151,13 @@ def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("methods", ["timm", "more"])
 @pytest.mark.parametrize("pairing", ["flip", "roll"])
-def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing):
+def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing, methods):
     from gpumix.torch import Mixup
 
     options = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=10,
-                   pairing=pairing)
+                   pairing=pairing, **(MORE if methods == "more" else {}))
     x = torch.rand(32, 3, 24, 20)
     y = torch.randint(0, 10, (32,))
     x_cpu, t_cpu = Mixup(seed=3, **options)(x.clone(), y)
