@@ -238,7 +238,8 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
 
 # The issues' targets compare gpumix against these (key, base) pairs.
 PAIRS = (("e-mixcut", "c"), ("e-fmix", "c"), ("e-mixcut", "c-dali"), ("e-mixcut", "d-mixup"),
-         ("e-mixcut", "d-cutmix"), ("e-mixcut", "a"), ("e-fmix", "a"))
+         ("e-mixcut", "d-cutmix"), ("e-mixcut", "a"), ("e-fmix", "a"),
+         ("e-resizemix", "c"), ("e-smoothmix", "c"), ("e-gridmix", "c"), ("e-saliencymix", "c"))
 
 
 def paired_ratios(rows: list[dict], pairs=PAIRS) -> list[dict]:
@@ -258,7 +259,7 @@ def paired_ratios(rows: list[dict], pairs=PAIRS) -> list[dict]:
 
 
 def format_paired(ratios: list[dict]) -> str:
-    return "\n".join(f"{r['key']:>9} / {r['base']:<9} {r['median']:.3f} per-round median "
+    return "\n".join(f"{r['key']:>13} / {r['base']:<9} {r['median']:.3f} per-round median "
                      f"({r['min']:.3f}-{r['max']:.3f})" for r in ratios)
 
 

@@ -1,4 +1,5 @@
-"""gpumix: MixUp, CutMix and FMix as CUDA kernels with exact CPU twins.
+"""gpumix: MixUp, CutMix, FMix, ResizeMix, SmoothMix, GridMix and SaliencyMix
+as CUDA kernels with exact CPU twins.
 
 Sample, then apply::
 
@@ -12,7 +13,8 @@ Sample, then apply::
 For torch training code use :class:`gpumix.torch.Mixup` (timm's arguments).
 """
 
-from gpumix.config import CUTMIX, FMIX, MIXUP, NONE, MixConfig
+from gpumix.config import (CUTMIX, FMIX, GRIDMIX, METHODS, MIXUP, NONE, RESIZEMIX, SALIENCYMIX,
+                           SMOOTHMIX, MixConfig)
 from gpumix.mixing import mix_dense, mix_images, soft_targets
 from gpumix.params import Draws, MixParams, draw, params_from_draws, sample
 
@@ -20,5 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MixConfig", "MixParams", "Draws", "draw", "params_from_draws", "sample",
-    "mix_images", "mix_dense", "soft_targets", "NONE", "MIXUP", "CUTMIX", "FMIX",
+    "mix_images", "mix_dense", "soft_targets", "METHODS", "NONE", "MIXUP", "CUTMIX", "FMIX",
+    "RESIZEMIX", "SMOOTHMIX", "GRIDMIX", "SALIENCYMIX",
 ]

@@ -22,16 +22,17 @@ One mechanism per device. The params are always made on the CPU stage by
 one batch-mode ``numba_function`` that calls the Python step
 (:class:`_ParamsStep`) through Numba's objmode (gpumix/dali_cpu.py): it
 outputs the soft targets and one params-table row per sample
-(gpumix.kernels.table), and on CPU pipelines the FMix masks. Then:
+(gpumix.kernels.table), and on CPU pipelines the masks (FMix, SmoothMix,
+GridMix) and the SaliencyMix boxes, read off the samples it is given. Then:
 
 * CPU pipelines: per-sample ``numba_function`` appliers (gpumix/dali_cpu.py)
   mix each sample into DALI's output on DALI's thread pool, reading the
   partner through the address in the sample's row.
 * GPU pipelines (``device="gpu"``): the table goes to the GPU stage and one
   GPU ``python_function`` (:class:`_GpuMixStep`) launches ONE kernel
-  (gpumix.kernels.table_mix) that reads the table on the device; FMix masks
-  are made there from the keys (the FMix columns are copied to the host
-  first: one small copy and a wait per batch). Against the hand-off
+  (gpumix.kernels.table_mix) that reads the table on the device; masks and
+  SaliencyMix boxes are made there first (the table is copied to the host
+  for them: one small copy and a wait per batch). Against the hand-off
   (:func:`mix_params` + :func:`gpumix.torch.apply`) this costs the
   ``python_function``'s per-sample conversions under the GIL, a stack of
   the batch and a second pass over it for the normalisation; prefer the
@@ -65,7 +66,7 @@ from gpumix.params import Draws, pairing, params_from_draws, to_table
 __all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
            "param_names", "restrict_pairing"]
 
-PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" when FMix is on
+PARAM_NAMES = ("labels", "pair", "lam", "method", "box")  # + "mask" with a mask method
 PARAM_COLUMNS = {"labels": (table.LABEL, 1), "pair": (table.PAIR, 1), "lam": (table.LAM, 1),
                  "method": (table.METHOD, 1), "box": (table.Y0, 4)}
 
@@ -136,10 +137,11 @@ def _uses_scale(config: MixConfig) -> bool:
 class _ParamsStep:
     """Draws in, params out, called by the params operator
     (:func:`gpumix.dali_cpu.params_operator`) once per batch: the soft
-    targets, the table rows and (when it makes them) the FMix masks. On CPU
-    pipelines it is given the images' shapes and pixel addresses (no pixel is
-    read) and writes the addresses into the rows; otherwise it takes
-    ``spatial_shape``. ``make_masks``: whether FMix masks are made here (CPU
+    targets, the table rows and (when it makes them) the masks. On CPU
+    pipelines it is given the images' shapes and pixel addresses (pixels are
+    read only to place SaliencyMix boxes) and writes the addresses into the
+    rows; otherwise it takes
+    ``spatial_shape``. ``make_masks``: whether masks are made here (CPU
     pipelines) or later from the rows' keys (the hand-off, GPU pipelines)."""
 
     def __init__(self, config: MixConfig, layout: str, spatial_shape=None,
@@ -383,11 +385,10 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
                   layout: str = "HWC", size=None, source_info=None):
     """The params operator's (targets, table, masks or None) nodes on the CPU
     stage. Given the images (CPU pipelines, of DALI type ``images_type``) it
-    reads their shapes and addresses and makes the FMix masks; otherwise it
-    needs ``size``."""
-    from nvidia.dali.pipeline import Pipeline
-
+    reads their shapes, addresses and (SaliencyMix) pixels and makes the
+    masks; otherwise it needs ``size``."""
     from nvidia.dali import types
+    from nvidia.dali.pipeline import Pipeline
 
     with_images = images is not None
     step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=with_images)
@@ -447,8 +448,9 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     ``device="gpu"`` (the CPU stage cannot read the GPU images' shapes) and
     for FMix. ``options``: every :class:`gpumix.MixConfig` option. With
     ``return_params`` the per-sample labels, pair (int64), lam (float32),
-    method (int8), box (int64 x 4) and, with FMix, mask (float32 H x W)
-    follow. ``device``: "cpu" or "gpu" (images already on the GPU stage).
+    method (int8), box (int64 x 4, as applied) and, with a mask method,
+    mask (float32 H x W) follow. ``device``: "cpu" or "gpu" (images already
+    on the GPU stage).
     """
     from nvidia.dali import fn, types
 

@@ -5,7 +5,10 @@ pass the parameters (pairs, lam, boxes, masks) that gpumix.params samples.
 
     blend          MixUp                        (Zhang et al. 2018)
     box_paste      CutMix boxes                 (Yun et al. 2019)
-    mask_mix       FMix masks, hard and soft    (Harris et al. 2020)
+    mask_mix       FMix, SmoothMix and GridMix masks, hard and soft (Harris et al. 2020)
+    resize_paste   ResizeMix: the partner resized into a box (Qin et al. 2020)
+    shape_mask     SmoothMix and GridMix masks from the table (Lee et al. 2020; Baek et al. 2021)
+    saliency       SaliencyMix's grey thumbnails and box placement (Uddin et al. 2021)
     mask_select    FMix grey image -> mask by rank (threshold selection)
     normals        counter-based normals for the FMix spectra
     soft_targets   smoothed, mixed one-hot targets
