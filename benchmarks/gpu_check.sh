@@ -41,6 +41,10 @@ if $py -c "import nvidia.dali" 2>/dev/null; then
   echo "   e-mixcut >= 0.95x c and >= 1.0x c-dali, >= 1.3x d-mixup, >= 1.5x d-cutmix; e-fmix >= 0.85x c"
   timeout 240 $py -m gpumix.cli bench --device gpu --threads 4 --repeats 5 --out "$out" 2>&1 \
     | grep -av "it/s" | tail -20
+  echo "== the other methods, gpumix bench --device gpu --threads 4 (issue 15):"
+  echo "   e-resizemix, e-smoothmix, e-gridmix >= 0.9x c; e-saliencymix >= 0.7x c"
+  timeout 120 $py -m gpumix.cli bench --device gpu --threads 4 --repeats 3 --out "$out/more" \
+    --only c e-resizemix e-smoothmix e-gridmix e-saliencymix 2>&1 | grep -av "it/s" | tail -12
 else
   echo "== loader: skipped, DALI is not importable (carry it with ../shared/gpu/stage_dali.sh)"
 fi

@@ -6,7 +6,9 @@ Python work a real call does before the device gets its work.
     mixup     a CUDA gpumix.torch.Mixup call of MixUp/CutMix, modes "batch"
               and "elem": sampling, table, launch (target <= 80 us; timm's
               Mixup took 155 us on an H100 host); the call's input checks and
-              its torch.empty for the targets are not included
+              its torch.empty for the targets are not included; and of every
+              method in mode "elem" (masks and SaliencyMix peaks recorded as
+              one step each, as the masks of the FMix maker are)
 
 Run: ``python -m gpumix.benchmarks.host_path [--json PATH]``; prints the
 median over repeats of the mean per call, with the launch count per call.
@@ -65,21 +67,26 @@ def bench(batch: int = 64, size: int = 224, calls: int = 200, repeats: int = 7) 
         labels, targets = host(np.zeros(batch, np.int64)), host(np.zeros((batch, 1000),
                                                                         np.float32))
         flag = runtime.DeviceArray.on_host(launcher.flag())
-        for mode in ("batch", "elem"):
-            mixup = Mixup(label_smoothing=0.1, seed=0, **{**options, "mode": mode})
+        cases = [(f"mixup ({mode})", {**options, "mode": mode}) for mode in ("batch", "elem")]
+        cases.append(("mixup (elem, every method)", dict(
+            options, method_weights=dict.fromkeys(gpumix.METHODS, 1.0), fmix_alpha=1.0,
+            saliencymix_alpha=1.0)))
+        for case, mixup_options in cases:
+            mixup = Mixup(label_smoothing=0.1, seed=0, **mixup_options)
 
             def mixup_call():
                 p = mixup.sample_params(batch, (size, size))
                 table_rows = to_table(p, (size, size), mixup.config)
-                by_pairs = mixup.config.pairing == "flip" or table_mix.is_involution(p.pair)
+                by_pairs = not mixup.config.on("resizemix") and (
+                    mixup.config.pairing == "flip" or table_mix.is_involution(p.pair))
                 mix_cuda(x, x, table_rows, p, "NCHW", labels, targets, flag, mixup.config,
                          by_pairs, 1, None, launcher)
 
             before = len(launcher.launches)
             us = _per_call(mixup_call, calls, repeats)
             per_call = (len(launcher.launches) - before) / (1 + calls * repeats)
-            rows_out.append(dict(case=f"mixup ({mode})", us_per_call=us,
-                                 launches_per_call=per_call, target_us=80))
+            rows_out.append(dict(case=case, us_per_call=us, launches_per_call=per_call,
+                                 target_us=80))
     return rows_out
 
 
@@ -89,8 +96,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = bench()
     for row in rows:
-        print(f"{row['case']:>14}: {row['us_per_call']:7.1f} us per call (target <= "
-              f"{row['target_us']}), {row['launches_per_call']:.0f} launch per call")
+        print(f"{row['case']:>26}: {row['us_per_call']:7.1f} us per call (target <= "
+              f"{row['target_us']}), {row['launches_per_call']:.1f} launches per call")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

@@ -142,15 +142,18 @@ class _ParamsStep:
     read only to place SaliencyMix boxes) and writes the addresses into the
     rows; otherwise it takes
     ``spatial_shape``. ``make_masks``: whether masks are made here (CPU
-    pipelines) or later from the rows' keys (the hand-off, GPU pipelines)."""
+    pipelines) or later from the rows (the hand-off, GPU pipelines);
+    ``shape_masks``: whether those include SmoothMix's and GridMix's (only
+    to return them: the CPU appliers make their own from the rows)."""
 
     def __init__(self, config: MixConfig, layout: str, spatial_shape=None,
-                 make_masks: bool = False):
+                 make_masks: bool = False, shape_masks: bool = False):
         self.config = config
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.columns = draw_columns(config)
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
-        self.make_masks = make_masks and config.uses_masks
+        self.make_masks = make_masks
+        self.shape_masks = shape_masks
         self.images_dtype = None  # NumPy dtype of the images the operator is given, if any
         self.buffers = {}  # kept between calls: DALI runs one iteration at a time
         self.errors: list = []  # raised by dali_cpu.raise_pending
@@ -196,7 +199,7 @@ class _ParamsStep:
             pair[:n_valid] = pairing(self.config, n_valid)
         params = params_from_draws(self.config, spatial_shape, self.draws(table), b, pair=pair,
                                    fmix_masks=self._mask_maker(spatial_shape),
-                                   make_masks=self.make_masks)
+                                   make_masks=self.make_masks, shape_masks=self.shape_masks)
         label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
         mixing.check_labels(label_ids, b, self.config.num_classes)
         return params, label_ids
@@ -382,22 +385,25 @@ def _spatial(size):
 
 
 def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
-                  layout: str = "HWC", size=None, source_info=None):
+                  layout: str = "HWC", size=None, source_info=None,
+                  return_params: bool = False):
     """The params operator's (targets, table, masks or None) nodes on the CPU
     stage. Given the images (CPU pipelines, of DALI type ``images_type``) it
     reads their shapes, addresses and (SaliencyMix) pixels and makes the
-    masks; otherwise it needs ``size``."""
+    FMix masks (all masks with ``return_params``); otherwise it needs
+    ``size``."""
     from nvidia.dali import types
     from nvidia.dali.pipeline import Pipeline
 
     with_images = images is not None
-    step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=with_images)
+    masks_on = with_images and (config.on("fmix") or (return_params and config.uses_masks))
+    step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=masks_on,
+                       shape_masks=return_params)
     step.images_dtype = {types.UINT8: np.uint8, types.FLOAT: np.float32,
                          types.UINT16: np.float16}.get(images_type)
     batch_size = Pipeline.current().max_batch_size
     inputs = [_draw_vectors(config, size, batch_size, labels)] + ([images] * with_images)
     inputs += [] if source_info is None else [source_info]
-    masks_on = with_images and config.uses_masks
     operator = dali_cpu.params_operator(
         step, num_classes=config.num_classes, with_masks=masks_on,
         with_names=source_info is not None, images_type=images_type if with_images else None,
@@ -482,7 +488,8 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     source = fn.reinterpret(images, dtype=types.UINT16) if half else images
     targets, rows, masks = _params_stage(config, labels, images=source,
                                          images_type=types.UINT16 if half else dtype,
-                                         layout=layout, size=size, source_info=source_info)
+                                         layout=layout, size=size, source_info=source_info,
+                                         return_params=return_params)
     applier = dali_cpu.applier("mix", layout=layout, dtype=dtype, with_masks=masks is not None)
     mixed = applier(source, rows, *([masks] if masks is not None else []))
     if half:
@@ -551,7 +558,8 @@ def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout:
                                          mean=mean, std=std), *rest)
     config = MixConfig(num_classes=num_classes, **options)
     targets, rows, masks = _params_stage(config, labels, images=images, images_type=types.UINT8,
-                                         layout="HWC", size=size, source_info=source_info)
+                                         layout="HWC", size=size, source_info=source_info,
+                                         return_params=return_params)
     applier = dali_cpu.applier("mix_normalize", layout=output_layout, mean=mean, std=std,
                                with_masks=masks is not None)
     mixed = applier(images, rows, *([masks] if masks is not None else []))

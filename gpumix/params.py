@@ -341,7 +341,8 @@ def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
 
 
 def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size: int,
-                      fmix_masks=None, pair=None, make_masks: bool = True) -> MixParams:
+                      fmix_masks=None, pair=None, make_masks: bool = True,
+                      shape_masks: bool = True) -> MixParams:
     """Derive MixParams from draws; pure and deterministic.
 
     ``pair`` overrides the pairing derived from config and draws (the DALI
@@ -351,7 +352,9 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     (CPU kernels, ducc0's FFT); the CUDA path passes
     :func:`gpumix.fmix.cuda_mask_maker`. ``make_masks=False`` leaves the
     masks to whoever applies the params (``fmix_keys`` and ``fmix_ranks``
-    say how); lam does not depend on them.
+    say how); lam does not depend on them. ``shape_masks=False`` (with
+    ``make_masks``) makes only FMix's: the CPU DALI appliers make SmoothMix
+    and GridMix masks themselves, from the table.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
     units = draws.apply_u.shape[0]
@@ -413,7 +416,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         fmix_lam = ramp_lam(lo, hi, n_pix) if config.max_soft > 0 else k / n_pix
         lam = np.where(is_fmix, fmix_lam, lam)
 
-    if make_masks and (smooth is not None or grid is not None):
+    if make_masks and shape_masks and (smooth is not None or grid is not None):
         shape_rows = np.zeros((units, table.N_COLUMNS))
         shape_rows[:, table.METHOD] = method
         _write_shapes(shape_rows, smooth, grid)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
-from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, table
+from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, shape_mask, table
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import LazyCudaKernel, run_parallel
 from gpumix.kernels.table_mix import is_mask_method
@@ -122,7 +122,20 @@ def _normalize_row(row, out, y, mean, inv_std, chw):
 def mix_normalize_sample_cpu(out, image, partner, row, mask, mean, inv_std, chw):
     """Mix one HWC uint8 sample with its partner by its table ``row`` and
     normalise it into ``out`` (CHW or HWC float32). ``row`` None: normalise
-    only; ``mask`` None when FMix is off."""
+    only; ``mask``: the FMix mask, None when FMix is off (SmoothMix and
+    GridMix masks are made here from the row)."""
+    if row is not None:
+        if shape_mask.is_shape_method(np.int64(row[table.METHOD])):
+            own = np.empty((image.shape[0], image.shape[1]), np.float32)
+            shape_mask.sample_mask_cpu(row, own)
+            _mix_normalize_body(out, image, partner, row, own, mean, inv_std, chw)
+            return
+    _mix_normalize_body(out, image, partner, row, mask, mean, inv_std, chw)
+
+
+@njit(cache=True, nogil=True)
+def _mix_normalize_body(out, image, partner, row, mask, mean, inv_std, chw):
+    """:func:`mix_normalize_sample_cpu` once the mask is known."""
     height, width, channels = image.shape[0], image.shape[1], image.shape[2]
     n_cols = width * channels
     a, b = image.reshape(height, n_cols), partner.reshape(height, n_cols)

@@ -89,34 +89,47 @@ def reference(rows, shape) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def sample_mask_cpu(row, out):
+    """The (H, W) mask ``out`` of one SmoothMix or GridMix table row (left
+    alone for other methods): the batch kernel and the per-sample CPU
+    appliers (gpumix.kernels.table_mix, mix_normalize) run it."""
+    height, width = out.shape[0], out.shape[1]
+    method = np.int64(row[table.METHOD])
+    if method == SMOOTHMIX:  # the two profiles, then their product or minimum
+        gy = np.empty(height, np.float32)
+        gx = np.empty(width, np.float32)
+        for y in range(height):
+            gy[y] = _profile_cpu(y, row[table.CENTRE_Y], row[table.SIGMA_Y])
+        for x in range(width):
+            gx[x] = _profile_cpu(x, row[table.CENTRE_X], row[table.SIGMA_X])
+        square = row[table.SQUARE] != 0
+        for y in range(height):
+            for x in range(width):
+                out[y, x] = np.float32(1.0) - _bump_cpu(gy[y], gx[x], square)
+    elif method == GRIDMIX:  # each cell's value, then a gather per row
+        n = np.int64(row[table.GRID])
+        values = np.empty(n * n, np.float32)
+        for cell in range(n * n):
+            values[cell] = _cell_value_cpu(row, cell)
+        columns = np.empty(width, np.int64)
+        for x in range(width):
+            columns[x] = (x * n) // width
+        for y in range(height):
+            first = ((y * n) // height) * n
+            for x in range(width):
+                out[y, x] = values[first + columns[x]]
+
+
+@njit(inline="always")
+def is_shape_method(method):
+    """SmoothMix and GridMix: masks made from the row alone."""
+    return method == SMOOTHMIX or method == GRIDMIX
+
+
+@njit(cache=True, nogil=True)
 def _masks_cpu(rows, out, lo, hi):
-    height, width = out.shape[1], out.shape[2]
-    gy = np.empty(height, np.float32)
-    gx = np.empty(width, np.float32)
     for i in range(lo, hi):
-        row = rows[i]
-        method = np.int64(row[table.METHOD])
-        if method == SMOOTHMIX:
-            for y in range(height):
-                gy[y] = _profile_cpu(y, row[table.CENTRE_Y], row[table.SIGMA_Y])
-            for x in range(width):
-                gx[x] = _profile_cpu(x, row[table.CENTRE_X], row[table.SIGMA_X])
-            square = row[table.SQUARE] != 0
-            for y in range(height):
-                for x in range(width):
-                    out[i, y, x] = np.float32(1.0) - _bump_cpu(gy[y], gx[x], square)
-        elif method == GRIDMIX:  # each cell's value, then a gather per row
-            n = np.int64(row[table.GRID])
-            values = np.empty(n * n, np.float32)
-            for cell in range(n * n):
-                values[cell] = _cell_value_cpu(row, cell)
-            columns = np.empty(width, np.int64)
-            for x in range(width):
-                columns[x] = (x * n) // width
-            for y in range(height):
-                first = ((y * n) // height) * n
-                for x in range(width):
-                    out[i, y, x] = values[first + columns[x]]
+        sample_mask_cpu(rows[i], out[i])
 
 
 def cpu(rows, out) -> np.ndarray:

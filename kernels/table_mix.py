@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
-from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, table
+from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, shape_mask, table
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import LazyCudaKernel, row_grid
 
@@ -54,7 +54,8 @@ _is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_
 @njit(cache=True, nogil=True)
 def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
     """Mix one HWC or CHW sample with its partner by its table ``row`` with
-    the CPU kernels' per-sample bodies (``mask`` None when FMix is off)."""
+    the CPU kernels' per-sample bodies (``mask``: the FMix mask, None when
+    FMix is off; SmoothMix and GridMix masks are made here from the row)."""
     method = np.int64(row[table.METHOD])
     if chw:
         height, cstride = image.shape[1], 1
@@ -65,8 +66,13 @@ def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
     a, b, o = image.reshape(shape2d), partner.reshape(shape2d), out.reshape(shape2d)
     if method == MIXUP:
         blend.blend_sample_cpu(a, b, np.float32(row[table.LAM]), quantize, o)
-    elif is_mask_method(method):
-        if mask is not None:  # always, for masks come whenever a sample uses them
+    elif shape_mask.is_shape_method(method):  # the mask from the row, here
+        own = np.empty((height, a.shape[1] // cstride), np.float32)
+        shape_mask.sample_mask_cpu(row, own)
+        mask_row = np.empty(a.shape[1], np.float32)
+        mask_mix.mask_sample_cpu(a, b, own, height, cstride, quantize, False, o, mask_row)
+    elif method == FMIX:
+        if mask is not None:  # always, for FMix masks come whenever a sample uses FMix
             mask_row = np.empty(a.shape[1], np.float32)
             mask_mix.mask_sample_cpu(a, b, mask, height, cstride, quantize, False, o, mask_row)
     elif method == RESIZEMIX:

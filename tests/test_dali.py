@@ -47,7 +47,7 @@ METHODS = {
 }
 
 
-def run_operator(batch, labels, layout, options, seed=7, iterations=3):
+def run_operator(batch, labels, layout, options, seed=7, iterations=3, return_params=True):
     """Outputs of ``iterations`` runs of gdali.mix on ``batch`` (NumPy)."""
     b = len(batch)
     h, w = batch.shape[1:3] if layout == "HWC" else batch.shape[2:4]
@@ -59,7 +59,7 @@ def run_operator(batch, labels, layout, options, seed=7, iterations=3):
                                    batch=True)
         dtype = types.FLOAT16 if batch.dtype == np.float16 else None
         return gdali.mix(images, label, num_classes=5, layout=layout, size=(h, w), dtype=dtype,
-                         return_params=True, label_smoothing=0.1, **options)
+                         return_params=return_params, label_smoothing=0.1, **options)
 
     p = pipe()
     p.build()
@@ -100,6 +100,24 @@ def test_operator_equals_reference_on_its_params(layout, dtype, mode, method):
             np.testing.assert_allclose(params.mask[fm].mean(axis=(1, 2)), params.lam[fm],
                                        atol=1e-6)
     assert seen_methods - {0}, "nothing was mixed"
+
+
+@pytest.mark.parametrize("layout,dtype", [("HWC", np.uint8), ("CHW", np.float16)])
+def test_appliers_make_smoothmix_and_gridmix_masks_as_the_params_step(layout, dtype):
+    """Without return_params the params step makes no SmoothMix or GridMix
+    masks and the appliers make them from the rows: the same images."""
+    rng = np.random.default_rng(2)
+    batch = (rng.random((6, 12, 10, 3) if layout == "HWC" else (6, 3, 12, 10)) * 255).astype(dtype)
+    labels = rng.integers(0, 5, 6)
+    options = dict(mode="elem", method_weights={"smoothmix": 1, "gridmix": 1, "fmix": 1},
+                   fmix_alpha=1.0)
+    with_params = run_operator(batch, labels, layout, options)
+    without = run_operator(batch, labels, layout, options, return_params=False)
+    for (images, targets, *params), (images_alone, targets_alone) in zip(with_params, without):
+        np.testing.assert_array_equal(images_alone, images)
+        np.testing.assert_array_equal(targets_alone, targets)
+    methods = {m for run in with_params for m in run[5].reshape(-1).tolist()}
+    assert {3, 5, 6} <= methods
 
 
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -662,7 +680,8 @@ def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder,
     dict(method_weights={"cutmix": 1, "resizemix": 1, "smoothmix": 1, "gridmix": 1,
                          "saliencymix": 1}, cutmix_alpha=1.0, saliencymix_alpha=1.0,
          mode="elem", return_params=True),
-], ids=["all-methods", "channels-last-fill", "no-mixing", "more-methods"])
+    dict(method_weights={"smoothmix": 1, "gridmix": 1}, mode="elem"),
+], ids=["all-methods", "channels-last-fill", "no-mixing", "more-methods", "formula-masks"])
 def test_hand_off_gives_the_batches_of_the_in_graph_loader(jpeg_folder, options):
     """The GPU loader's mechanism (uint8 crops and params table out of DALI,
     gpumix.torch.apply at the hand-off), run here with its CPU twin, yields
