@@ -29,6 +29,12 @@ from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_f
 
 _cpu = element_functions("cpu")
 _mixed_value_cpu = _cpu.mixed_value
+# For uint8 and m in [0, 1], blend_uint8 equals mixed_value: m == 1 gives
+# round(1 * a + 0 * b) = a and m == 0 gives b exactly, no blend of two values
+# in [0, 255] needs the clamp, and where a == b the sum rounds back to a
+# (gpumix.kernels._element.blend_uint8). Without the selection branches the
+# loop vectorises; the CUDA kernels keep mixed_value (same values).
+_blend_uint8_cpu = _cpu.blend_uint8
 
 
 def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
@@ -83,6 +89,9 @@ def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row)
         if paste:
             for k in range(n_cols):
                 out[r, k] = a[r, k] if mask_row[k] >= 0.5 else b[r, k]
+        elif quantize:  # uint8: the branch-free blend, which gives the same bytes
+            for k in range(n_cols):
+                out[r, k] = _blend_uint8_cpu(a[r, k], b[r, k], mask_row[k])
         else:
             for k in range(n_cols):
                 out[r, k] = _mixed_value_cpu(a[r, k], b[r, k], mask_row[k], quantize)

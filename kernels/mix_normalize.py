@@ -40,7 +40,6 @@ MIXUP, CUTMIX, FMIX, RESIZEMIX, SMOOTHMIX, GRIDMIX, SALIENCYMIX = range(1, 8)  #
 
 _element = element_functions("cpu")
 _blend_uint8 = _element.blend_uint8
-_mixed_value = _element.mixed_value
 
 
 def reference(images: np.ndarray, rows: np.ndarray, masks, mean, std, chw: bool,
@@ -93,14 +92,16 @@ def _rgb_blend(ra, rb, lam, o0, o1, o2, mean, inv_std):
 
 @njit(cache=True, nogil=True)
 def _rgb_mask(ra, rb, mask_row, o0, o1, o2, mean, inv_std):
-    """FMix of two RGB rows by a mask row, rounded to uint8 values, normalised."""
+    """A mask mix of two RGB rows by a mask row, rounded to uint8 values,
+    normalised (the branch-free uint8 blend: equal to mixed_value for masks
+    in [0, 1], see gpumix.kernels.mask_mix)."""
     m0, m1, m2 = mean[0], mean[1], mean[2]
     s0, s1, s2 = inv_std[0], inv_std[1], inv_std[2]
     for k in range(o0.shape[0]):
         m = mask_row[k]
-        o0[k] = (_mixed_value(ra[3 * k], rb[3 * k], m, True) - m0) * s0
-        o1[k] = (_mixed_value(ra[3 * k + 1], rb[3 * k + 1], m, True) - m1) * s1
-        o2[k] = (_mixed_value(ra[3 * k + 2], rb[3 * k + 2], m, True) - m2) * s2
+        o0[k] = (_blend_uint8(ra[3 * k], rb[3 * k], m) - m0) * s0
+        o1[k] = (_blend_uint8(ra[3 * k + 1], rb[3 * k + 1], m) - m1) * s1
+        o2[k] = (_blend_uint8(ra[3 * k + 2], rb[3 * k + 2], m) - m2) * s2
 
 
 @njit(cache=True, nogil=True)

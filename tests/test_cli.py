@@ -44,9 +44,19 @@ def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
     with Image.open(tmp_path / "bench.png") as png:
         png.verify()
     paired = {(r["key"], r["base"]): r for r in report["paired_ratios"]}
-    assert set(paired) == set(throughput.PAIRS)
+    assert set(paired) == {(k, b) for k, b in throughput.PAIRS if k in keys and b in keys}
+    assert ("e-mixcut", "c") in paired
     for r in paired.values():
         assert 0 < r["min"] <= r["median"] <= r["max"]
+
+
+def test_bench_runs_the_other_methods_when_named(tiny_folder, tmp_path):
+    gpumix("bench", "--quick", "--data", str(tiny_folder), "--out", str(tmp_path),
+           "--batch-size", "4", "--threads", "1", "--only", "c", "e-gridmix", "e-saliencymix")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["key"] for r in report["results"]] == ["c", "e-gridmix", "e-saliencymix"]
+    assert {(r["key"], r["base"]) for r in report["paired_ratios"]} == {
+        ("e-gridmix", "c"), ("e-saliencymix", "c")}
 
 
 def test_paired_ratios_pair_passes_of_the_same_round():
@@ -67,9 +77,12 @@ def test_kernels_quick_writes_paired_figures(tmp_path):
             "cpu cutmix float32"} <= set(rows)
     for row in rows.values():
         assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
-        ratio = next(row[k] for k in ("fraction_of_copy", "speedup_vs_timm",
-                                      "speedup_vs_published") if k in row)
-        assert np.isfinite(ratio) and ratio > 0
+        figures = [row[k] for k in ("fraction_of_copy", "speedup_vs_timm",
+                                    "speedup_vs_published", "over_cutmix") if k in row]
+        assert all(np.isfinite(f) and f > 0 for f in figures)
+    for name in ("resizemix nearest", "resizemix bilinear", "smoothmix", "gridmix"):
+        assert rows[f"cpu {name} uint8 vs cutmix"]["over_cutmix"] > 0
+    assert any(case.startswith("saliencymix peaks") for case in rows)
     assert report["environment"]["numpy"] == np.__version__
 
 
