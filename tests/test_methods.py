@@ -323,3 +323,14 @@ def test_hand_off_apply_mixes_every_method_like_the_reference():
                                        gpumix.torch.IMAGENET_STD, True)
     np.testing.assert_array_equal(out.numpy(), expected)
     assert len(set(params.method.tolist())) >= 5
+
+
+@pytest.mark.parametrize("name", ["gridmix", "resizemix", "smoothmix"])
+def test_dense_maps_take_the_same_cells_boxes_and_masks(name):
+    rng = np.random.default_rng(16)
+    config = only(name, resizemix_interpolation="bilinear")
+    params = sample(config, 7, (13, 19), rng)
+    maps = rng.integers(0, 21, (7, 13, 19)).astype(np.int64)
+    out = mixing.mix_dense(maps, params)
+    np.testing.assert_array_equal(out, mixing.reference_mix_dense(maps, params))
+    assert set(np.unique(out)) <= set(np.unique(maps))  # labels are never blended
