@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import gpumix
 from gpumix import runtime
@@ -67,6 +68,7 @@ def bench(batch: int = 64, size: int = 224, calls: int = 200, repeats: int = 7) 
         labels, targets = host(np.zeros(batch, np.int64)), host(np.zeros((batch, 1000),
                                                                         np.float32))
         flag = runtime.DeviceArray.on_host(launcher.flag())
+        cuda = torch.device("cuda")  # a device object only: nothing runs on it
         cases = [(f"mixup ({mode})", {**options, "mode": mode}) for mode in ("batch", "elem")]
         cases.append(("mixup (elem, every method)", dict(
             options, method_weights=dict.fromkeys(gpumix.METHODS, 1.0), fmix_alpha=1.0,
@@ -75,7 +77,7 @@ def bench(batch: int = 64, size: int = 224, calls: int = 200, repeats: int = 7) 
             mixup = Mixup(label_smoothing=0.1, seed=0, **mixup_options)
 
             def mixup_call():
-                p = mixup.sample_params(batch, (size, size))
+                p = mixup.sample_params(batch, (size, size), cuda)  # masks left to the launch
                 table_rows = to_table(p, (size, size), mixup.config)
                 by_pairs = not mixup.config.on("resizemix") and (
                     mixup.config.pairing == "flip" or table_mix.is_involution(p.pair))

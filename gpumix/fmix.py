@@ -325,6 +325,9 @@ def n_pixels(shape) -> int:
     return int(math.prod(shape))
 
 
+FMIX = 3  # gpumix.config.FMIX (config imports this module)
+
+
 def table_fmix(rows):
     """What a params table (gpumix.kernels.table, host rows) says of FMix:
     (indices of the rows that use it, their keys, rank lows, rank highs,
@@ -332,9 +335,9 @@ def table_fmix(rows):
     from gpumix.kernels import table
 
     rows = np.asarray(rows)
-    used = np.flatnonzero(rows[:, table.METHOD] == 3)  # gpumix.config.FMIX
-    if used.size == 0:
+    if not table.uses(rows, FMIX):
         return None
+    used = np.flatnonzero(rows[:, table.METHOD] == FMIX)
     first = rows[used[0]]
     keys = (rows[used, table.KEY_HIGH].astype(np.int64) << 31) \
         | rows[used, table.KEY_LOW].astype(np.int64)

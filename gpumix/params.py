@@ -53,6 +53,7 @@ generator from one draw, so it is still the single source per call site).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -277,22 +278,28 @@ def smoothmix_shapes(scale_u, box_u, spatial_shape, config: MixConfig) -> np.nda
 
 def smoothmix_lam(smooth, spatial_shape) -> np.ndarray:
     """The mean of each SmoothMix primary mask 1 - G (kernels/shape_mask.py),
-    from its 1-D profiles: sum gy * sum gx for the circle, and for the square
-    sum over y of sum over x of min(gy, gx) by one sort of gx."""
+    from its 1-D profiles (float32, as the kernels make them), for every unit
+    at once: sum gy * sum gx for the circle; for the square, sum over y of
+    sum over x of min(gy, gx), by sorting each gx and finding where each gy
+    falls (units kept apart by an offset of 2 per unit, as profiles lie in
+    [0, 1])."""
     h, w = spatial_shape
-    lam = np.empty(len(smooth))
-    for u, (cy, cx, sy, sx, square) in enumerate(smooth):
-        gy = np.exp(-0.5 * ((np.arange(h) - cy) / sy) ** 2).astype(np.float32)
-        gx = np.exp(-0.5 * ((np.arange(w) - cx) / sx) ** 2).astype(np.float32)
-        gy, gx = gy.astype(np.float64), np.sort(gx).astype(np.float64)
-        if square:
-            below = np.searchsorted(gx, gy)  # gx[:below] < gy: those terms are gx
-            prefix = np.concatenate([[0.0], np.cumsum(gx)])
-            total = np.sum(prefix[below] + gy * (w - below))
-        else:
-            total = gy.sum() * gx.sum()
-        lam[u] = 1.0 - total / (h * w)
-    return lam
+    smooth = np.asarray(smooth, np.float64).reshape(-1, 5)
+    cy, cx, sy, sx, square = (smooth[:, k:k + 1] for k in range(5))
+    gy = np.exp(-0.5 * ((np.arange(h) - cy) / sy) ** 2).astype(np.float32).astype(np.float64)
+    gx = np.exp(-0.5 * ((np.arange(w) - cx) / sx) ** 2).astype(np.float32).astype(np.float64)
+    total = gy.sum(axis=1) * gx.sum(axis=1)
+    squares = np.flatnonzero(square[:, 0] != 0)
+    if squares.size:
+        offset = 2.0 * np.arange(squares.size)[:, None]
+        ordered = np.sort(gx[squares], axis=1) + offset
+        prefix = np.concatenate([[0.0], np.cumsum((ordered - offset).reshape(-1))])
+        below = np.searchsorted(ordered.reshape(-1), gy[squares] + offset)  # global positions
+        start = (np.arange(squares.size) * w)[:, None]
+        smaller = prefix[below] - prefix[start]  # the gx below each gy, summed
+        count = below - start
+        total[squares] = np.sum(smaller + gy[squares] * (w - count), axis=1)
+    return 1.0 - total / (h * w)
 
 
 def gridmix_cells(scale_u, cells_u, config: MixConfig) -> np.ndarray:
@@ -307,20 +314,26 @@ def gridmix_cells(scale_u, cells_u, config: MixConfig) -> np.ndarray:
     return np.stack([n, low, high], axis=1).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=8)
+def _cell_areas(h: int, w: int) -> np.ndarray:
+    """(MAX_GRID + 1, MAX_GRID**2) pixels of cell c = a n + b of an n x n grid."""
+    areas = np.zeros((MAX_GRID + 1, MAX_GRID ** 2), np.int64)
+    for n in range(1, MAX_GRID + 1):
+        rows = np.bincount(np.arange(h) * n // h, minlength=n)
+        cols = np.bincount(np.arange(w) * n // w, minlength=n)
+        areas[n, :n * n] = np.outer(rows, cols).reshape(-1)
+    areas.flags.writeable = False
+    return areas
+
+
 def gridmix_lam(grid, spatial_shape) -> np.ndarray:
     """The exact fraction of pixels in cells the primary keeps."""
     h, w = spatial_shape
-    lam = np.empty(len(grid))
-    bit = np.arange(MAX_GRID ** 2)
-    for n in np.unique(grid[:, 0]):
-        chosen = np.flatnonzero(grid[:, 0] == n)
-        rows = np.bincount(np.arange(h) * n // h, minlength=n)
-        cols = np.bincount(np.arange(w) * n // w, minlength=n)
-        area = np.outer(rows, cols).reshape(-1)  # pixels of cell c = a n + b
-        halves = grid[chosen[:, None], 1 + bit[:n * n] // 32]
-        taken = (halves >> (bit[:n * n] % 32)) & 1
-        lam[chosen] = ((1 - taken) * area).sum(axis=1) / (h * w)
-    return lam
+    grid = np.asarray(grid, np.int64).reshape(-1, 3)
+    cell = np.arange(MAX_GRID ** 2)
+    taken = (grid[:, 1 + cell // 32] >> (cell % 32)) & 1
+    partner = (taken * _cell_areas(h, w)[grid[:, 0]]).sum(axis=1)
+    return 1.0 - partner / (h * w)
 
 
 def saliencymix_sizes(lam, spatial_shape) -> np.ndarray:
@@ -359,12 +372,14 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     spatial_shape = tuple(int(s) for s in spatial_shape)
     units = draws.apply_u.shape[0]
     method = choose_methods(config, draws.apply_u, draws.method_u)
+    present = set(method.tolist())  # each method's block runs only when a unit uses it
     lam = np.ones(units, np.float64)
-    lam = np.where(method == MIXUP, draws.lam_mixup, lam)
+    if MIXUP in present:
+        lam = np.where(method == MIXUP, draws.lam_mixup, lam)
 
     box = np.zeros((units, 4), np.int64)
-    is_cut = method == CUTMIX
-    if is_cut.any():
+    if CUTMIX in present:
+        is_cut = method == CUTMIX
         sampled = draws.lam_cutmix
         box = np.where(is_cut[:, None], cutmix_boxes(sampled, draws.box_u, spatial_shape,
                                                      config.box_placement), 0)
@@ -375,26 +390,26 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     for code, make_boxes in ((RESIZEMIX, lambda: resizemix_boxes(
             draws.scale_u, draws.box_u, spatial_shape, config.resizemix_scale)),
             (SALIENCYMIX, lambda: saliencymix_sizes(draws.lam_saliencymix, spatial_shape))):
-        chosen = method == code
-        if chosen.any():
+        if code in present:
+            chosen = method == code
             box = np.where(chosen[:, None], make_boxes(), box)
             realised = box_lam(box, spatial_shape)
             if code == SALIENCYMIX and not config.correct_lam:
                 realised = draws.lam_saliencymix
             lam = np.where(chosen, realised, lam)
-    is_smooth = method == SMOOTHMIX
-    if is_smooth.any():
+    if SMOOTHMIX in present:
+        is_smooth = method == SMOOTHMIX
         smooth = np.where(is_smooth[:, None],
                           smoothmix_shapes(draws.scale_u, draws.box_u, spatial_shape, config), 0.0)
         lam[is_smooth] = smoothmix_lam(smooth[is_smooth], spatial_shape)
-    is_grid = method == GRIDMIX
-    if is_grid.any():
+    if GRIDMIX in present:
+        is_grid = method == GRIDMIX
         grid = np.where(is_grid[:, None], gridmix_cells(draws.scale_u, draws.cells_u, config), 0)
         lam[is_grid] = gridmix_lam(grid[is_grid], spatial_shape)
 
     mask = keys = ranks = None
-    is_fmix = method == FMIX
-    if is_fmix.any():
+    if FMIX in present:
+        is_fmix = method == FMIX
         n_pix = fmix.n_pixels(spatial_shape)
         k, lo, hi = fmix.rank_bounds(draws.lam_fmix, n_pix, draws.round_up_u < 0.5,
                                      config.max_soft)
@@ -427,7 +442,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         if mask is None:
             mask = host
         elif not on_host:  # FMix masks made on the GPU: add these to them
-            used = np.flatnonzero(is_smooth | is_grid)
+            used = np.flatnonzero((method == SMOOTHMIX) | (method == GRIDMIX))
             mask[used] = _array_module(mask).asarray(host[used])
     if units != batch_size:  # mode "batch": one unit for every sample
         method = np.repeat(method, batch_size)

@@ -274,6 +274,7 @@ class RecordingLauncher:
         self.launches: list = []
         self.uploads: list = []
         self._names = {}
+        self._buffers = {}
 
     def device_key(self) -> str:
         return "recorded"
@@ -290,7 +291,13 @@ class RecordingLauncher:
         return DeviceArray.on_host(host)
 
     def empty(self, shape, dtype) -> DeviceArray:
-        return DeviceArray.on_host(np.zeros(shape, dtype))
+        """A host buffer kept per shape and dtype (never read), as a device
+        pool hands back its blocks: a fresh host allocation of a batch's
+        masks would time the host's memory, not the path."""
+        key = (tuple(np.atleast_1d(shape).tolist()), np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = np.zeros(shape, dtype)
+        return DeviceArray.on_host(self._buffers[key])
 
     def fmix_masks(self, rows, shape, stream):
         """Recorded as one step (the normals kernel, cuFFT and the selection)."""

@@ -100,7 +100,10 @@ def peaks(maps, spatial_shape, xp=np):
 
 def unplaced(method, box) -> np.ndarray:
     """Indices of the SaliencyMix rows whose box is not placed yet."""
-    return np.flatnonzero((np.asarray(method) == SALIENCYMIX) & (np.asarray(box)[:, 0] < 0))
+    method = np.asarray(method)
+    if SALIENCYMIX not in set(method.tolist()):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero((method == SALIENCYMIX) & (np.asarray(box)[:, 0] < 0))
 
 
 def _fine_grained_peaks(images, layout, samples, spatial_shape):
@@ -170,6 +173,8 @@ def place_boxes(images, params, layout: str, method: str = "spectral_residual", 
 def place_rows(images, rows: np.ndarray, layout: str, method: str = "spectral_residual") -> None:
     """:func:`place_boxes` on a host params table, in place; ``images`` a
     NumPy batch or a sequence of its samples."""
+    if not table.uses(rows, SALIENCYMIX):
+        return
     todo = unplaced(rows[:, table.METHOD], rows[:, table.Y0:table.X1 + 1])
     if todo.size == 0:
         return
@@ -225,6 +230,8 @@ def place_device_rows(images, device_rows, host_rows, layout: str, stream: int, 
     (default: the launcher's upload to ``device``, on torch's stream)."""
     from gpumix import runtime
 
+    if not table.uses(host_rows, SALIENCYMIX):
+        return
     todo = unplaced(host_rows[:, table.METHOD], host_rows[:, table.Y0:table.X1 + 1])
     if todo.size == 0:
         return

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from gpumix import mixing, runtime, saliency
-from gpumix.config import MixConfig
+from gpumix.config import SALIENCYMIX, MixConfig
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
 from gpumix.params import as_numpy_generator, draw, params_from_draws, to_table
@@ -333,7 +333,8 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
 
 
 def _handoff_cpu(images, rows, mean32, inv_std32, chw, shape, dtype):
-    if saliency.unplaced(rows[:, table.METHOD], rows[:, table.Y0:table.X1 + 1]).size:
+    if table.uses(rows, SALIENCYMIX) and saliency.unplaced(
+            rows[:, table.METHOD], rows[:, table.Y0:table.X1 + 1]).size:
         rows = rows.copy()  # the caller's table stays as it was
         saliency.place_rows(images, rows, "NHWC")
     masks = mixing.masks_from_table(rows, images.shape[1:3])

@@ -170,5 +170,4 @@ cuda_kernel = LazyCudaKernel(_masks_cuda)
 
 def uses_shape_masks(rows) -> bool:
     """Whether a host table has a SmoothMix or GridMix row."""
-    method = np.asarray(rows)[:, table.METHOD]
-    return bool(np.any((method == SMOOTHMIX) | (method == GRIDMIX)))
+    return table.uses(rows, SMOOTHMIX, GRIDMIX)

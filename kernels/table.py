@@ -37,6 +37,8 @@ Every value is exact in float64: integers stay below 2^53 (user-space
 addresses below 2^48), lams are float32 values.
 """
 
+from numba import njit
+
 COLUMNS = ("label", "pair", "lam", "method", "y0", "y1", "x0", "x1", "key_high", "key_low",
            "rank_low", "rank_high", "decay_power", "reference", "height", "width",
            "partner_address", "own_address", "error_address", "centre_y", "centre_x", "sigma_y",
@@ -47,3 +49,21 @@ COLUMNS = ("label", "pair", "lam", "method", "y0", "y1", "x0", "x1", "key_high",
  SIGMA_Y, SIGMA_X, SQUARE, GRID, CELLS_LOW, CELLS_HIGH, BILINEAR) = range(len(COLUMNS))
 
 N_COLUMNS = len(COLUMNS)
+
+
+@njit(cache=True, nogil=True)
+def method_bits(rows):
+    """Bit m set when some row's method is m: what a host path asks of a table
+    (does it need masks, boxes placed, ...) in one pass, not one per question."""
+    bits = 0
+    for i in range(rows.shape[0]):
+        bits |= 1 << int(rows[i, METHOD])
+    return bits
+
+
+def uses(rows, *methods) -> bool:
+    """Whether some row of a host table uses one of the method codes ``methods``."""
+    wanted = 0
+    for m in methods:
+        wanted |= 1 << m
+    return bool(method_bits(rows) & wanted)
