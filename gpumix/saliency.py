@@ -16,8 +16,9 @@ reflect-101 borders, in the order OpenCV's ``StaticSaliencySpectralResidual``
 uses (it blurs the magnitude, then squares; the paper writes the square
 first), so on the same thumbnail the maps agree with OpenCV's to within its
 fast-atan phase error. The published SaliencyMix code used OpenCV's
-fine-grained saliency instead: ``saliency="fine_grained"`` (CPU, needs
-opencv-contrib-python-headless) computes that on the full-size grey image.
+fine-grained saliency instead: ``saliencymix_saliency="fine_grained"`` (CPU
+front doors only; needs opencv-contrib-python-headless) computes that on the
+full-size grey image (float images stretched to 0..255 first).
 
 The peak is the arg-max of S (first in row-major order), mapped to the image
 as the pixel under the thumbnail pixel's centre. The box keeps the size the
@@ -114,6 +115,10 @@ def _fine_grained_peaks(images, layout, samples, spatial_shape):
         raise ImportError("saliency='fine_grained' needs OpenCV's contrib modules: pip install "
                           "opencv-contrib-python-headless") from error
     grey = thumbs_kernel.grey_images(images, layout, samples)
+    if images.dtype != np.uint8:  # OpenCV's detector takes 0..255 bytes
+        low = grey.min(axis=(1, 2), keepdims=True)
+        span = grey.max(axis=(1, 2), keepdims=True) - low
+        grey = (grey - low) * (255 / np.where(span > 0, span, 1))
     detector = cv2.saliency.StaticSaliencyFineGrained_create()
     maps = []
     for g in grey:
@@ -154,14 +159,15 @@ def place_boxes(images, params, layout: str, method: str = "spectral_residual", 
         return params
     partners = params.pair[todo]
     if hasattr(images, "__cuda_array_interface__") and not isinstance(images, np.ndarray):
+        import cupy as cp
+
         from gpumix import runtime
-        from gpumix.kernels._launch import StreamHandle, cupy_stream, upload_many
+        from gpumix.kernels._launch import cupy_stream, upload_many
 
         with cupy_stream(stream):
             (partners_dev,) = upload_many([(partners, np.int64)], stream)
-            handle = StreamHandle(stream).ptr if stream is not None else \
-                __import__("cupy").cuda.get_current_stream().ptr
-            centres = device_peaks(images, layout, runtime.DeviceArray.of(partners_dev), handle,
+            centres = device_peaks(images, layout, runtime.DeviceArray.of(partners_dev),
+                                   cp.cuda.get_current_stream().ptr,
                                    runtime.active_launcher()).owner.get()
     else:
         centres = host_centres(np.asarray(images), layout, partners, method)
