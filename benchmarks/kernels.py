@@ -155,14 +155,14 @@ def bench_fmix(batch: int, size: int, repeats: int) -> list[dict]:
              "published_median_s": loop["median_s"], "speedup_vs_published": speedup}]
 
 
-def bench_more_methods(batch: int, size: int, repeats: int) -> list[dict]:
+def bench_more_methods(batch: int, size: int, repeats: int, dtypes=(np.uint8, np.float32)):
     import gpumix
     from gpumix import saliency
 
     rows = []
     rng = np.random.default_rng(0)
     shape = (size, size)
-    for dtype in (np.uint8, np.float32):
+    for dtype in dtypes:
         x = rng.integers(0, 256, (batch, 3, size, size)).astype(dtype)
         out = np.empty_like(x)
         cutmix = gpumix.sample(gpumix.MixConfig(mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem"),
@@ -246,7 +246,8 @@ def main(argv=None) -> dict:
     rows = (bench_cpu_kernels(args.batch_size, args.size, args.repeats)
             + bench_against_timm(args.batch_size, args.size, args.repeats)
             + bench_fmix(args.batch_size, args.size, args.repeats)
-            + bench_more_methods(args.batch_size, args.size, args.repeats))
+            + bench_more_methods(args.batch_size, args.size, args.repeats,
+                                 (np.uint8,) if args.quick else (np.uint8, np.float32)))
     settings = {"batch_size": args.batch_size, "size": args.size, "repeats": args.repeats,
                 "device": "cpu"}
     return write_report(rows, settings, args.json, format_table(rows))
