@@ -15,13 +15,13 @@ For torch training code use :class:`gpumix.torch.Mixup` (timm's arguments).
 
 from gpumix.config import (CUTMIX, FMIX, GRIDMIX, METHODS, MIXUP, NONE, RESIZEMIX, SALIENCYMIX,
                            SMOOTHMIX, MixConfig)
-from gpumix.mixing import mix_dense, mix_images, soft_targets
+from gpumix.mixing import mix_dense, mix_images, mix_targets, soft_targets
 from gpumix.params import Draws, MixParams, draw, params_from_draws, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MixConfig", "MixParams", "Draws", "draw", "params_from_draws", "sample",
-    "mix_images", "mix_dense", "soft_targets", "METHODS", "NONE", "MIXUP", "CUTMIX", "FMIX",
+    "mix_images", "mix_dense", "mix_targets", "soft_targets", "METHODS", "NONE", "MIXUP", "CUTMIX", "FMIX",
     "RESIZEMIX", "SMOOTHMIX", "GRIDMIX", "SALIENCYMIX",
 ]

@@ -1,6 +1,9 @@
 """MixConfig: every mixing option, validated once (docs/semantics.md,
 "Granularity, probability and the choice of method" and "Errors").
 
+``mixup_lam``: a fixed MixUp lam instead of the Beta draw (Midpoint Mixup:
+0.5); MixUp still needs ``mixup_alpha > 0`` to be on.
+
 Option names follow timm's ``Mixup`` (mixup_alpha, cutmix_alpha,
 cutmix_minmax, prob, switch_prob, mode, correct_lam, label_smoothing,
 num_classes) plus FMix's (fmix_alpha, decay_power, max_soft, reformulate),
@@ -87,6 +90,7 @@ class MixConfig:
     """Validated mixing options; see the module docstring for their meaning."""
 
     mixup_alpha: float = 1.0
+    mixup_lam: float | None = None
     cutmix_alpha: float = 0.0
     cutmix_minmax: tuple[float, float] | None = None
     fmix_alpha: float = 0.0
@@ -113,6 +117,8 @@ class MixConfig:
     saliencymix_saliency: str = "spectral_residual"
 
     def __post_init__(self):
+        if self.mixup_lam is not None:
+            _check_number("mixup_lam", self.mixup_lam, 0.0, 1.0)
         for name in ALPHA_OF.values():
             _check_number(name, getattr(self, name), 0.0)
         _check_number("prob", self.prob, 0.0, 1.0)

@@ -5,7 +5,8 @@ Numba CUDA kernels, on the stream given, with no copy to the host).
 
     mix_images(images, params, layout)   every method per sample
     mix_dense(dense, params, layout)     the same boxes/masks, pasted only
-    soft_targets(labels, params, K, s)   float32 (B, K)
+    soft_targets(labels, params, K, s)   float32 (B, K) from class ids
+    mix_targets(targets, params, ...)    dense, multi-label or regression targets
     reference_mix_images / reference_mix_dense / reference_soft_targets
                                          the NumPy oracle, from gpumix.kernels
     launch_table_mix(x, out, rows, ...)  every method (and the targets) in one
@@ -299,6 +300,62 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
         return out
     labels = check_labels(labels, params.batch_size, num_classes)
     return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)
+
+
+def check_dense_targets(targets, batch_size: int, name: str = "targets") -> None:
+    """TypeError / ValueError unless ``targets`` is a float (B,) or (B, D) array."""
+    kind = numpy_dtype(targets.dtype)
+    if kind is None or kind.kind != "f":
+        raise TypeError(f"{name} must be floating point (dense, multi-label or regression "
+                        f"targets; class ids go through soft_targets), got dtype {targets.dtype}")
+    if len(targets.shape) not in (1, 2) or targets.shape[0] != batch_size:
+        raise ValueError(f"{name} must have shape ({batch_size},) or ({batch_size}, D), got "
+                         f"{tuple(targets.shape)}")
+
+
+def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=None, out=None,
+                stream=None):
+    """Mix dense targets with the pixels' lam: soft or distilled probabilities
+    (B, K), multi-label 0/1 targets (B, K), regression values (B,) or (B, D).
+
+        y[i]   = targets[i] * (1 - smoothing) + smoothing * toward   (smoothing first)
+        out[i] = lam[i] * y[i] + (1 - lam[i]) * y[pair[i]]            (float32, MixUp's blend)
+
+    ``toward``: where smoothing pulls, 1 / K for probabilities (rows keep
+    summing to 1), 0.5 for multi-label targets (timm's ``multi_label``);
+    needed only with ``smoothing``. NumPy arrays run the CPU blend kernel,
+    CUDA arrays the CUDA one on ``stream`` (pair and lam go up in one pinned
+    copy). Returns float32 ``out`` of the targets' shape."""
+    check_dense_targets(targets, params.batch_size)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if smoothing and toward is None:
+        raise ValueError("smoothing needs toward= (1 / K for probabilities, 0.5 multi-label)")
+    keep, pull = np.float32(1.0 - smoothing), np.float32(smoothing * (toward or 0.0))
+    b = params.batch_size
+    shape = tuple(targets.shape)
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    if is_cuda_array(targets):
+        import cupy as cp
+
+        with cupy_stream(stream):
+            y = as_cupy(targets).astype(cp.float32)
+            if smoothing:
+                y = y * keep + pull
+            if out is None:
+                out = cp.empty(shape, cp.float32)
+            pair, lam, samples = upload_many([(params.pair, np.int64), (params.lam, np.float32),
+                                              (np.arange(b), np.int64)], stream)
+        blend.cuda(y.reshape(b, 1, width), pair, lam, samples,
+                   out=as_cupy(out).reshape(b, 1, width), stream=stream)
+        return out
+    y = np.asarray(targets, np.float32)
+    if smoothing:
+        y = y * keep + pull
+    out = np.empty(shape, np.float32) if out is None else out
+    blend.cpu(np.ascontiguousarray(y).reshape(b, 1, width), params.pair, params.lam,
+              np.arange(b), out=out.reshape(b, 1, width))
+    return out
 
 
 # ------------------------------------------------------- the params table

@@ -375,7 +375,8 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     present = set(method.tolist())  # each method's block runs only when a unit uses it
     lam = np.ones(units, np.float64)
     if MIXUP in present:
-        lam = np.where(method == MIXUP, draws.lam_mixup, lam)
+        fixed = config.mixup_lam
+        lam = np.where(method == MIXUP, draws.lam_mixup if fixed is None else fixed, lam)
 
     box = np.zeros((units, 4), np.int64)
     if CUTMIX in present:
@@ -488,17 +489,19 @@ def _array_module(a):
 
 
 def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
-             own_address=None, error_address: int = 0) -> np.ndarray:
+             own_address=None, error_address: int = 0, label_lam=None) -> np.ndarray:
     """The params table (B, N_COLUMNS) float64 of gpumix.kernels.table
     (``labels``: class ids, 0 when not given).
     ``own_address`` (int64 per sample, CPU pipelines): the samples' pixel
-    addresses, written as each row's own and partner address."""
+    addresses, written as each row's own and partner address. ``label_lam``
+    (B,): the targets' weights when they are not lam."""
     b = params.batch_size
     out = np.zeros((b, table.N_COLUMNS), np.float64)
     if labels is not None:
         out[:, table.LABEL] = labels
     out[:, table.PAIR] = params.pair
     out[:, table.LAM] = params.lam
+    out[:, table.LABEL_LAM] = params.lam if label_lam is None else label_lam
     out[:, table.METHOD] = params.method
     out[:, table.Y0:table.X1 + 1] = params.box
     if params.fmix_keys is not None:

@@ -37,6 +37,21 @@ new tensor is returned and ``x`` is untouched. The parameters of the last
 call are kept in ``last_params`` for inspection (on CUDA its SaliencyMix
 boxes are the unplaced sizes: they are placed on the device).
 
+Targets. ``target`` may be class ids (B,) (the soft targets of
+docs/semantics.md), or, with ``targets=``: "dense" float (B, K) probabilities
+(soft, one-hot or distilled; smoothed towards 1/K, then mixed with lam),
+"multi_label" 0/1 (B, K) (timm's ``multi_label=True``: smoothed towards 0.5;
+``multi_label=True`` is accepted too), "regression" float (B,) or (B, D)
+values (mixed linearly, never smoothed); "auto" (default) takes integer
+targets as class ids and float (B, K) ones as "dense". ``split_targets=True``
+returns ``(y_a, y_b, lam)`` instead of mixed targets (the targets as given,
+their partners', each sample's label weight), for losses mixed per term.
+``label_lam``: the label weight as a function of the pixels' lam (an
+array-to-array callable) or a fixed number; ``mixup_lam=0.5`` fixes
+MixUp's own lam (Midpoint Mixup). On CUDA class ids take the one-launch
+path; the other kinds take one more launch (the blend kernel), and split
+class ids are not range-checked there.
+
 Randomness: one NumPy generator per module, seeded by ``seed`` (or drawn
 from ``generator``, a torch.Generator); the same seed gives the same
 sequence of batches.
@@ -50,7 +65,8 @@ import numpy as np
 import torch
 
 from gpumix import mixing, runtime, saliency
-from gpumix.config import SALIENCYMIX, MixConfig
+from gpumix.config import SALIENCYMIX, MixConfig, _check_choice as check_choice, \
+    _check_number as check_number
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
 from gpumix.params import as_numpy_generator, draw, params_from_draws, to_table
@@ -82,6 +98,9 @@ def _layout_view(x: torch.Tensor):
     raise ValueError("x must be contiguous (NCHW) or channels_last; call .contiguous() first")
 
 
+TARGET_KINDS = ("auto", "classes", "dense", "multi_label", "regression")
+
+
 def _cuda_stream() -> StreamHandle:
     return StreamHandle(torch.cuda.current_stream().cuda_stream)
 
@@ -94,9 +113,18 @@ class Mixup:
                  num_classes=1000, *, fmix_alpha=0.0, decay_power=3.0, max_soft=0.0,
                  reformulate=False, reference_compatible=False, pairing="flip",
                  box_placement="clip", method_weights=None, inplace=True, seed=None,
-                 generator=None, **method_options):
+                 generator=None, multi_label=False, targets="auto", split_targets=False,
+                 label_lam=None, **method_options):
         if mode == "pair":
             raise ValueError("mode 'pair' is not supported; use 'batch' or 'elem'")
+        check_choice("targets", targets, TARGET_KINDS)
+        if multi_label and targets not in ("auto", "multi_label"):
+            raise ValueError(f"multi_label=True means targets='multi_label', got {targets!r}")
+        self.target_kind = "multi_label" if multi_label else targets
+        self.split_targets = split_targets
+        if label_lam is not None and not callable(label_lam):
+            check_number("label_lam", label_lam, 0.0, 1.0)
+        self.label_lam = label_lam
         self.config = MixConfig(
             mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,
             fmix_alpha=fmix_alpha, prob=prob, switch_prob=switch_prob,
@@ -139,17 +167,52 @@ class Mixup:
         return params_from_draws(config, spatial_shape, draws, batch_size,
                                  make_masks=not on_cuda)
 
+    def _kind_of(self, target: torch.Tensor, batch_size: int) -> str:
+        """What ``target`` holds ("classes", "dense", "multi_label" or
+        "regression"), checked against its dtype and shape."""
+        k = self.config.num_classes
+        kind = self.target_kind
+        floating = target.dtype.is_floating_point
+        if kind == "auto":
+            if not floating:
+                kind = "classes"
+            elif target.dim() == 2 and target.shape[1] == k:
+                kind = "dense"
+            else:
+                raise ValueError(f"target: float targets of shape {tuple(target.shape)} are "
+                                 f"neither class ids nor ({batch_size}, {k}) probabilities; "
+                                 f"pass targets='regression' to mix them as values")
+        if kind == "classes":
+            if target.dim() != 1 or target.shape[0] != batch_size:
+                raise ValueError(f"target must be class ids of shape ({batch_size},), "
+                                 f"got {tuple(target.shape)}")
+            if floating or target.dtype == torch.bool:
+                raise TypeError(f"target must be integer class ids, got {target.dtype}")
+        elif kind in ("dense", "multi_label"):
+            if not floating or tuple(target.shape) != (batch_size, k):
+                raise ValueError(f"target must be float ({batch_size}, {k}) for "
+                                 f"targets={kind!r}, got {target.dtype} {tuple(target.shape)}")
+        elif not floating or target.dim() not in (1, 2) or target.shape[0] != batch_size:
+            raise ValueError(f"target must be float ({batch_size},) or ({batch_size}, D) for "
+                             f"targets='regression', got {target.dtype} {tuple(target.shape)}")
+        return kind
+
+    def _label_weights(self, lam: np.ndarray) -> np.ndarray:
+        """The targets' weight of the primary: lam, or label_lam of it."""
+        if self.label_lam is None:
+            return lam
+        if callable(self.label_lam):
+            return np.broadcast_to(np.asarray(self.label_lam(lam.copy()), np.float32),
+                                   lam.shape).copy()
+        return np.full(lam.shape, self.label_lam, np.float32)
+
     def __call__(self, x: torch.Tensor, target: torch.Tensor):
         if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError("x and target must be torch tensors")
         if x.requires_grad:
             raise ValueError("x must not require grad: mixing is a data transform")
         view, layout = _layout_view(x)
-        if target.dim() != 1 or target.shape[0] != x.shape[0]:
-            raise ValueError(f"target must be class ids of shape ({x.shape[0]},), "
-                             f"got {tuple(target.shape)}")
-        if target.dtype.is_floating_point or target.dtype == torch.bool:
-            raise TypeError(f"target must be integer class ids, got {target.dtype}")
+        kind = self._kind_of(target, x.shape[0])
         if target.device != x.device:
             raise ValueError(f"target is on {target.device} but x on {x.device}")
         h, w = mixing.check_images(view, layout, "x")
@@ -158,17 +221,50 @@ class Mixup:
             params = saliency.place_boxes(view.numpy(), params, layout,
                                           self.config.saliencymix_saliency)
         self.last_params = params
+        label_params = params if self.label_lam is None else dataclasses.replace(
+            params, lam=self._label_weights(params.lam))
         if x.is_cuda:
-            return self._call_cuda(x, view, layout, (h, w), target, params)
+            return self._call_cuda(x, view, layout, (h, w), target, params, kind, label_params)
         # Targets first: their label check fails before x is written in place.
-        targets = mixing.soft_targets(target.numpy(), params, self.config.num_classes,
-                                      self.config.label_smoothing)
+        targets = self._targets_cpu(target, kind, label_params)
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
         source = view.numpy()
         mixing.mix_images(source, params, layout, out=source if self.inplace else out_view.numpy(),
                           scratch=self._scratch_like(source) if self.inplace else None)
-        return out, torch.from_numpy(targets)
+        return out, targets
+
+    def _smoothing(self, kind: str):
+        """(smoothing, toward) for dense kinds: probabilities keep summing to 1,
+        multi-label targets move towards 0.5 (timm), values are not smoothed."""
+        s = self.config.label_smoothing
+        if kind == "dense":
+            return s, 1.0 / self.config.num_classes
+        if kind == "multi_label":
+            return s, 0.5
+        return 0.0, None
+
+    def _split(self, target: torch.Tensor, label_params):
+        """(y_a, y_b, lam): the targets as given, their partners', the label weights."""
+        pair = torch.from_numpy(label_params.pair)
+        lam = torch.from_numpy(np.ascontiguousarray(label_params.lam, np.float32))
+        if target.is_cuda:  # pinned, then non-blocking: no wait for the device
+            pair = pair.pin_memory().to(target.device, non_blocking=True)
+            lam = lam.pin_memory().to(target.device, non_blocking=True)
+        return target, target.index_select(0, pair), lam
+
+    def _targets_cpu(self, target: torch.Tensor, kind: str, label_params):
+        if self.split_targets:
+            if kind == "classes":
+                mixing.check_labels(target.numpy(), target.shape[0], self.config.num_classes)
+            return self._split(target, label_params)
+        if kind == "classes":
+            return torch.from_numpy(mixing.soft_targets(
+                target.numpy(), label_params, self.config.num_classes,
+                self.config.label_smoothing))
+        smoothing, toward = self._smoothing(kind)
+        return torch.from_numpy(mixing.mix_targets(target.numpy(), label_params,
+                                                   smoothing=smoothing, toward=toward))
 
     def _scratch_like(self, array: np.ndarray) -> np.ndarray:
         scratch = self._scratch
@@ -176,17 +272,19 @@ class Mixup:
             scratch = self._scratch = np.empty_like(array)
         return scratch
 
-    def _call_cuda(self, x, view, layout, spatial_shape, target, params):
-        """One pinned upload of the table, one launch (after the masks with FMix)."""
+    def _call_cuda(self, x, view, layout, spatial_shape, target, params, kind, label_params):
+        """One pinned upload of the table, one launch (after the masks with FMix)
+        that writes class-id targets too; other targets take one more launch."""
         self._raise_label_error()  # a bad label met by an earlier call
         launcher = runtime.active_launcher()
         if self._label_flag is None:
             self._label_flag = launcher.flag()
             self._label_flag_view = runtime.DeviceArray.on_host(self._label_flag)
         b = x.shape[0]
-        rows = to_table(params, spatial_shape, self.config)
-        targets = torch.empty((b, self.config.num_classes), dtype=torch.float32,
-                              device=x.device)
+        rows = to_table(params, spatial_shape, self.config, label_lam=label_params.lam)
+        with_labels = kind == "classes" and not self.split_targets
+        targets = torch.empty((b, self.config.num_classes) if with_labels else (0, 1),
+                              dtype=torch.float32, device=x.device)
         out = x if self.inplace else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
         by_pairs = self.inplace and not self.config.on("resizemix") and (
@@ -200,13 +298,22 @@ class Mixup:
                     view, memory_format=torch.contiguous_format)
             scratch.copy_(view)
             source = scratch
+        labels = target if with_labels else torch.zeros(1, dtype=torch.int64, device=x.device)
         masks = mix_cuda(runtime.DeviceArray.of(source), runtime.DeviceArray.of(out_view),
-                         rows, params, layout, runtime.DeviceArray.of(target),
+                         rows, params, layout, runtime.DeviceArray.of(labels),
                          runtime.DeviceArray.of(targets), self._label_flag_view, self.config,
                          by_pairs, _cuda_stream().ptr, x.device, launcher)
         if masks is not None:
             self.last_params = dataclasses.replace(params, mask=masks.owner)
-        return out, targets
+        if with_labels:
+            return out, targets
+        if self.split_targets:
+            return out, self._split(target, label_params)
+        smoothing, toward = self._smoothing(kind)
+        mixed = torch.empty(tuple(target.shape), dtype=torch.float32, device=x.device)
+        mixing.mix_targets(target, label_params, smoothing=smoothing, toward=toward, out=mixed,
+                           stream=_cuda_stream())
+        return out, mixed
 
 
 def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pairs, stream,

@@ -13,7 +13,8 @@ kernels._launch). Sample i takes from its partner j = pair[i]:
 
 with the per-element functions of kernels._element, so the values equal the
 per-method kernels'. Targets (rows B .. 2B of the launch, when given):
-``targets[i] = lam * onehot_s(y_i) + (1 - lam) * onehot_s(y_j)``
+``targets[i] = w * onehot_s(y_i) + (1 - w) * onehot_s(y_j)`` with w the row's
+label_lam (lam unless mapped)
 (kernels/soft_targets.py); a label outside [0, K) sets ``error[0] = 1`` and
 makes that row NaN, so a bad label is never silently trained on.
 
@@ -132,7 +133,7 @@ def _table_mix_cuda(x, out, rows, masks, labels, targets, error, height, cstride
             i = row - image_rows
             y_i = int64(labels[i])
             y_j = int64(labels[int64(rows[i, table.PAIR])])
-            lam = float32(rows[i, table.LAM])
+            lam = float32(rows[i, table.LABEL_LAM])
             bad = y_i < 0 or y_i >= n_classes or y_j < 0 or y_j >= n_classes
             if bad and col_start == 0:
                 error[0] = 1

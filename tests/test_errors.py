@@ -82,7 +82,7 @@ def test_mixup_on_dense_maps_is_refused():
 TORCH_ERRORS = [
     (lambda m: m(torch.zeros(2, 3, 4, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.long)),
      TypeError, "dtype"),
-    (lambda m: m(torch.zeros(2, 3, 4, 4), torch.zeros(2)), TypeError, "integer"),
+    (lambda m: m(torch.zeros(2, 3, 4, 4), torch.zeros(2)), ValueError, "neither class ids"),
     (lambda m: m(torch.zeros(2, 3, 4, 4), torch.zeros(3, dtype=torch.long)), ValueError, "shape"),
     (lambda m: m(torch.zeros(2, 3, 4, 4), torch.tensor([0, 10])), ValueError, r"\[0, 10\)"),
     (lambda m: m(torch.zeros(3, 4, 4), torch.zeros(3, dtype=torch.long)), ValueError, "4-D"),

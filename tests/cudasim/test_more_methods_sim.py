@@ -133,3 +133,21 @@ def test_saliency_thumbnails_and_placement_equal_their_cpu_twins():
     thumbs.place_kernel.kernel[1, 4](rows, todo, centres, 21, 30)
     np.testing.assert_array_equal(rows[todo, table.Y0:table.X1 + 1],
                                   thumbs.boxes_at(centres, sizes, (21, 30)))
+
+
+def test_table_mix_targets_use_the_label_lam_column():
+    rng = np.random.default_rng(25)
+    images, params, _, labels = batch_and_table(rng, b=6, pairing="roll")
+    config = gpumix.MixConfig(pairing="roll", **MORE)
+    label_lam = (params.lam ** 2).astype(np.float32)
+    rows = to_table(params, images.shape[1:3], config, labels, label_lam=label_lam)
+    view = row_view(images.copy(), "NHWC")
+    targets = np.zeros((6, 4), np.float32)
+    table_mix.cuda_kernel.kernel[GRID, BLOCK](
+        view.rows, np.zeros_like(view.rows), rows, params.mask, labels, targets,
+        np.zeros(1, np.int32), view.height, view.cstride, True, False, np.float32(0),
+        np.float32(1))
+    relabelled = mixing.MixParams(pair=params.pair, lam=label_lam, method=params.method,
+                                  box=params.box)
+    np.testing.assert_allclose(targets, mixing.reference_soft_targets(labels, relabelled, 4, 0.0),
+                               rtol=0, atol=1e-7)

@@ -1,0 +1,160 @@
+"""Targets beyond class ids (issue 16, first part): dense probabilities,
+timm's multi-label targets, regression values, (y_a, y_b, lam) for losses
+mixed per term, a label weight apart from the pixels' lam, and a fixed MixUp
+lam. References: timm's ``mixup_target``, the class-id soft targets, and the
+formulas evaluated here."""
+
+import numpy as np
+import pytest
+import torch
+from timm.data.mixup import mixup_target
+
+import gpumix
+from gpumix import mixing
+from gpumix.config import MIXUP, MixConfig
+from gpumix.torch import Mixup
+
+K = 10
+
+
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_multi_label_targets_equal_timms(mode, smoothing):
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 12, 12), (torch.rand(8, K) < 0.3).float()
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, multi_label=True,
+                  label_smoothing=smoothing, mode=mode, seed=1)
+    _, targets = mixup(x, y)
+    lam = torch.from_numpy(mixup.last_params.lam.astype(np.float32))
+    lam = float(lam[0]) if mode == "batch" else lam[:, None]  # timm's scalar or column
+    expected = mixup_target(y, K, lam=lam, smoothing=smoothing, multi_label=True)
+    torch.testing.assert_close(targets, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_dense_one_hot_targets_equal_the_class_id_targets(smoothing):
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    one_hot = torch.nn.functional.one_hot(y, K).float()
+    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, label_smoothing=smoothing,
+                   mode="elem")
+    x = torch.rand(7, 3, 10, 10)
+    _, from_ids = Mixup(seed=2, **options)(x.clone(), y)
+    _, from_dense = Mixup(seed=2, **options)(x.clone(), one_hot)
+    torch.testing.assert_close(from_dense, from_ids, rtol=0, atol=1e-6)
+
+
+def test_dense_probabilities_stay_probabilities():
+    rng = np.random.default_rng(3)
+    probabilities = rng.dirichlet(np.ones(K), 9).astype(np.float32)
+    params = gpumix.sample(MixConfig(mode="elem", num_classes=K), 9, (4, 4), rng)
+    mixed = gpumix.mix_targets(probabilities, params, smoothing=0.2, toward=1 / K)
+    np.testing.assert_allclose(mixed.sum(axis=1), 1.0, atol=1e-6)
+    smoothed = probabilities * 0.8 + 0.02
+    lam = params.lam[:, None]
+    np.testing.assert_allclose(mixed, lam * smoothed + (1 - lam) * smoothed[params.pair],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 3)])
+def test_regression_targets_mix_linearly_and_are_never_smoothed(shape):
+    values = torch.from_numpy(np.random.default_rng(4).normal(size=shape).astype(np.float32))
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, targets="regression",
+                  label_smoothing=0.1, mode="elem", seed=5)
+    _, mixed = mixup(torch.rand(6, 3, 8, 8), values)
+    p = mixup.last_params
+    lam = p.lam.reshape((-1,) + (1,) * (len(shape) - 1))
+    expected = lam * values.numpy() + (1 - lam) * values.numpy()[p.pair]
+    np.testing.assert_allclose(mixed.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["classes", "dense"])
+def test_split_targets_recombine_into_the_mixed_ones(target):
+    y = torch.tensor([0, 2, 2, 7, 5])
+    y_in = y if target == "classes" else torch.nn.functional.one_hot(y, K).float()
+    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, label_smoothing=0.0,
+                   mode="elem", pairing="permutation")
+    x = torch.rand(5, 3, 9, 9)
+    _, (y_a, y_b, lam) = Mixup(seed=6, split_targets=True, **options)(x.clone(), y_in)
+    mixup = Mixup(seed=6, **options)
+    _, mixed = mixup(x.clone(), y_in)
+    assert torch.equal(y_a, y_in) and torch.equal(y_b, y_in[mixup.last_params.pair])
+    np.testing.assert_array_equal(lam.numpy(), mixup.last_params.lam)
+    one_hot = lambda t: torch.nn.functional.one_hot(t, K).float() if t.dim() == 1 else t  # noqa: E731
+    recombined = lam[:, None] * one_hot(y_a) + (1 - lam[:, None]) * one_hot(y_b)
+    torch.testing.assert_close(recombined, mixed, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("label_lam", [0.5, lambda lam: lam ** 2])
+def test_label_lam_weighs_the_labels_not_the_pixels(label_lam):
+    options = dict(mixup_alpha=1.0, num_classes=K, label_smoothing=0.0, mode="elem",
+                   pairing="roll")
+    x, y = torch.rand(6, 3, 8, 8), torch.arange(6)
+    plain = Mixup(seed=7, **options)
+    mixed_x, _ = plain(x.clone(), y)
+    mapped = Mixup(seed=7, label_lam=label_lam, **options)
+    mapped_x, targets = mapped(x.clone(), y)
+    torch.testing.assert_close(mapped_x, mixed_x, rtol=0, atol=0)  # pixels as before
+    lam = mapped.last_params.lam
+    weight = np.full(6, 0.5) if label_lam == 0.5 else lam ** 2
+    np.testing.assert_allclose(targets.numpy()[np.arange(6), y.numpy()], weight, atol=1e-6)
+
+
+def test_midpoint_mixup_fixes_lam():
+    params = gpumix.sample(MixConfig(mixup_alpha=1.0, mixup_lam=0.5, mode="elem"), 50, (4, 4), 8)
+    assert set(params.method.tolist()) == {MIXUP}
+    np.testing.assert_array_equal(params.lam, np.float32(0.5))
+
+
+@pytest.mark.parametrize("options,target,error,match", [
+    (dict(), torch.rand(4, 3), ValueError, "targets='regression'"),
+    (dict(targets="regression"), torch.arange(4), ValueError, "float"),
+    (dict(targets="dense"), torch.rand(4, K + 1), ValueError, r"float \(4, 10\)"),
+    (dict(multi_label=True), torch.rand(4, 3), ValueError, "multi_label"),
+    (dict(targets="classes"), torch.rand(4), TypeError, "integer class ids"),
+])
+def test_targets_are_checked(options, target, error, match):
+    with pytest.raises(error, match=match):
+        Mixup(num_classes=K, **options)(torch.rand(4, 3, 8, 8), target)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(multi_label=True, targets="dense"), "multi_label=True means"),
+    (dict(targets="soft"), "targets must be one of"),
+    (dict(label_lam=1.5), "label_lam"),
+    (dict(mixup_lam=-0.1), "mixup_lam"),
+])
+def test_target_options_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        Mixup(num_classes=K, **options)
+
+
+def test_mix_targets_refuses_class_ids_and_needs_a_direction_to_smooth():
+    params = gpumix.sample(MixConfig(), 3, (4, 4), 0)
+    with pytest.raises(TypeError, match="soft_targets"):
+        gpumix.mix_targets(np.arange(3), params)
+    with pytest.raises(ValueError, match="toward"):
+        gpumix.mix_targets(np.zeros((3, 2), np.float32), params, smoothing=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["dense", "multi_label", "regression", "split"])
+def test_cuda_targets_equal_the_cpu_module_without_a_sync(kind):
+    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, mode="elem")
+    y = {"dense": torch.softmax(torch.rand(8, K), 1), "multi_label": (torch.rand(8, K) < .3).float(),
+         "regression": torch.rand(8, 2), "split": torch.arange(8)}[kind]
+    if kind == "split":
+        options["split_targets"] = True
+    elif kind != "dense":
+        options["targets"] = kind
+    x = torch.rand(8, 3, 12, 12)
+    _, expected = Mixup(seed=9, **options)(x.clone(), y)
+    mixup = Mixup(seed=9, **options)
+    x_gpu, y_gpu = x.cuda(), y.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, got = mixup(x_gpu, y_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got if kind == "split" else [got], expected if kind == "split" else [expected]):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
