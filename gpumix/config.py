@@ -1,6 +1,14 @@
 """MixConfig: every mixing option, validated once (docs/semantics.md,
 "Granularity, probability and the choice of method" and "Errors").
 
+Pairing: "flip" (timm), "roll" (torchvision), "permutation" (a random
+derangement), or partners drawn per sample with probability proportional to
+a weight w[i, j] (w[i, i] = 0): "c-mixup" (Yao et al., NeurIPS 2022:
+exp(-||y_i - y_j||^2 / (2 cmixup_bandwidth^2)) for regression targets),
+"cross-class" (1 where the classes differ) or "weights" (a (B, B) matrix the
+caller gives with each batch). A row with no positive weight falls back to
+every other sample alike.
+
 ``mixup_lam``: a fixed MixUp lam instead of the Beta draw (Midpoint Mixup:
 0.5); MixUp still needs ``mixup_alpha > 0`` to be on.
 
@@ -53,7 +61,8 @@ SALIENCY_METHODS = ("spectral_residual", "fine_grained")  # gpumix.saliency
 MAX_GRID = 8  # GridMix cells per side: n * n <= 64 cells fit two 32-bit table columns
 
 MODES = ("batch", "elem")
-PAIRINGS = ("flip", "roll", "permutation")
+PAIRINGS = ("flip", "roll", "permutation", "c-mixup", "cross-class", "weights")
+LABEL_PAIRINGS = ("c-mixup", "cross-class", "weights")  # partners drawn from the labels
 BOX_PLACEMENTS = ("clip", "inside", "uniform")
 
 
@@ -99,6 +108,7 @@ class MixConfig:
     method_weights: tuple[float, float, float] | dict | None = None
     mode: str = "batch"
     pairing: str = "flip"
+    cmixup_bandwidth: float = 1.0
     correct_lam: bool = True
     label_smoothing: float = 0.1
     num_classes: int = 1000
@@ -132,6 +142,9 @@ class MixConfig:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         _check_choice("mode", self.mode, MODES)
         _check_choice("pairing", self.pairing, PAIRINGS)
+        _check_number("cmixup_bandwidth", self.cmixup_bandwidth, 0.0)
+        if self.cmixup_bandwidth <= 0:
+            raise ValueError(f"cmixup_bandwidth must be positive, got {self.cmixup_bandwidth}")
         _check_choice("box_placement", self.box_placement, BOX_PLACEMENTS)
         if self.cutmix_minmax is not None:
             if len(self.cutmix_minmax) != 2:

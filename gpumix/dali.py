@@ -57,11 +57,12 @@ from __future__ import annotations
 import numpy as np
 
 from gpumix import dali_cpu, fmix, mixing, runtime, saliency
-from gpumix.config import MAX_GRID, MixConfig, _check_choice as check_choice
+from gpumix.config import LABEL_PAIRINGS, MAX_GRID, MixConfig, _check_choice as check_choice
 from gpumix.dali_cpu import raise_pending
 from gpumix.kernels import table
 from gpumix.kernels._launch import scratch, upload_many
-from gpumix.params import Draws, pairing, params_from_draws, to_table
+from gpumix.params import (Draws, pairing, pairs_from_weights, params_from_draws, partner_weights,
+                           to_table)
 
 __all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
            "param_names", "restrict_pairing"]
@@ -112,8 +113,9 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
     x, round up), the lam of each enabled method, the label, with FMix the
     two 31-bit halves of the spectrum key, with pairing "permutation" the
     partner index, with ResizeMix, SmoothMix or GridMix one more uniform
-    (their scale) and with GridMix one uniform per cell. A method that is
-    off has no column (its lam is 1)."""
+    (their scale), with GridMix one uniform per cell, SaliencyMix's lam, and
+    with a label-aware pairing the uniform that draws the partner. A method
+    that is off has no column (its lam is 1)."""
     mixup_on, cutmix_on, fmix_on = config.enabled[:3]
     widths = [("apply", 1), ("method", 1), ("box", 2), ("round_up", 1)]
     widths += [(name, 1) for name, on in (("lam_mixup", mixup_on), ("lam_cutmix", cutmix_on),
@@ -123,6 +125,7 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
     widths += [("scale", 1)] if _uses_scale(config) else []
     widths += [("cells", MAX_GRID ** 2)] if config.on("gridmix") else []
     widths += [("lam_saliencymix", 1)] if config.on("saliencymix") else []
+    widths += [("partner", 1)] if config.pairing in LABEL_PAIRINGS else []
     columns, start = {}, 0
     for name, width in widths:
         columns[name] = slice(start, start + width)
@@ -191,17 +194,21 @@ class _ParamsStep:
         """(params, label ids) of the batch whose draw vectors are ``table``
         and whose first ``n_valid`` samples are real (the rest padding)."""
         b = table.shape[0]
+        label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
+        mixing.check_labels(label_ids, b, self.config.num_classes)
+        pair = np.arange(b, dtype=np.int64)
         if self.config.pairing == "permutation":
             pair = restrict_pairing(table[:, self.columns["permutation"]][:, 0].astype(np.int64),
                                     n_valid)
+        elif self.config.pairing in LABEL_PAIRINGS:  # among the real samples
+            weights = partner_weights(self.config, label_ids[:n_valid])
+            pair[:n_valid] = pairs_from_weights(weights,
+                                                table[:n_valid, self.columns["partner"]][:, 0])
         else:
-            pair = np.arange(b, dtype=np.int64)
             pair[:n_valid] = pairing(self.config, n_valid)
         params = params_from_draws(self.config, spatial_shape, self.draws(table), b, pair=pair,
                                    fmix_masks=self._mask_maker(spatial_shape),
                                    make_masks=self.make_masks, shape_masks=self.shape_masks)
-        label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
-        mixing.check_labels(label_ids, b, self.config.num_classes)
         return params, label_ids
 
     def _spatial_shape(self, shapes, dtype) -> tuple[int, int]:
@@ -376,6 +383,11 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
     if config.on("saliencymix"):
         a = config.saliencymix_alpha
         parts.append(fn.random.beta(alpha=a, beta=a, shape=[1], dtype=f64))
+    if config.pairing == "weights":
+        raise ValueError("pairing='weights' takes a matrix with each batch: use "
+                         "gpumix.torch.Mixup; in DALI pipelines use 'c-mixup' or 'cross-class'")
+    if config.pairing in LABEL_PAIRINGS:
+        parts.append(fn.random.uniform(range=[0.0, 1.0], shape=[1], dtype=f64))
     return fn.cat(*parts)
 
 

@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpumix import fmix
-from gpumix.config import (CUTMIX, FMIX, GRIDMIX, MASK_METHODS, MAX_GRID, MIXUP, NONE,
-                           RESIZEMIX, SALIENCYMIX, SMOOTHMIX, MixConfig)
+from gpumix.config import (CUTMIX, FMIX, GRIDMIX, LABEL_PAIRINGS, MASK_METHODS, MAX_GRID, MIXUP,
+                           NONE, RESIZEMIX, SALIENCYMIX, SMOOTHMIX, MixConfig)
 from gpumix.kernels import shape_mask, table
 
 
@@ -123,6 +123,7 @@ class Draws:
                                        # sigma, GridMix n (one method per unit uses it)
     cells_u: np.ndarray | None = None  # (n, MAX_GRID**2) uniform [0, 1): GridMix cells
     lam_saliencymix: np.ndarray | None = None  # (n,) Beta(saliencymix_alpha, ...)
+    partner_u: np.ndarray | None = None  # (B,) uniform [0, 1): label-aware pairings
 
 
 def as_numpy_generator(rng) -> np.random.Generator:
@@ -185,6 +186,8 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
         draws["cells_u"] = rng.random((n, MAX_GRID ** 2))
     if config.on("saliencymix"):
         draws["lam_saliencymix"] = _beta(rng, config.saliencymix_alpha, n)
+    if config.pairing in LABEL_PAIRINGS:
+        draws["partner_u"] = rng.random(batch_size)
     return Draws(**draws)
 
 
@@ -195,9 +198,58 @@ def pairing(config: MixConfig, batch_size: int, permutation=None) -> np.ndarray:
         return index[::-1].copy()
     if config.pairing == "roll":
         return (index - 1) % batch_size
+    if config.pairing in LABEL_PAIRINGS:
+        raise ValueError(f"pairing={config.pairing!r} draws partners from the labels: "
+                         f"pass labels= (or pair_weights=) to params_from_draws")
     if permutation is None:
         raise ValueError("pairing='permutation' needs draws.permutation")
     return np.asarray(permutation, np.int64)
+
+
+def partner_weights(config: MixConfig, labels=None, weights=None) -> np.ndarray:
+    """The (B, B) weights of a label-aware pairing (zero diagonal): c-mixup's
+    Gaussian kernel of the label distance, cross-class's 1 where the classes
+    differ, or the caller's ``weights``."""
+    if config.pairing == "weights":
+        if weights is None:
+            raise ValueError("pairing='weights' needs pair_weights, a (B, B) matrix")
+        w = np.array(weights, np.float64)
+        if w.ndim != 2 or w.shape[0] != w.shape[1] or not np.all(w >= 0):
+            raise ValueError(f"pair_weights must be a non-negative (B, B) matrix, got shape "
+                             f"{w.shape}")
+    else:
+        if labels is None:
+            raise ValueError(f"pairing={config.pairing!r} needs the labels")
+        y = np.asarray(labels)
+        v = y.reshape(len(y), -1)  # class ids, or rows of dense or regression targets
+        if config.pairing == "cross-class":
+            w = np.any(v[:, None, :] != v[None, :, :], axis=2).astype(np.float64)
+        else:
+            v = v.astype(np.float64)
+            distance = ((v[:, None, :] - v[None, :, :]) ** 2).sum(axis=2)
+            w = np.exp(-distance / (2 * config.cmixup_bandwidth ** 2))
+    np.fill_diagonal(w, 0.0)
+    return w
+
+
+def partner_probabilities(weights: np.ndarray) -> np.ndarray:
+    """Each row of ``weights`` normalised; a row with no positive weight is
+    uniform over the other samples (a batch of one pairs with itself)."""
+    b = weights.shape[0]
+    w = np.asarray(weights, np.float64)
+    total = w.sum(axis=1, keepdims=True)
+    fallback = np.ones((b, b)) - np.eye(b) if b > 1 else np.ones((1, 1))
+    w = np.where(total > 0, w, fallback)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def pairs_from_weights(weights: np.ndarray, partner_u) -> np.ndarray:
+    """Partner of every sample, drawn from its row of
+    :func:`partner_probabilities` by one uniform number each (inverse CDF)."""
+    cumulative = np.cumsum(partner_probabilities(weights), axis=1)
+    u = np.asarray(partner_u, np.float64)[:, None] * cumulative[:, -1:]
+    pair = (cumulative <= u).sum(axis=1)
+    return np.minimum(pair, weights.shape[0] - 1).astype(np.int64)
 
 
 def choose_methods(config: MixConfig, apply_u, method_u) -> np.ndarray:
@@ -355,11 +407,13 @@ def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
 
 def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size: int,
                       fmix_masks=None, pair=None, make_masks: bool = True,
-                      shape_masks: bool = True) -> MixParams:
+                      shape_masks: bool = True, labels=None, pair_weights=None) -> MixParams:
     """Derive MixParams from draws; pure and deterministic.
 
     ``pair`` overrides the pairing derived from config and draws (the DALI
     step passes the pairing restricted to the real samples of a padded batch).
+    Label-aware pairings draw partners from ``labels`` (or ``pair_weights``)
+    with ``draws.partner_u``.
     ``fmix_masks(spectrum_keys, lo, hi) -> masks`` makes the FMix masks of
     the units that use FMix: by default :func:`gpumix.fmix.cpu_mask_maker`
     (CPU kernels, ducc0's FFT); the CUDA path passes
@@ -456,6 +510,9 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
             ranks = np.repeat(ranks, batch_size, axis=0)
         smooth = None if smooth is None else np.repeat(smooth, batch_size, axis=0)
         grid = None if grid is None else np.repeat(grid, batch_size, axis=0)
+    if pair is None and config.pairing in LABEL_PAIRINGS:
+        pair = pairs_from_weights(partner_weights(config, labels, pair_weights),
+                                  draws.partner_u)
     return MixParams(
         pair=pairing(config, batch_size, draws.permutation) if pair is None
         else np.asarray(pair, np.int64),

@@ -46,6 +46,9 @@ values (mixed linearly, never smoothed); "auto" (default) takes integer
 targets as class ids and float (B, K) ones as "dense". ``split_targets=True``
 returns ``(y_a, y_b, lam)`` instead of mixed targets (the targets as given,
 their partners', each sample's label weight), for losses mixed per term.
+Label-aware pairings (``pairing=`` "c-mixup", "cross-class", "weights";
+gpumix.config) draw partners from ``target`` (read back from CUDA: one
+wait) or from ``pair_weights=``, a (B, B) matrix given with the call.
 ``label_lam``: the label weight as a function of the pixels' lam (an
 array-to-array callable) or a fixed number; ``mixup_lam=0.5`` fixes
 MixUp's own lam (Midpoint Mixup). On CUDA class ids take the one-launch
@@ -155,9 +158,11 @@ class Mixup:
                              f"(num_classes={self.config.num_classes}) in an earlier CUDA "
                              f"call: its targets rows are NaN")
 
-    def sample_params(self, batch_size: int, spatial_shape, device=None):
+    def sample_params(self, batch_size: int, spatial_shape, device=None, labels=None,
+                      pair_weights=None):
         """Draw this call's parameters; for a CUDA ``device`` the FMix masks
-        are left to the launch (made on the GPU from the keys)."""
+        are left to the launch (made on the GPU from the keys). ``labels`` /
+        ``pair_weights``: for the label-aware pairings (host arrays)."""
         config = self.config
         if not self.mixup_enabled:
             config = MixConfig(mixup_alpha=0.0, num_classes=config.num_classes,
@@ -165,7 +170,8 @@ class Mixup:
         draws = draw(config, batch_size, spatial_shape, self.rng)
         on_cuda = device is not None and device.type == "cuda"  # masks made at launch
         return params_from_draws(config, spatial_shape, draws, batch_size,
-                                 make_masks=not on_cuda)
+                                 make_masks=not on_cuda, labels=labels,
+                                 pair_weights=pair_weights)
 
     def _kind_of(self, target: torch.Tensor, batch_size: int) -> str:
         """What ``target`` holds ("classes", "dense", "multi_label" or
@@ -206,7 +212,22 @@ class Mixup:
                                    lam.shape).copy()
         return np.full(lam.shape, self.label_lam, np.float32)
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor):
+    def _pairing_inputs(self, target: torch.Tensor, pair_weights):
+        """(labels, pair_weights) on the host for a label-aware pairing."""
+        pairing = self.config.pairing
+        if pair_weights is not None and pairing != "weights":
+            raise ValueError(f"pair_weights is for pairing='weights', not {pairing!r}")
+        if pairing == "weights":
+            if pair_weights is None:
+                raise ValueError("pairing='weights' needs pair_weights=, a (B, B) matrix")
+            if isinstance(pair_weights, torch.Tensor):
+                pair_weights = pair_weights.detach().cpu().numpy()
+            return None, pair_weights
+        if pairing in ("c-mixup", "cross-class"):  # a CUDA target is read back: one wait
+            return target.detach().cpu().numpy(), None
+        return None, None
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, pair_weights=None):
         if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError("x and target must be torch tensors")
         if x.requires_grad:
@@ -216,7 +237,8 @@ class Mixup:
         if target.device != x.device:
             raise ValueError(f"target is on {target.device} but x on {x.device}")
         h, w = mixing.check_images(view, layout, "x")
-        params = self.sample_params(x.shape[0], (h, w), x.device)
+        labels, pair_weights = self._pairing_inputs(target, pair_weights)
+        params = self.sample_params(x.shape[0], (h, w), x.device, labels, pair_weights)
         if not x.is_cuda:
             params = saliency.place_boxes(view.numpy(), params, layout,
                                           self.config.saliencymix_saliency)
