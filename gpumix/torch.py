@@ -46,6 +46,10 @@ values (mixed linearly, never smoothed); "auto" (default) takes integer
 targets as class ids and float (B, K) ones as "dense". ``split_targets=True``
 returns ``(y_a, y_b, lam)`` instead of mixed targets (the targets as given,
 their partners', each sample's label weight), for losses mixed per term.
+``return_clean=True`` (RegMixup, RankMixup) returns ``(mixed, targets,
+clean, clean_targets)``: the mixed batch goes to new memory and the input is
+returned as the clean batch, with its plain (smoothed) targets.
+
 Label-aware pairings (``pairing=`` "c-mixup", "cross-class", "weights";
 gpumix.config) draw partners from ``target`` (read back from CUDA: one
 wait) or from ``pair_weights=``, a (B, B) matrix given with the call.
@@ -117,7 +121,7 @@ class Mixup:
                  reformulate=False, reference_compatible=False, pairing="flip",
                  box_placement="clip", method_weights=None, inplace=True, seed=None,
                  generator=None, multi_label=False, targets="auto", split_targets=False,
-                 label_lam=None, **method_options):
+                 label_lam=None, return_clean=False, **method_options):
         if mode == "pair":
             raise ValueError("mode 'pair' is not supported; use 'batch' or 'elem'")
         check_choice("targets", targets, TARGET_KINDS)
@@ -125,6 +129,7 @@ class Mixup:
             raise ValueError(f"multi_label=True means targets='multi_label', got {targets!r}")
         self.target_kind = "multi_label" if multi_label else targets
         self.split_targets = split_targets
+        self.return_clean = return_clean
         if label_lam is not None and not callable(label_lam):
             check_number("label_lam", label_lam, 0.0, 1.0)
         self.label_lam = label_lam
@@ -246,15 +251,43 @@ class Mixup:
         label_params = params if self.label_lam is None else dataclasses.replace(
             params, lam=self._label_weights(params.lam))
         if x.is_cuda:
-            return self._call_cuda(x, view, layout, (h, w), target, params, kind, label_params)
+            out, targets = self._call_cuda(x, view, layout, (h, w), target, params, kind,
+                                           label_params)
+            return self._with_clean(out, targets, x, target, kind)
         # Targets first: their label check fails before x is written in place.
         targets = self._targets_cpu(target, kind, label_params)
-        out = x if self.inplace else torch.empty_like(x)
+        out = x if self._in_place else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
         source = view.numpy()
-        mixing.mix_images(source, params, layout, out=source if self.inplace else out_view.numpy(),
-                          scratch=self._scratch_like(source) if self.inplace else None)
-        return out, targets
+        mixing.mix_images(source, params, layout,
+                          out=source if self._in_place else out_view.numpy(),
+                          scratch=self._scratch_like(source) if self._in_place else None)
+        return self._with_clean(out, targets, x, target, kind)
+
+    @property
+    def _in_place(self) -> bool:
+        """Whether ``x`` is overwritten: ``inplace``, unless the clean batch is returned."""
+        return self.inplace and not self.return_clean
+
+    def _with_clean(self, out, targets, x, target, kind):
+        """``(out, targets)``, or with ``return_clean`` also the untouched
+        input and its own targets (each sample paired with itself): the
+        mixed batch was written to new memory, so no pass is repeated."""
+        if not self.return_clean:
+            return out, targets
+        return out, targets, x, self._clean_targets(target, kind)
+
+    def _clean_targets(self, target: torch.Tensor, kind: str):
+        if self.split_targets or kind == "regression":
+            return target if self.split_targets else target.float()
+        smoothing, toward = self._smoothing(kind)
+        if kind != "classes":
+            return target.float() * (1.0 - smoothing) + smoothing * toward
+        k, smoothing = self.config.num_classes, self.config.label_smoothing
+        off = smoothing / k
+        clean = torch.full((target.shape[0], k), off, dtype=torch.float32, device=target.device)
+        # Clamped: a bad label is reported by the mixed targets' check, never by a device assert.
+        return clean.scatter_(1, target.long().clamp(0, k - 1)[:, None], 1.0 - smoothing + off)
 
     def _smoothing(self, kind: str):
         """(smoothing, toward) for dense kinds: probabilities keep summing to 1,
@@ -307,12 +340,12 @@ class Mixup:
         with_labels = kind == "classes" and not self.split_targets
         targets = torch.empty((b, self.config.num_classes) if with_labels else (0, 1),
                               dtype=torch.float32, device=x.device)
-        out = x if self.inplace else torch.empty_like(x)
+        out = x if self._in_place else torch.empty_like(x)
         out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
-        by_pairs = self.inplace and not self.config.on("resizemix") and (
+        by_pairs = self._in_place and not self.config.on("resizemix") and (
             self.config.pairing == "flip" or table_mix.is_involution(params.pair))  # i <-> j
         source = view
-        if self.inplace and not by_pairs:  # cycles longer than two: mix from a snapshot
+        if self._in_place and not by_pairs:  # cycles longer than two: mix from a snapshot
             scratch = self._cuda_scratch
             if scratch is None or scratch.shape != view.shape or scratch.dtype != view.dtype \
                     or scratch.device != x.device:

@@ -158,3 +158,29 @@ def test_cuda_targets_equal_the_cpu_module_without_a_sync(kind):
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(got if kind == "split" else [got], expected if kind == "split" else [expected]):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["classes", "dense", "regression"])
+def test_clean_batch_comes_back_beside_the_mixed_one(target):
+    y = torch.tensor([1, 4, 4, 0, 7, 2])
+    y_in = {"classes": y, "dense": torch.softmax(torch.rand(6, K), 1),
+            "regression": torch.rand(6, 2)}[target]
+    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, label_smoothing=0.1,
+                   mode="elem", targets="auto" if target != "regression" else "regression")
+    x = torch.rand(6, 3, 10, 10)
+    mixed, targets = Mixup(seed=10, **options)(x.clone(), y_in)
+    original = x.clone()
+    mixup = Mixup(seed=10, return_clean=True, **options)
+    got_mixed, got_targets, clean, clean_targets = mixup(x, y_in)
+    assert clean is x and torch.equal(x, original)  # one pass: the input is the clean batch
+    torch.testing.assert_close(got_mixed, mixed, rtol=0, atol=0)
+    torch.testing.assert_close(got_targets, targets, rtol=0, atol=0)
+    if target == "classes":
+        expected = mixing.soft_targets(y.numpy(), mixing.MixParams(
+            pair=np.arange(6), lam=np.ones(6, np.float32), method=np.zeros(6, np.int8),
+            box=np.zeros((6, 4), np.int64)), K, 0.1)
+    elif target == "dense":
+        expected = y_in.numpy() * 0.9 + 0.1 / K
+    else:
+        expected = y_in.numpy()
+    np.testing.assert_allclose(clean_targets.numpy(), expected, atol=1e-7)
