@@ -224,9 +224,9 @@ class _ParamsStep:
             raise ValueError(f"images must be 3-D per sample ({self.layout[1:]}), got sample "
                              f"shape {shape}")
         c, h, w = shape if self.layout == "NCHW" else (shape[2], shape[0], shape[1])
-        if c not in mixing.VALID_CHANNELS:
-            raise ValueError(f"images have {c} channels in layout {self.layout[1:]} (sample "
-                             f"shape {shape}); expected 1, 3 or 4 - is the layout right?")
+        if c < 1:
+            raise ValueError(f"images have no channels in layout {self.layout[1:]} (sample "
+                             f"shape {shape})")
         if self.spatial_shape is not None and (h, w) != tuple(self.spatial_shape):
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{tuple(self.spatial_shape)}")

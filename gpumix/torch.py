@@ -17,8 +17,10 @@ Differences from timm, on purpose: odd and partial batches work (a batch of
 one pairs with itself); mode "pair" is not offered; ``cutmix_minmax`` bounds
 lam (docs/semantics.md) rather than box sides.
 
-Tensors: NCHW float32/float16/uint8, or channels-last memory format (mixed
-as NHWC without a copy). CPU tensors run the Numba CPU kernels on their
+Tensors: NCHW float32/float16/uint8 with any number of channels, or
+channels-last memory format (mixed as NHWC without a copy), or contiguous
+video clips (N, T, C, H, W), mixed as (N, T * C, H, W): one box or mask for
+every frame of a sample. CPU tensors run the Numba CPU kernels on their
 memory. CUDA tensors: the params are sampled on the host, packed into one
 params table (gpumix.kernels.table), uploaded through pinned memory, and ONE
 kernel (gpumix.kernels.table_mix) mixes every sample and writes the soft
@@ -235,6 +237,13 @@ class Mixup:
     def __call__(self, x: torch.Tensor, target: torch.Tensor, pair_weights=None):
         if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError("x and target must be torch tensors")
+        if x.dim() == 5:  # video (N, T, C, H, W): one box or mask for every frame of a sample
+            if not x.is_contiguous():
+                raise ValueError("x: a video batch (N, T, C, H, W) must be contiguous")
+            n, t, c, h, w = x.shape
+            result = self(x.view(n, t * c, h, w), target, pair_weights)
+            frames = [r.view(n, t, c, h, w) if k in (0, 2) else r for k, r in enumerate(result)]
+            return tuple(frames)
         if x.requires_grad:
             raise ValueError("x must not require grad: mixing is a data transform")
         view, layout = _layout_view(x)

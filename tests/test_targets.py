@@ -184,3 +184,26 @@ def test_clean_batch_comes_back_beside_the_mixed_one(target):
     else:
         expected = y_in.numpy()
     np.testing.assert_allclose(clean_targets.numpy(), expected, atol=1e-7)
+
+
+def test_video_clips_take_one_box_or_mask_for_every_frame():
+    clips = torch.rand(4, 5, 3, 12, 14)  # (N, T, C, H, W)
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, fmix_alpha=1.0, num_classes=K, mode="elem",
+                  pairing="roll", inplace=False, seed=11)
+    mixed, targets = mixup(clips, torch.arange(4))
+    assert mixed.shape == clips.shape and targets.shape == (4, K)
+    params = mixup.last_params
+    for i in range(4):
+        j = params.pair[i]
+        taken = (mixed[i] == clips[j]) & (mixed[i] != clips[i])  # pixels from the partner
+        assert torch.equal(taken, taken[:1].expand_as(taken))  # the same on every frame
+        assert torch.equal(taken[:, 0], taken[:, 1])  # and every channel
+
+
+def test_any_number_of_channels():
+    x = torch.rand(4, 7, 9, 9)  # e.g. multispectral
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, mode="elem", seed=12)
+    original = x.clone()
+    out, _ = mixup(x, torch.arange(4))
+    np.testing.assert_array_equal(out.numpy(), mixing.reference_mix_images(
+        original.numpy(), mixup.last_params, "NCHW"))
