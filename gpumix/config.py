@@ -9,6 +9,10 @@ exp(-||y_i - y_j||^2 / (2 cmixup_bandwidth^2)) for regression targets),
 caller gives with each batch). A row with no positive weight falls back to
 every other sample alike.
 
+``cutmix_axes``: "both" (a box), "width" (a band of every row: time bands
+of (F, T) spectrograms, segments of 1-D signals) or "height" (a band of
+every column: frequency bands); a band's width is int(W (1 - lam)).
+
 ``mixup_lam``: a fixed MixUp lam instead of the Beta draw (Midpoint Mixup:
 0.5); MixUp still needs ``mixup_alpha > 0`` to be on.
 
@@ -64,6 +68,7 @@ MODES = ("batch", "elem")
 PAIRINGS = ("flip", "roll", "permutation", "c-mixup", "cross-class", "weights")
 LABEL_PAIRINGS = ("c-mixup", "cross-class", "weights")  # partners drawn from the labels
 BOX_PLACEMENTS = ("clip", "inside", "uniform")
+CUTMIX_AXES = ("both", "width", "height")  # a box, a band of every row, of every column
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf, *, high_open=False):
@@ -113,6 +118,7 @@ class MixConfig:
     label_smoothing: float = 0.1
     num_classes: int = 1000
     box_placement: str = "clip"
+    cutmix_axes: str = "both"
     decay_power: float = 3.0
     max_soft: float = 0.0
     reformulate: bool = False
@@ -146,6 +152,7 @@ class MixConfig:
         if self.cmixup_bandwidth <= 0:
             raise ValueError(f"cmixup_bandwidth must be positive, got {self.cmixup_bandwidth}")
         _check_choice("box_placement", self.box_placement, BOX_PLACEMENTS)
+        _check_choice("cutmix_axes", self.cutmix_axes, CUTMIX_AXES)
         if self.cutmix_minmax is not None:
             if len(self.cutmix_minmax) != 2:
                 raise ValueError(f"cutmix_minmax must be (lo, hi), got {self.cutmix_minmax!r}")

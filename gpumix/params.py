@@ -282,19 +282,27 @@ def _box_axis(size: int, cut: np.ndarray, u: np.ndarray, placement: str):
     return np.where(cut > 0, start, 0), np.where(cut > 0, stop, 0)
 
 
-def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip") -> np.ndarray:
+def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip",
+                 axes: str = "both") -> np.ndarray:
     """Boxes (n, 4) = (y0, y1, x0, x1) for sampled lam and positions in [0, 1).
 
     r = sqrt(1 - lam), cut_h = int(H r), cut_w = int(W r) (H and W apart).
+    ``axes="width"``: a band of every row, cut_w = int(W (1 - lam)) (time
+    bands of a (F, T) spectrogram, segments of a 1-D signal seen as 1 x L);
+    ``axes="height"``: a band of every column, cut_h = int(H (1 - lam)).
     "clip": centre on every row/column, box [c - cut // 2, c + (cut + 1) // 2)
     clipped, as timm's ``rand_bbox`` (whose box is exactly ``cut`` long
     before clipping); "inside": the box fits the image; "uniform": every pixel
     equally likely to be covered (composer's uniform sampling).
     """
     h, w = spatial_shape
-    ratio = np.sqrt(1.0 - np.asarray(lam, np.float64))
-    cut_h = (h * ratio).astype(np.int64)
-    cut_w = (w * ratio).astype(np.int64)
+    share = 1.0 - np.asarray(lam, np.float64)
+    ratio = np.sqrt(share)
+    full = np.ones_like(share)
+    cut_h = (h * (full if axes == "width" else share if axes == "height" else ratio)).astype(
+        np.int64)
+    cut_w = (w * (full if axes == "height" else share if axes == "width" else ratio)).astype(
+        np.int64)
     y0, y1 = _box_axis(h, cut_h, box_u[:, 0], placement)
     x0, x1 = _box_axis(w, cut_w, box_u[:, 1], placement)
     return np.stack([y0, y1, x0, x1], axis=1).astype(np.int64)
@@ -437,7 +445,8 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         is_cut = method == CUTMIX
         sampled = draws.lam_cutmix
         box = np.where(is_cut[:, None], cutmix_boxes(sampled, draws.box_u, spatial_shape,
-                                                     config.box_placement), 0)
+                                                     config.box_placement, config.cutmix_axes),
+                       0)
         realised = box_lam(box, spatial_shape) if config.correct_lam else sampled
         lam = np.where(is_cut, realised, lam)
 

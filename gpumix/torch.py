@@ -20,7 +20,10 @@ lam (docs/semantics.md) rather than box sides.
 Tensors: NCHW float32/float16/uint8 with any number of channels, or
 channels-last memory format (mixed as NHWC without a copy), or contiguous
 video clips (N, T, C, H, W), mixed as (N, T * C, H, W): one box or mask for
-every frame of a sample. CPU tensors run the Numba CPU kernels on their
+every frame of a sample, or signals (N, C, L), mixed as (N, C, 1, L): FMix
+masks are then the paper's 1-D masks, and ``cutmix_axes="width"`` makes
+CutMix cut segments of length int(L (1 - lam)). Spectrograms (N, C, F, T)
+are images; ``cutmix_axes`` "width" / "height" cuts time / frequency bands. CPU tensors run the Numba CPU kernels on their
 memory. CUDA tensors: the params are sampled on the host, packed into one
 params table (gpumix.kernels.table), uploaded through pinned memory, and ONE
 kernel (gpumix.kernels.table_mix) mixes every sample and writes the soft
@@ -237,6 +240,10 @@ class Mixup:
     def __call__(self, x: torch.Tensor, target: torch.Tensor, pair_weights=None):
         if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError("x and target must be torch tensors")
+        if x.dim() == 3:  # signals (N, C, L), mixed as 1 x L images: segments and 1-D masks
+            n, c, length = x.shape
+            result = self(x.reshape(n, c, 1, length), target, pair_weights)
+            return tuple(r.view(n, c, length) if k in (0, 2) else r for k, r in enumerate(result))
         if x.dim() == 5:  # video (N, T, C, H, W): one box or mask for every frame of a sample
             if not x.is_contiguous():
                 raise ValueError("x: a video batch (N, T, C, H, W) must be contiguous")

@@ -207,3 +207,34 @@ def test_any_number_of_channels():
     out, _ = mixup(x, torch.arange(4))
     np.testing.assert_array_equal(out.numpy(), mixing.reference_mix_images(
         original.numpy(), mixup.last_params, "NCHW"))
+
+
+def test_signals_take_segments_and_1d_masks():
+    signals = torch.rand(6, 2, 50)  # (N, C, L)
+    mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, fmix_alpha=1.0, cutmix_axes="width",
+                  num_classes=K, mode="elem", pairing="roll", inplace=False, seed=13,
+                  label_smoothing=0.0)
+    mixed, targets = mixup(signals, torch.arange(6))
+    assert mixed.shape == signals.shape
+    p = mixup.last_params
+    assert {2, 3} <= set(p.method.tolist())
+    for i in range(6):
+        taken = (mixed[i] == signals[p.pair[i]]) & (mixed[i] != signals[i])
+        assert torch.equal(taken[0], taken[1])  # one segment or mask for both channels
+        where = torch.nonzero(taken[0]).reshape(-1)
+        assert len(where) == round(50 * (1 - float(p.lam[i])))  # the partner's exact share
+        if p.method[i] == 2 and len(where):  # CutMix: one contiguous segment
+            assert int(where[-1] - where[0]) + 1 == len(where)
+        assert targets[i, p.pair[i]] == pytest.approx(1 - float(p.lam[i]), abs=1e-6)
+
+
+@pytest.mark.parametrize("axes", ["width", "height"])
+def test_spectrogram_bands_span_the_other_axis(axes):
+    config = MixConfig(mixup_alpha=0.0, cutmix_alpha=1.0, cutmix_axes=axes, mode="elem",
+                       box_placement="inside")
+    params = gpumix.sample(config, 200, (40, 64), 14)
+    h_span = params.box[:, 1] - params.box[:, 0]
+    w_span = params.box[:, 3] - params.box[:, 2]
+    assert np.all(h_span == 40) if axes == "width" else np.all(w_span == 64)
+    assert len(set((w_span if axes == "width" else h_span).tolist())) > 10  # bands of any width
+    np.testing.assert_allclose(params.lam, 1 - h_span * w_span / (40 * 64), atol=1e-7)
