@@ -102,7 +102,8 @@ def __getattr__(name):
 def _layout_view(x: torch.Tensor):
     """(tensor to mix, layout): NCHW-contiguous as is, channels-last as NHWC."""
     if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D image batch (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be 4-D images (N, C, H, W), 5-D video (N, T, C, H, W) or "
+                         f"3-D signals (N, C, L), got shape {tuple(x.shape)}")
     if x.is_contiguous():
         return x, "NCHW"
     if x.is_contiguous(memory_format=torch.channels_last):

@@ -85,7 +85,7 @@ TORCH_ERRORS = [
     (lambda m: m(torch.zeros(2, 3, 4, 4), torch.zeros(2)), ValueError, "neither class ids"),
     (lambda m: m(torch.zeros(2, 3, 4, 4), torch.zeros(3, dtype=torch.long)), ValueError, "shape"),
     (lambda m: m(torch.zeros(2, 3, 4, 4), torch.tensor([0, 10])), ValueError, r"\[0, 10\)"),
-    (lambda m: m(torch.zeros(3, 4, 4), torch.zeros(3, dtype=torch.long)), ValueError, "4-D"),
+    (lambda m: m(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)), ValueError, "4-D"),
     (lambda m: m(torch.zeros(2, 3, 4, 4).transpose(2, 3), torch.zeros(2, dtype=torch.long)),
      ValueError, "contiguous"),
     (lambda m: m(torch.zeros(2, 3, 4, 4, requires_grad=True), torch.zeros(2, dtype=torch.long)),
