@@ -77,10 +77,14 @@ def spectral_residual(thumbnails, xp=np):
     """Saliency maps (S, T, T) float32 in [0, 1] of grey thumbnails (S, T, T).
 
     exp(R) F / |F| is computed as F exp(-box3(log|F|)) (the same number,
-    without a complex division), in float32 / complex64."""
+    without a complex division), in float32 / complex64. Amplitudes are
+    floored at 1e-10 of each image's largest, so frequencies an image lacks
+    (exact zeros, common in synthetic images) cannot blow the gain up."""
     spectrum = xp.fft.fft2(xp.asarray(thumbnails, dtype=xp.float32))
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    log_amplitude = xp.log(xp.maximum(xp.abs(spectrum), tiny))
+    amplitude = xp.abs(spectrum)
+    floor = xp.maximum(amplitude.max(axis=(-2, -1), keepdims=True) * np.float32(1e-10),
+                       np.float32(np.finfo(np.float32).tiny))
+    log_amplitude = xp.log(xp.maximum(amplitude, floor))
     gain = xp.exp(-_blur(log_amplitude, np.full(3, 1 / 3, np.float32), xp))
     back = xp.abs(xp.fft.ifft2(spectrum * gain)).astype(xp.float32)
     smoothed = _blur(back, gaussian_weights().astype(np.float32), xp)

@@ -238,3 +238,36 @@ def test_spectrogram_bands_span_the_other_axis(axes):
     assert np.all(h_span == 40) if axes == "width" else np.all(w_span == 64)
     assert len(set((w_span if axes == "width" else h_span).tolist())) > 10  # bands of any width
     np.testing.assert_allclose(params.lam, 1 - h_span * w_span / (40 * 64), atol=1e-7)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+SHARE_METHODS = {
+    "cutmix": dict(method_weights={"cutmix": 1}, cutmix_alpha=1.0),
+    "band": dict(method_weights={"cutmix": 1}, cutmix_alpha=1.0, cutmix_axes="width"),
+    "fmix": dict(method_weights={"fmix": 1}, fmix_alpha=1.0),
+    "gridmix": dict(method_weights={"gridmix": 1}),
+    "resizemix": dict(method_weights={"resizemix": 1}),
+    "saliencymix": dict(method_weights={"saliencymix": 1}, saliencymix_alpha=1.0),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(SHARE_METHODS)), batch=st.integers(2, 6),
+       height=st.sampled_from([1, 2, 7, 16]), width=st.integers(2, 30),
+       seed=st.integers(0, 2**16))
+def test_partner_share_is_exactly_one_minus_lam(name, batch, height, width, seed):
+    """Every hard method, on signals (height 1) and images: the share of a
+    sample's pixels that come from its partner is exactly 1 - lam."""
+    config = MixConfig(mode="elem", pairing="roll", **SHARE_METHODS[name])
+    y, x = np.mgrid[0:height, 0:width]
+    images = np.stack([np.stack([i * 10000 + y * width + x] * 2) for i in range(batch)])
+    images = images.astype(np.float32)  # every pixel of every sample its own value
+    params = gpumix.saliency.place_boxes(
+        images, gpumix.sample(config, batch, (height, width), seed), "NCHW")
+    mixed = mixing.mix_images(images, params, "NCHW")
+    for i in range(batch):
+        from_partner = (mixed[i, 0] // 10000) == params.pair[i]
+        assert np.array_equal(from_partner, (mixed[i, 1] // 10000) == params.pair[i])
+        share = from_partner.mean()
+        assert share == pytest.approx(1 - float(params.lam[i]), abs=1e-6), (name, i)
