@@ -36,6 +36,8 @@ import threading
 
 import numpy as np
 
+from gpumix.config import FMIX
+
 
 def _rfft_frequencies(shape, xp, odd_extra_column: bool = False):
     """Per-axis frequency vectors on the rfft grid (last axis halved)."""
@@ -323,9 +325,6 @@ def cuda_mask_maker(shape, decay_power: float, reference_compatible: bool = Fals
 
 def n_pixels(shape) -> int:
     return int(math.prod(shape))
-
-
-FMIX = 3  # gpumix.config.FMIX (config imports this module)
 
 
 def table_fmix(rows):

@@ -34,7 +34,7 @@ from numba import cuda as _cuda_api, float32, int64, njit
 from gpumix.kernels import blend, box_paste, mask_mix, resize_paste, shape_mask, table
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import LazyCudaKernel, run_parallel
-from gpumix.kernels.table_mix import is_mask_method
+from gpumix.kernels.table_mix import is_mask_method, is_mask_method_gpu
 
 MIXUP, CUTMIX, FMIX, RESIZEMIX, SMOOTHMIX, GRIDMIX, SALIENCYMIX = range(1, 8)  # gpumix.config
 
@@ -208,7 +208,6 @@ _mixed_value_gpu = _gpu.mixed_value
 _source_span_gpu = _gpu.source_span
 _bilerp_gpu = _gpu.bilerp
 _quantize_gpu = _gpu.quantize_uint8
-_is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_func)
 
 
 def _mix_normalize_cuda(images, rows, masks, mean, inv_std, chw, out):
@@ -226,7 +225,7 @@ def _mix_normalize_cuda(images, rows, masks, mean, inv_std, chw, out):
         x0 = int64(rows[i, table.X0])
         x1 = int64(rows[i, table.X1])
         y0 = int64(rows[i, table.Y0])
-        masked = _is_mask_method_gpu(method)
+        masked = is_mask_method_gpu(method)
         bilinear = rows[i, table.BILINEAR] != 0
         resized = method == RESIZEMIX and in_box_rows
         sy0, sy1, wy = int64(0), int64(0), float32(0.0)

@@ -49,7 +49,7 @@ def is_mask_method(method):
     return method == FMIX or method == SMOOTHMIX or method == GRIDMIX
 
 
-_is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_func)
+is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_func)
 
 
 @njit(cache=True, nogil=True)
@@ -105,7 +105,7 @@ def _store(x, out, i, j, r, k, a, b, rows, masks, height, cstride, quantize):
             out[i, r, k] = _blend_uint8_gpu(a, b, lam)
         else:
             out[i, r, k] = _blend_value_gpu(a, b, lam)
-    elif _is_mask_method_gpu(method):
+    elif is_mask_method_gpu(method):
         out[i, r, k] = _mixed_value_gpu(a, b, masks[i, r % height, k // cstride], quantize)
     elif not _box_contains_gpu(r % height, k // cstride, int64(rows[i, table.Y0]),
                                int64(rows[i, table.Y1]), int64(rows[i, table.X0]),

@@ -44,3 +44,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_device_sync():
+    """A context factory: inside it, any call of torch's that would wait for
+    the GPU raises (``torch.cuda.set_sync_debug_mode("error")``)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def guard():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return guard

@@ -132,7 +132,8 @@ def test_apply_checks_its_inputs():
 @pytest.mark.cuda
 @pytest.mark.parametrize("methods", ["timm-fmix", "more"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last, methods):
+def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last, methods,
+                                                          no_device_sync):
     from gpumix.torch import apply
 
     options = dict(mixup_alpha=0.8, cutmix_alpha=1.0, fmix_alpha=1.0) if methods != "more" \
@@ -141,19 +142,15 @@ def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last, methods
     images = torch.randint(0, 256, (16, 40, 36, 3), dtype=torch.uint8)
     expected = apply(images, rows, channels_last=channels_last)
     on_gpu = images.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync():
         got = apply(on_gpu, rows, channels_last=channels_last)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("methods", ["timm", "more"])
 @pytest.mark.parametrize("pairing", ["flip", "roll"])
-def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing, methods):
+def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing, methods, no_device_sync):
     from gpumix.torch import Mixup
 
     options = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=10,
@@ -163,12 +160,8 @@ def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing, methods):
     x_cpu, t_cpu = Mixup(seed=3, **options)(x.clone(), y)
     x_gpu, y_gpu = x.cuda(), y.cuda()
     mixup = Mixup(seed=3, **options)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync():
         x_gpu, t_gpu = mixup(x_gpu, y_gpu)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=0, atol=1e-6)
     torch.testing.assert_close(t_gpu.cpu(), t_cpu, rtol=0, atol=1e-7)
     bad = torch.full((32,), 11, device="cuda")

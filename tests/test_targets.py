@@ -138,7 +138,7 @@ def test_mix_targets_refuses_class_ids_and_needs_a_direction_to_smooth():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["dense", "multi_label", "regression", "split"])
-def test_cuda_targets_equal_the_cpu_module_without_a_sync(kind):
+def test_cuda_targets_equal_the_cpu_module_without_a_sync(kind, no_device_sync):
     options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, mode="elem")
     y = {"dense": torch.softmax(torch.rand(8, K), 1), "multi_label": (torch.rand(8, K) < .3).float(),
          "regression": torch.rand(8, 2), "split": torch.arange(8)}[kind]
@@ -150,12 +150,8 @@ def test_cuda_targets_equal_the_cpu_module_without_a_sync(kind):
     _, expected = Mixup(seed=9, **options)(x.clone(), y)
     mixup = Mixup(seed=9, **options)
     x_gpu, y_gpu = x.cuda(), y.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_device_sync():
         _, got = mixup(x_gpu, y_gpu)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(got if kind == "split" else [got], expected if kind == "split" else [expected]):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
 
