@@ -8,7 +8,10 @@
   looping the published per-mask function B times;
 * ResizeMix (nearest, bilinear), SmoothMix and GridMix applied to the batch
   against CutMix on the same batch (paired), the sampling of their params
-  and masks, and SaliencyMix's saliency peaks for the whole batch.
+  and masks, and SaliencyMix's saliency peaks for the whole batch;
+* beyond images: MixUp and CutMix on video clips (16 x 16 frames x 3 x
+  112 x 112, one box per clip) against NumPy's copy, and 3-D FMix masks
+  (8 x 64^3) against 2-D masks of as many pixels (8 x 512^2).
 
 Every comparison is timed in pairs: blocks of back-to-back calls of the
 reference (the copy, timm, the published loop) and of gpumix alternate,
@@ -104,18 +107,61 @@ def bench_cpu_kernels(batch: int, size: int, repeats: int) -> list[dict]:
     box = np.tile(np.array([[size // 4, 3 * size // 4, size // 4, 3 * size // 4]]), (batch, 1))
     for dtype in (np.uint8, np.float32):
         x = rng.integers(0, 256, (batch, 3, size, size)).astype(dtype)
-        out = np.empty_like(x)
-        for name, method, moved in (("mixup", MIXUP, 3), ("cutmix", CUTMIX, 2)):
-            params = MixParams(pair=pair, lam=lam, method=np.full(batch, method, np.int8),
-                               box=box if method == CUTMIX else np.zeros((batch, 4), np.int64))
-            t, copy, copy_over_mix = paired(
-                lambda: gpumix.mix_images(x, params, "NCHW", out=out),
-                lambda: np.copyto(out, x), repeats)
-            rows.append({"case": f"cpu {name} {np.dtype(dtype).name}", **t,
-                         "bandwidth_GBps": moved * x.nbytes / t["median_s"] / 1e9,
-                         "copy_bandwidth_GBps": 2 * x.nbytes / copy["median_s"] / 1e9,
-                         # bytes per second of the mix over those of the copy, per pair
-                         "fraction_of_copy": copy_over_mix * moved / 2})
+        rows += _against_copy(x, f"{np.dtype(dtype).name}", pair, lam, box, repeats)
+    return rows
+
+
+def _against_copy(x, label: str, pair, lam, box, repeats: int) -> list[dict]:
+    """MixUp and CutMix of the NCHW batch ``x`` against NumPy's copy of it."""
+    import gpumix
+    from gpumix.config import CUTMIX, MIXUP
+    from gpumix.params import MixParams
+
+    rows = []
+    out = np.empty_like(x)
+    batch = x.shape[0]
+    for name, method, moved in (("mixup", MIXUP, 3), ("cutmix", CUTMIX, 2)):
+        params = MixParams(pair=pair, lam=lam, method=np.full(batch, method, np.int8),
+                           box=box if method == CUTMIX else np.zeros((batch, 4), np.int64))
+        t, copy, copy_over_mix = paired(
+            lambda: gpumix.mix_images(x, params, "NCHW", out=out),
+            lambda: np.copyto(out, x), repeats)
+        rows.append({"case": f"cpu {name} {label}", **t,
+                     "bandwidth_GBps": moved * x.nbytes / t["median_s"] / 1e9,
+                     "copy_bandwidth_GBps": 2 * x.nbytes / copy["median_s"] / 1e9,
+                     # bytes per second of the mix over those of the copy, per pair
+                     "fraction_of_copy": copy_over_mix * moved / 2})
+    return rows
+
+
+def bench_beyond_images(repeats: int, quick: bool = False) -> list[dict]:
+    """Video clips against NumPy's copy; 3-D FMix masks against 2-D ones."""
+    from gpumix import fmix
+
+    clips, frames, side = (4, 4, 32) if quick else (16, 16, 112)
+    count, cube = (2, 16) if quick else (8, 64)
+    rng = np.random.default_rng(0)
+    pair = np.arange(clips)[::-1].copy()
+    lam = rng.uniform(0.2, 0.8, clips).astype(np.float32)
+    box = np.tile(np.array([[side // 4, 3 * side // 4, side // 4, 3 * side // 4]]), (clips, 1))
+    rows = []
+    for dtype in (np.uint8, np.float32):  # one box per clip: frames x channels planes
+        x = rng.integers(0, 256, (clips, frames * 3, side, side)).astype(dtype)
+        rows += _against_copy(x, f"video {clips}x{frames}x3x{side}^2 {np.dtype(dtype).name}",
+                              pair, lam, box, repeats)
+    square = int(round(cube ** 1.5))  # as many pixels as the cube has voxels
+    keys = rng.integers(0, 2**62, count)
+    makers = {}
+    for shape in ((cube,) * 3, (square, square)):
+        n = int(np.prod(shape))
+        half = np.full(count, n // 2)
+        make = fmix.cpu_mask_maker(shape, 3.0)
+        out = np.empty((count, *shape), np.float32)
+        makers[len(shape)] = (lambda make=make, half=half, out=out: make(keys, half, half, out))
+    t3, t2, two_over_three = paired(makers[3], makers[2], repeats)
+    rows.append({"case": f"fmix 3-D masks {count}x{cube}^3 vs 2-D {count}x{square}^2", **t3,
+                 "masks_2d_median_s": t2["median_s"], "over_2d": 1.0 / two_over_three,
+                 "target_over_2d": 2.0})
     return rows
 
 
@@ -206,6 +252,9 @@ def format_table(rows: list[dict]) -> str:
         elif "over_cutmix" in r:
             result = (f"{r['over_cutmix']:.2f}x CutMix's time ({r['cutmix_median_s'] * 1e3:.2f} "
                       f"ms; target <= {r['target_over_cutmix']}x)")
+        elif "over_2d" in r:
+            result = (f"{r['over_2d']:.2f}x the 2-D masks' time ({r['masks_2d_median_s'] * 1e3:.1f}"
+                      f" ms; target <= {r['target_over_2d']}x)")
         elif "target_s" in r:
             result = f"target <= {r['target_s'] * 1e3:.0f} ms"
         elif "speedup_vs_published" not in r:
@@ -247,7 +296,8 @@ def main(argv=None) -> dict:
             + bench_against_timm(args.batch_size, args.size, args.repeats)
             + bench_fmix(args.batch_size, args.size, args.repeats)
             + bench_more_methods(args.batch_size, args.size, args.repeats,
-                                 (np.uint8,) if args.quick else (np.uint8, np.float32)))
+                                 (np.uint8,) if args.quick else (np.uint8, np.float32))
+            + bench_beyond_images(args.repeats, args.quick))
     settings = {"batch_size": args.batch_size, "size": args.size, "repeats": args.repeats,
                 "device": "cpu"}
     return write_report(rows, settings, args.json, format_table(rows))

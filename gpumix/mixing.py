@@ -18,6 +18,13 @@ an empty box, so it is copied exactly), MixUp uses the blend kernel, FMix,
 SmoothMix and GridMix the mask kernel, ResizeMix the resize kernel.
 SaliencyMix boxes are placed on the partners' saliency peaks first
 (gpumix.saliency.place_boxes).
+Volumes and clips mixed across time (layouts NCDHW, NDHWC, and NTCHW: a
+video clip with one cuboid or 3-D mask over (T, H, W)) run on the same
+kernels: the batch is seen as 2-D images of D * H rows (NTCHW: one plane
+of T * C * H rows), each (D, H, W) mask as D * H mask rows (NTCHW: repeated
+for every channel), and CutMix's cuboids are applied as their hard masks
+(gpumix.params). The kernels never learn the rank.
+
 Kernels never write their input: in place (``out is images``) the kernels read
 a snapshot (one copy, into ``scratch`` when given) and write ``images``.
 """
@@ -27,8 +34,10 @@ from __future__ import annotations
 import numpy as np
 
 from gpumix import fmix, saliency
-from gpumix.config import BOX_METHODS, MASK_METHODS, MIXUP, NONE, RESIZEMIX
-from gpumix.params import MixParams
+import dataclasses
+
+from gpumix.config import BOX_METHODS, CUTMIX, MASK_METHODS, MIXUP, NONE, RESIZEMIX
+from gpumix.params import MixParams, masked_methods
 from gpumix.kernels import (blend, box_paste, mask_mix, resize_paste, shape_mask,
                             soft_targets as targets_kernel)
 from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_geometry,
@@ -39,19 +48,35 @@ def is_cuda_array(x) -> bool:
     return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
 
 
-def check_images(images, layout: str, name: str = "images") -> tuple[int, int]:
-    """Validate an image batch; returns (H, W)."""
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+VOLUME_LAYOUTS = ("NCDHW", "NDHWC", "NTCHW")
+
+
+def volume_shape(shape, layout: str) -> tuple[int, int, int]:
+    """(D, H, W) of a batch in a volume layout ((T, H, W) for NTCHW clips)."""
+    if layout == "NCDHW":
+        return tuple(shape[2:5])
+    if layout == "NDHWC":
+        return tuple(shape[1:4])
+    return (shape[1], *shape[3:5])
+
+
+def check_images(images, layout: str, name: str = "images") -> tuple[int, ...]:
+    """Validate an image batch; returns (H, W), or (D, H, W) for a volume layout."""
+    if layout not in ("NCHW", "NHWC", *VOLUME_LAYOUTS):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC' (images), or 'NCDHW', 'NDHWC' or "
+                         f"'NTCHW' (volumes, clips), got {layout!r}")
     check_image_dtype(images.dtype, name)
-    if len(images.shape) != 4:
-        raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(images.shape)}")
-    channels = images.shape[1] if layout == "NCHW" else images.shape[3]
+    if len(images.shape) != len(layout):
+        raise ValueError(f"{name} must be {len(layout)}-D ({layout}), got shape "
+                         f"{tuple(images.shape)}")
+    channels = images.shape[layout.index("C")]
     if channels < 1:
         raise ValueError(f"{name} has no channels in layout {layout} (shape "
                          f"{tuple(images.shape)})")
     if images.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one sample, got shape {tuple(images.shape)}")
+    if layout in VOLUME_LAYOUTS:
+        return volume_shape(images.shape, layout)
     return spatial_shape(images.shape, layout)
 
 
@@ -71,7 +96,10 @@ def check_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- reference
 def reference_mix_images(images: np.ndarray, params: MixParams, layout: str) -> np.ndarray:
-    """NumPy oracle: each kernel's reference on its samples."""
+    """NumPy oracle: each kernel's reference on its samples (volumes: the
+    cuboids cut by slicing, not through their masks)."""
+    if layout in VOLUME_LAYOUTS:
+        return _reference_mix_volumes(images, params, layout)
     out = images.copy()
     cut = _samples(params, BOX_METHODS)
     mixup = params.samples(MIXUP)
@@ -87,6 +115,24 @@ def reference_mix_images(images: np.ndarray, params: MixParams, layout: str) -> 
         out[resized] = resize_paste.reference(images, params.pair, params.box, layout,
                                               params.bilinear, resized)[resized]
     return out
+
+
+def _reference_mix_volumes(images: np.ndarray, params: MixParams, layout: str) -> np.ndarray:
+    # Spatial axes first, channels last: (B, D, H, W, C) (NTCHW: (B, T, H, W, C)).
+    spatial_last = {"NCDHW": (1, 4), "NDHWC": (4, 4), "NTCHW": (2, 4)}[layout]
+    x = np.moveaxis(images, *spatial_last)
+    out = x.copy()
+    for i, (j, method) in enumerate(zip(params.pair, params.method)):
+        if method == CUTMIX:
+            z0, z1, y0, y1, x0, x1 = params.box[i]
+            out[i, z0:z1, y0:y1, x0:x1] = x[j, z0:z1, y0:y1, x0:x1]
+        elif method == MIXUP:
+            out[i] = blend.reference(x[[i, j]], [1, 0], params.lam[[i, j]], [0])[0]
+        elif method != NONE:  # FMix: the mask over the spatial axes, channels alike
+            flat = x[[i, j]].reshape(2, -1, 1, x.shape[-1])
+            mask = params.mask[[i, i]].reshape(2, -1, 1)
+            out[i] = mask_mix.reference(flat, [1, 0], mask, "NHWC", [0])[0].reshape(x[i].shape)
+    return np.moveaxis(out, spatial_last[1], spatial_last[0])
 
 
 def reference_mix_dense(dense: np.ndarray, params: MixParams, layout: str = "NHW") -> np.ndarray:
@@ -122,21 +168,21 @@ def _samples(params: MixParams, codes) -> np.ndarray:
     return np.flatnonzero(np.isin(params.method, codes)).astype(np.int64)
 
 
-def _box_samples(params: MixParams) -> np.ndarray:
-    return _samples(params, (NONE, *BOX_METHODS))
+def _box_samples(params: MixParams, masked=MASK_METHODS) -> np.ndarray:
+    return _samples(params, tuple(c for c in (NONE, *BOX_METHODS) if c not in masked))
 
 
-def _run_cpu(x, params: MixParams, layout: str, out, paste: bool):
+def _run_cpu(x, params: MixParams, layout: str, out, paste: bool, masked=MASK_METHODS):
     view = row_view(np.ascontiguousarray(x), layout)
     out_rows = row_view(out, layout).rows
-    box_samples = _box_samples(params)
+    box_samples = _box_samples(params, masked)
     if box_samples.size:
         box_paste.cpu(view.rows, params.pair, params.box, box_samples, view.height,
                       view.cstride, out=out_rows)
     mixup = params.samples(MIXUP)
     if mixup.size:
         blend.cpu(view.rows, params.pair, params.lam, mixup, out=out_rows)
-    fm = _samples(params, MASK_METHODS)
+    fm = _samples(params, masked)
     if fm.size:
         mask_mix.cpu(view.rows, params.pair, np.ascontiguousarray(params.mask, np.float32), fm,
                      view.height, view.cstride, paste, out=out_rows)
@@ -166,11 +212,12 @@ def as_cupy(x):
     return cp.asarray(x)
 
 
-def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream):
+def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream,
+              masked=MASK_METHODS):
     view = row_view(as_cupy(x), layout)
     out_rows = row_view(as_cupy(out), layout).rows
-    box_samples, mixup = _box_samples(params), params.samples(MIXUP)
-    fm, resized = _samples(params, MASK_METHODS), params.samples(RESIZEMIX)
+    box_samples, mixup = _box_samples(params, masked), params.samples(MIXUP)
+    fm, resized = _samples(params, masked), params.samples(RESIZEMIX)
     host = {"pair": (params.pair, np.int64), "box": (params.box, np.int64),
             "box_samples": (box_samples, np.int64), "lam": (params.lam, np.float32),
             "mixup": (mixup, np.int64), "fmix": (fm, np.int64),
@@ -220,7 +267,8 @@ def _snapshot(x, scratch, stream):
     return scratch
 
 
-def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=None):
+def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=None,
+           masked=MASK_METHODS):
     if out is x:  # in place: kernels read a snapshot, so partners are never half-written
         source = _snapshot(x, scratch, stream)
         target = x
@@ -231,15 +279,62 @@ def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=
         raise ValueError(f"out must match the input's shape {tuple(x.shape)} and dtype "
                          f"{x.dtype}, got {tuple(target.shape)} {target.dtype}")
     if is_cuda_array(x):
-        _run_cuda(source, params, layout, target, paste, stream)
+        _run_cuda(source, params, layout, target, paste, stream, masked)
     else:
-        _run_cpu(source, params, layout, target, paste)
+        _run_cpu(source, params, layout, target, paste, masked)
     return target
+
+
+def _as_planes(x, layout: str):
+    """A contiguous volume batch seen as 2-D images: (view, its layout)."""
+    shape = tuple(x.shape)
+    if not (x.flags.c_contiguous if isinstance(x, np.ndarray) else as_cupy(x).flags.c_contiguous):
+        raise ValueError(f"a {layout} batch must be C-contiguous")
+    x = x if isinstance(x, np.ndarray) else as_cupy(x)
+    if layout == "NCDHW":
+        return x.reshape(shape[0], shape[1], shape[2] * shape[3], shape[4]), "NCHW"
+    if layout == "NDHWC":
+        return x.reshape(shape[0], shape[1] * shape[2], shape[3], shape[4]), "NHWC"
+    return x.reshape(shape[0], 1, shape[1] * shape[2] * shape[3], shape[4]), "NCHW"
+
+
+def _plane_masks(mask, layout: str, channels: int):
+    """(B, D, H, W) masks as the planes' (B, rows, W) masks (NTCHW: each
+    frame's mask repeated for its channels)."""
+    if mask is None:
+        return None
+    xp = np if isinstance(mask, np.ndarray) else _cupy()
+    b, d, h, w = mask.shape
+    if layout == "NTCHW":
+        mask = xp.broadcast_to(mask[:, :, None], (b, d, channels, h, w))
+    return xp.ascontiguousarray(mask, dtype=xp.float32).reshape(b, -1, w)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _mix_volumes(images, params: MixParams, layout: str, out, stream, scratch):
+    """mix_images for volume layouts, on the 2-D kernels (module docstring)."""
+    planes, plane_layout = _as_planes(images, layout)
+    if out is None:
+        out = _empty_like(images, stream)
+    target = planes if out is images else _as_planes(out, layout)[0]
+    flat = dataclasses.replace(
+        params, box=np.zeros((params.batch_size, 4), np.int64),
+        mask=_plane_masks(params.mask, layout, images.shape[2]))
+    if scratch is not None:
+        scratch = _as_planes(scratch, layout)[0]
+    _apply(planes, flat, plane_layout, target, False, stream, scratch, masked_methods(3))
+    return out
 
 
 def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, stream=None,
                scratch=None):
-    """Mix an image batch (uint8/float16/float32, NCHW or NHWC) with ``params``
+    """Mix an image batch (uint8/float16/float32, NCHW or NHWC; volumes NCDHW
+    or NDHWC, clips with one cuboid or mask over time NTCHW) with ``params``
     (SaliencyMix boxes not placed yet are placed on these images first).
 
     Returns ``out`` (a new array by default; pass ``out=images`` to write in
@@ -247,8 +342,10 @@ def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, str
     dtype for the snapshot). CUDA arrays are mixed on ``stream`` (a numba
     stream; None = default).
     """
-    h, w = check_images(images, layout)
-    params.check(images.shape[0], (h, w))
+    shape = check_images(images, layout)
+    params.check(images.shape[0], shape)
+    if layout in VOLUME_LAYOUTS:
+        return _mix_volumes(images, params, layout, out, stream, scratch)
     params = saliency.place_boxes(images, params, layout, stream=stream)
     return _apply(images, params, layout, out, paste=False, stream=stream, scratch=scratch)
 

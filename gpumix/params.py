@@ -15,10 +15,13 @@ CUDA kernels, DALI operators, the torch module):
                                pixel fraction for CutMix/FMix)
     method  (B,)      int8     a code of gpumix.config (NONE, MIXUP, ...)
     box     (B, 4)    int64    box (y0, y1, x0, x1), half-open: CutMix's and
-                               SaliencyMix's, or where ResizeMix pastes
+                               SaliencyMix's, or where ResizeMix pastes;
+                               (B, 6) (z0, z1, y0, y1, x0, x1) for volumes
     mask    (B, H, W) float32  FMix / SmoothMix / GridMix mask (1 = primary),
                                or None when no sample uses one (or when made
-                               later, from the keys, ranks and shape params)
+                               later, from the keys, ranks and shape params);
+                               (B, D, H, W) for volumes, CutMix's cuboids
+                               included
     fmix_keys  (B,)   int64    FMix spectrum key (0 where unused), or None
     fmix_ranks (B, 2) int64    FMix ranks (low, high) of the mask's ramp, or None
     smooth  (B, 5)    float64  SmoothMix (centre_y, centre_x, sigma_y, sigma_x,
@@ -44,6 +47,15 @@ Methods beyond MixUp, CutMix and FMix (gpumix.config.METHODS):
 :func:`to_table` and :func:`from_table` convert MixParams to and from the
 params table of gpumix.kernels.table (one float64 row per sample), the form
 DALI pipelines hand over.
+
+Volumes: ``spatial_shape`` may have three axes (D, H, W) (a volume, or a
+clip's (T, H, W) when one box spans time). MixUp, CutMix and FMix are
+defined there: CutMix cuts a cuboid of sides int(D r), int(H r), int(W r)
+with r = cbrt(1 - lam), placed like the 2-D box on each axis, lam = 1 -
+its volume fraction; FMix's masks are the paper's 3-D masks. Every hard
+method in 3-D is applied through its mask, so the cuboid is also written
+into ``mask`` (0 inside). The other methods are 2-D image methods and
+refuse three axes.
 
 Draws are per "unit": one unit per batch in mode "batch" (broadcast to every
 sample), one per sample in mode "elem". Seeding: pass a
@@ -87,10 +99,12 @@ class MixParams:
         """Indices of the samples mixed with ``method`` (int64)."""
         return np.flatnonzero(self.method == method).astype(np.int64)
 
-    def check(self, batch_size: int, spatial_shape: tuple[int, int]) -> None:
-        """ValueError unless these params fit a batch of that size and shape."""
+    def check(self, batch_size: int, spatial_shape: tuple[int, ...]) -> None:
+        """ValueError unless these params fit a batch of that size and shape
+        ((H, W), or (D, H, W) for volumes)."""
         b = batch_size
-        expected = {"pair": (b,), "lam": (b,), "method": (b,), "box": (b, 4)}
+        expected = {"pair": (b,), "lam": (b,), "method": (b,),
+                    "box": (b, 2 * len(spatial_shape))}
         for name, shape in expected.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -99,10 +113,39 @@ class MixParams:
             raise ValueError(f"params.pair must index the batch [0, {b}), got {self.pair}")
         if b and not (np.all(self.lam >= 0) and np.all(self.lam <= 1)):  # NaN fails too
             raise ValueError(f"params.lam must lie in [0, 1], got {self.lam}")
-        if np.any(np.isin(self.method, MASK_METHODS)):
+        if np.any(np.isin(self.method, masked_methods(len(spatial_shape)))):
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)
                 raise ValueError(f"params.mask must have shape {(b, *spatial_shape)}, got {got}")
+
+
+VOLUME_METHODS = (MIXUP, CUTMIX, FMIX)  # the methods defined on three axes
+
+
+def masked_methods(rank: int) -> tuple[int, ...]:
+    """The method codes applied through a mask: FMix, SmoothMix, GridMix,
+    and in 3-D CutMix's cuboids too."""
+    return MASK_METHODS if rank != 3 else (*MASK_METHODS, CUTMIX)
+
+
+def check_rank(config: MixConfig, spatial_shape) -> None:
+    """ValueError unless the shape has two axes, or three with only the
+    methods defined on volumes (and CutMix's cuboids, not bands)."""
+    rank = len(spatial_shape)
+    if rank == 2:
+        return
+    if rank != 3:
+        raise ValueError(f"spatial_shape must be (H, W) or (D, H, W), got {tuple(spatial_shape)}")
+    from gpumix.config import METHODS
+
+    others = [name for code, name in enumerate(METHODS, 1)
+              if config.enabled[code - 1] and code not in VOLUME_METHODS]
+    if others:
+        raise ValueError(f"{', '.join(others)} mix 2-D images; volumes and clips mixed as "
+                         f"(D, H, W) take mixup, cutmix and fmix")
+    if config.cutmix_axes != "both":
+        raise ValueError(f"cutmix_axes={config.cutmix_axes!r} cuts bands of 2-D images; "
+                         f"volumes take 'both' (cuboids)")
 
 
 @dataclass(frozen=True)
@@ -114,7 +157,7 @@ class Draws:
     lam_mixup: np.ndarray          # (n,) Beta(mixup_alpha, mixup_alpha)
     lam_cutmix: np.ndarray         # (n,) Beta(cutmix_alpha, ...) or Uniform(minmax)
     lam_fmix: np.ndarray           # (n,) Beta(fmix_alpha, ...) or Beta(a + 1, a)
-    box_u: np.ndarray              # (n, 2) uniform [0, 1): box position (y, x)
+    box_u: np.ndarray              # (n, rank) uniform [0, 1): box position ((z,) y, x)
     round_up_u: np.ndarray         # (n,) uniform [0, 1): FMix k = ceil iff < 0.5
     normal_keys: np.ndarray | None  # (n,) int64 FMix spectrum keys; each expands to the
                                     # unit's N(0, 1) normals (gpumix.kernels.normals)
@@ -162,6 +205,7 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
     """All random numbers for one batch, from one seeded generator."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_rank(config, spatial_shape)
     rng = as_numpy_generator(rng)
     n = 1 if config.mode == "batch" else batch_size
     if config.cutmix_minmax is not None:
@@ -177,7 +221,7 @@ def draw(config: MixConfig, batch_size: int, spatial_shape, rng=None) -> Draws:
     permutation = derangement(batch_size, rng) if config.pairing == "permutation" else None
     draws = dict(apply_u=rng.random(n), method_u=rng.random(n),
                  lam_mixup=_beta(rng, config.mixup_alpha, n), lam_cutmix=lam_cutmix,
-                 lam_fmix=lam_fmix, box_u=rng.random((n, 2)), round_up_u=rng.random(n),
+                 lam_fmix=lam_fmix, box_u=rng.random((n, len(spatial_shape))), round_up_u=rng.random(n),
                  normal_keys=normal_keys, permutation=permutation)
     # Later methods draw after the first three's, so their streams stay as they were.
     if config.on("resizemix") or config.on("smoothmix") or config.on("gridmix"):
@@ -284,28 +328,29 @@ def _box_axis(size: int, cut: np.ndarray, u: np.ndarray, placement: str):
 
 def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip",
                  axes: str = "both") -> np.ndarray:
-    """Boxes (n, 4) = (y0, y1, x0, x1) for sampled lam and positions in [0, 1).
+    """Boxes (n, 4) = (y0, y1, x0, x1) for sampled lam and positions in [0, 1);
+    for a (D, H, W) shape, cuboids (n, 6) = (z0, z1, y0, y1, x0, x1).
 
-    r = sqrt(1 - lam), cut_h = int(H r), cut_w = int(W r) (H and W apart).
-    ``axes="width"``: a band of every row, cut_w = int(W (1 - lam)) (time
-    bands of a (F, T) spectrogram, segments of a 1-D signal seen as 1 x L);
-    ``axes="height"``: a band of every column, cut_h = int(H (1 - lam)).
+    r = sqrt(1 - lam) (cbrt for cuboids), each side int(size r), the axes
+    apart. ``axes="width"``: a band of every row, cut_w = int(W (1 - lam))
+    (time bands of a (F, T) spectrogram, segments of a 1-D signal seen as
+    1 x L); ``axes="height"``: a band of every column, cut_h = int(H (1 - lam)).
     "clip": centre on every row/column, box [c - cut // 2, c + (cut + 1) // 2)
     clipped, as timm's ``rand_bbox`` (whose box is exactly ``cut`` long
     before clipping); "inside": the box fits the image; "uniform": every pixel
     equally likely to be covered (composer's uniform sampling).
     """
-    h, w = spatial_shape
     share = 1.0 - np.asarray(lam, np.float64)
-    ratio = np.sqrt(share)
+    ratio = np.cbrt(share) if len(spatial_shape) == 3 else np.sqrt(share)
     full = np.ones_like(share)
-    cut_h = (h * (full if axes == "width" else share if axes == "height" else ratio)).astype(
-        np.int64)
-    cut_w = (w * (full if axes == "height" else share if axes == "width" else ratio)).astype(
-        np.int64)
-    y0, y1 = _box_axis(h, cut_h, box_u[:, 0], placement)
-    x0, x1 = _box_axis(w, cut_w, box_u[:, 1], placement)
-    return np.stack([y0, y1, x0, x1], axis=1).astype(np.int64)
+    # Per axis: the share of the side cut (bands cut one axis by the whole share).
+    sides = [ratio] * len(spatial_shape)
+    if axes != "both":
+        sides = [full, share] if axes == "width" else [share, full]
+    ends = []
+    for a, (size, side) in enumerate(zip(spatial_shape, sides)):
+        ends.extend(_box_axis(size, (size * side).astype(np.int64), box_u[:, a], placement))
+    return np.stack(ends, axis=1).astype(np.int64)
 
 
 def _inside_boxes(cut_h, cut_w, box_u, spatial_shape) -> np.ndarray:
@@ -407,10 +452,17 @@ def saliencymix_sizes(lam, spatial_shape) -> np.ndarray:
 
 
 def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
-    """Fraction of pixels outside the box (the primary's share)."""
-    h, w = spatial_shape
-    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
-    return 1.0 - area / float(h * w)
+    """Fraction of pixels (voxels) outside the box (the primary's share)."""
+    extents = box[:, 1::2] - box[:, 0::2]
+    return 1.0 - np.prod(extents, axis=1) / float(np.prod(spatial_shape))
+
+
+def cuboid_masks(box: np.ndarray, spatial_shape, samples) -> np.ndarray:
+    """Hard masks (len(samples), D, H, W) float32 of 3-D boxes: 0 inside."""
+    masks = np.ones((len(samples), *spatial_shape), np.float32)
+    for m, (z0, z1, y0, y1, x0, x1) in zip(masks, box[samples]):
+        m[z0:z1, y0:y1, x0:x1] = 0.0
+    return masks
 
 
 def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size: int,
@@ -432,6 +484,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
     and GridMix masks themselves, from the table.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
+    check_rank(config, spatial_shape)
     units = draws.apply_u.shape[0]
     method = choose_methods(config, draws.apply_u, draws.method_u)
     present = set(method.tolist())  # each method's block runs only when a unit uses it
@@ -440,7 +493,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         fixed = config.mixup_lam
         lam = np.where(method == MIXUP, draws.lam_mixup if fixed is None else fixed, lam)
 
-    box = np.zeros((units, 4), np.int64)
+    box = np.zeros((units, 2 * len(spatial_shape)), np.int64)
     if CUTMIX in present:
         is_cut = method == CUTMIX
         sampled = draws.lam_cutmix
@@ -508,6 +561,11 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         elif not on_host:  # FMix masks made on the GPU: add these to them
             used = np.flatnonzero((method == SMOOTHMIX) | (method == GRIDMIX))
             mask[used] = _array_module(mask).asarray(host[used])
+    if CUTMIX in present and len(spatial_shape) == 3 and make_masks:  # cuboids as masks
+        if mask is None:
+            mask = np.zeros((units, *spatial_shape), np.float32)
+        used = np.flatnonzero(method == CUTMIX)
+        mask[used] = _array_module(mask).asarray(cuboid_masks(box, spatial_shape, used))
     if units != batch_size:  # mode "batch": one unit for every sample
         method = np.repeat(method, batch_size)
         lam = np.repeat(lam, batch_size)
@@ -561,6 +619,9 @@ def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
     ``own_address`` (int64 per sample, CPU pipelines): the samples' pixel
     addresses, written as each row's own and partner address. ``label_lam``
     (B,): the targets' weights when they are not lam."""
+    if len(spatial_shape) != 2:
+        raise ValueError(f"the params table holds 2-D images; volumes of shape "
+                         f"{tuple(spatial_shape)} are mixed by gpumix.mix_images")
     b = params.batch_size
     out = np.zeros((b, table.N_COLUMNS), np.float64)
     if labels is not None:

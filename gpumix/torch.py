@@ -99,8 +99,19 @@ def __getattr__(name):
     raise AttributeError(f"module 'gpumix.torch' has no attribute {name!r}")
 
 
-def _layout_view(x: torch.Tensor):
-    """(tensor to mix, layout): NCHW-contiguous as is, channels-last as NHWC."""
+FIVE_D = ("video", "video_3d", "volume")
+
+
+def _layout_view(x: torch.Tensor, five_d: str = "video"):
+    """(tensor to mix, layout): NCHW-contiguous as is, channels-last as NHWC;
+    5-D: clips as NTCHW, volumes as NCDHW (channels_last_3d: NDHWC)."""
+    if x.dim() == 5 and five_d != "video":
+        if x.is_contiguous():
+            return x, "NTCHW" if five_d == "video_3d" else "NCDHW"
+        if five_d == "volume" and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return x.permute(0, 2, 3, 4, 1), "NDHWC"
+        raise ValueError(f"x: a 5-D batch for five_d={five_d!r} must be contiguous"
+                         + (" or channels_last_3d" if five_d == "volume" else ""))
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D images (N, C, H, W), 5-D video (N, T, C, H, W) or "
                          f"3-D signals (N, C, L), got shape {tuple(x.shape)}")
@@ -127,10 +138,12 @@ class Mixup:
                  reformulate=False, reference_compatible=False, pairing="flip",
                  box_placement="clip", method_weights=None, inplace=True, seed=None,
                  generator=None, multi_label=False, targets="auto", split_targets=False,
-                 label_lam=None, return_clean=False, **method_options):
+                 label_lam=None, return_clean=False, five_d="video", **method_options):
         if mode == "pair":
             raise ValueError("mode 'pair' is not supported; use 'batch' or 'elem'")
         check_choice("targets", targets, TARGET_KINDS)
+        check_choice("five_d", five_d, FIVE_D)
+        self.five_d = five_d
         if multi_label and targets not in ("auto", "multi_label"):
             raise ValueError(f"multi_label=True means targets='multi_label', got {targets!r}")
         self.target_kind = "multi_label" if multi_label else targets
@@ -179,7 +192,8 @@ class Mixup:
             config = MixConfig(mixup_alpha=0.0, num_classes=config.num_classes,
                                label_smoothing=config.label_smoothing, pairing=config.pairing)
         draws = draw(config, batch_size, spatial_shape, self.rng)
-        on_cuda = device is not None and device.type == "cuda"  # masks made at launch
+        # 2-D images on CUDA: masks made at launch, on the device.
+        on_cuda = device is not None and device.type == "cuda" and len(spatial_shape) == 2
         return params_from_draws(config, spatial_shape, draws, batch_size,
                                  make_masks=not on_cuda, labels=labels,
                                  pair_weights=pair_weights)
@@ -245,7 +259,7 @@ class Mixup:
             n, c, length = x.shape
             result = self(x.reshape(n, c, 1, length), target, pair_weights)
             return tuple(r.view(n, c, length) if k in (0, 2) else r for k, r in enumerate(result))
-        if x.dim() == 5:  # video (N, T, C, H, W): one box or mask for every frame of a sample
+        if x.dim() == 5 and self.five_d == "video":  # one box or mask for every frame
             if not x.is_contiguous():
                 raise ValueError("x: a video batch (N, T, C, H, W) must be contiguous")
             n, t, c, h, w = x.shape
@@ -254,27 +268,34 @@ class Mixup:
             return tuple(frames)
         if x.requires_grad:
             raise ValueError("x must not require grad: mixing is a data transform")
-        view, layout = _layout_view(x)
+        view, layout = _layout_view(x, self.five_d)
         kind = self._kind_of(target, x.shape[0])
         if target.device != x.device:
             raise ValueError(f"target is on {target.device} but x on {x.device}")
-        h, w = mixing.check_images(view, layout, "x")
+        shape = mixing.check_images(view, layout, "x")
         labels, pair_weights = self._pairing_inputs(target, pair_weights)
-        params = self.sample_params(x.shape[0], (h, w), x.device, labels, pair_weights)
+        params = self.sample_params(x.shape[0], shape, x.device, labels, pair_weights)
         if not x.is_cuda:
             params = saliency.place_boxes(view.numpy(), params, layout,
                                           self.config.saliencymix_saliency)
         self.last_params = params
         label_params = params if self.label_lam is None else dataclasses.replace(
             params, lam=self._label_weights(params.lam))
-        if x.is_cuda:
-            out, targets = self._call_cuda(x, view, layout, (h, w), target, params, kind,
+        if x.is_cuda and len(shape) == 2:
+            out, targets = self._call_cuda(x, view, layout, shape, target, params, kind,
                                            label_params)
             return self._with_clean(out, targets, x, target, kind)
         # Targets first: their label check fails before x is written in place.
-        targets = self._targets_cpu(target, kind, label_params)
+        if x.is_cuda:
+            targets = self._targets_cuda(target, kind, label_params)
+        else:
+            targets = self._targets_cpu(target, kind, label_params)
         out = x if self._in_place else torch.empty_like(x)
-        out_view = out if layout == "NCHW" else out.permute(0, 2, 3, 1)
+        out_view = out.permute(*_permutation(layout)) if layout.endswith("C") else out
+        if x.is_cuda:  # volumes and clips across time: gpumix.mix_images's kernels
+            mixing.mix_images(view, params, layout, out=view if self._in_place else out_view,
+                              stream=_cuda_stream())
+            return self._with_clean(out, targets, x, target, kind)
         source = view.numpy()
         mixing.mix_images(source, params, layout,
                           out=source if self._in_place else out_view.numpy(),
@@ -379,13 +400,29 @@ class Mixup:
             self.last_params = dataclasses.replace(params, mask=masks.owner)
         if with_labels:
             return out, targets
+        return out, self._targets_cuda(target, kind, label_params)
+
+    def _targets_cuda(self, target: torch.Tensor, kind: str, label_params):
+        """CUDA targets other than the one-launch path's: split, dense kinds,
+        or class ids (one wait, for their range check)."""
         if self.split_targets:
-            return out, self._split(target, label_params)
+            return self._split(target, label_params)
+        if kind == "classes":
+            mixed = torch.empty((target.shape[0], self.config.num_classes), dtype=torch.float32,
+                                device=target.device)
+            return mixing.soft_targets(target, label_params, self.config.num_classes,
+                                       self.config.label_smoothing, out=mixed,
+                                       stream=_cuda_stream())
         smoothing, toward = self._smoothing(kind)
-        mixed = torch.empty(tuple(target.shape), dtype=torch.float32, device=x.device)
+        mixed = torch.empty(tuple(target.shape), dtype=torch.float32, device=target.device)
         mixing.mix_targets(target, label_params, smoothing=smoothing, toward=toward, out=mixed,
                            stream=_cuda_stream())
-        return out, mixed
+        return mixed
+
+
+def _permutation(layout: str) -> tuple[int, ...]:
+    """The permute that shows an NC... tensor in a channels-last ``layout``."""
+    return (0, 2, 3, 1) if layout == "NHWC" else (0, 2, 3, 4, 1)
 
 
 def mix_cuda(x, out, rows, params, layout, labels, targets, flag, config, by_pairs, stream,
