@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import types
 from numba.core import cgutils
+from llvmlite import ir
 from numba.extending import intrinsic
 
 IMAGE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
@@ -570,3 +571,15 @@ def copy_bytes(typingctx, dst, src, nbytes):
         return context.get_dummy_value()
 
     return types.void(dst, src, nbytes), codegen
+
+
+@intrinsic
+def float32_bits(typingctx, value):
+    """The IEEE bits of a float32 as a uint32 (a bitcast, no conversion)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(value), codegen

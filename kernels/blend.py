@@ -34,7 +34,7 @@ from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_f
 
 _cpu = element_functions("cpu")
 _blend_value_cpu = _cpu.blend_value
-_blend_uint8_cpu = _cpu.blend_uint8
+_blend_byte_cpu = _cpu.blend_byte
 
 
 def reference(x: np.ndarray, pair: np.ndarray, lam: np.ndarray, samples=None) -> np.ndarray:
@@ -56,13 +56,15 @@ def blend_sample_cpu(a, b, w, quantize, out):
     """One sample's rows (R, L): ``out = w * a + (1 - w) * b`` (``out`` must
     not alias ``b``). The batch kernel and the per-sample DALI applier
     (gpumix/dali_cpu.py) both run it."""
-    for r in range(a.shape[0]):
-        if quantize:
-            for k in range(a.shape[1]):
-                out[r, k] = _blend_uint8_cpu(a[r, k], b[r, k], w)
-        else:
-            for k in range(a.shape[1]):
-                out[r, k] = _blend_value_cpu(a[r, k], b[r, k], w)
+    # One pass over the whole sample (its rows are contiguous): short rows
+    # would pay the vector loop's set-up once per row.
+    a, b, out = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    if quantize:
+        for k in range(a.shape[0]):
+            out[k] = _blend_byte_cpu(a[k], b[k], w)
+    else:
+        for k in range(a.shape[0]):
+            out[k] = _blend_value_cpu(a[k], b[k], w)
 
 
 @njit(cache=True, nogil=True)

@@ -34,7 +34,7 @@ _mixed_value_cpu = _cpu.mixed_value
 # in [0, 255] needs the clamp, and where a == b the sum rounds back to a
 # (gpumix.kernels._element.blend_uint8). Without the selection branches the
 # loop vectorises; the CUDA kernels keep mixed_value (same values).
-_blend_uint8_cpu = _cpu.blend_uint8
+_blend_byte_cpu = _cpu.blend_byte
 
 
 def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
@@ -60,6 +60,23 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
 
 
 @njit(cache=True, nogil=True)
+def _mask_planes(a, b, mask, height, quantize, out):
+    """mask_sample_cpu for one channel per column (NCHW planes): each
+    H x W plane and the mask are contiguous, so one long pass per plane."""
+    a, b, out, m = a.reshape(-1), b.reshape(-1), out.reshape(-1), mask.reshape(-1)
+    plane = m.shape[0]
+    for p in range(a.shape[0] // plane):
+        pa, pb = a[p * plane:(p + 1) * plane], b[p * plane:(p + 1) * plane]
+        po = out[p * plane:(p + 1) * plane]
+        if quantize:
+            for k in range(plane):
+                po[k] = _blend_byte_cpu(pa[k], pb[k], m[k])
+        else:
+            for k in range(plane):
+                po[k] = _mixed_value_cpu(pa[k], pb[k], m[k], quantize)
+
+
+@njit(cache=True, nogil=True)
 def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row):
     """One sample's rows (R, L) mixed by its (H, W) ``mask`` into ``out``
     (``mask_row``: float32 scratch of L). The batch kernel and the
@@ -70,6 +87,9 @@ def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row)
     # with an inner channel loop, or k divided by a run-time cstride, does
     # not vectorise.
     n_cols = a.shape[1]
+    if cstride == 1 and not paste and a.shape[0] % height == 0:
+        _mask_planes(a, b, mask, height, quantize, out)
+        return
     for r in range(a.shape[0]):
         y = r % height
         if cstride == 1:
@@ -91,7 +111,7 @@ def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row)
                 out[r, k] = a[r, k] if mask_row[k] >= 0.5 else b[r, k]
         elif quantize:  # uint8: the branch-free blend, which gives the same bytes
             for k in range(n_cols):
-                out[r, k] = _blend_uint8_cpu(a[r, k], b[r, k], mask_row[k])
+                out[r, k] = _blend_byte_cpu(a[r, k], b[r, k], mask_row[k])
         else:
             for k in range(n_cols):
                 out[r, k] = _mixed_value_cpu(a[r, k], b[r, k], mask_row[k], quantize)
