@@ -15,7 +15,11 @@ Numba CUDA kernels, on the stream given, with no copy to the host).
 Samples are grouped by method and each group is one kernel launch: CutMix,
 SaliencyMix and unmixed samples share the box kernel (an unmixed sample has
 an empty box, so it is copied exactly), MixUp uses the blend kernel, FMix,
-SmoothMix and GridMix the mask kernel, ResizeMix the resize kernel.
+SmoothMix and GridMix the mask kernel, ResizeMix the resize kernel. On the
+CPU, SmoothMix and GridMix masks are made again per sample from their
+shape params (gpumix.kernels.shape_mask.mix_cpu: the same values, kept in
+cache instead of read from memory); ``params.mask`` serves them only when
+those params are absent.
 SaliencyMix boxes are placed on the partners' saliency peaks first
 (gpumix.saliency.place_boxes).
 Volumes and clips mixed across time (layouts NCDHW, NDHWC, and NTCHW: a
@@ -36,8 +40,9 @@ import numpy as np
 from gpumix import fmix, saliency
 import dataclasses
 
-from gpumix.config import BOX_METHODS, CUTMIX, MASK_METHODS, MIXUP, NONE, RESIZEMIX
-from gpumix.params import MixParams, masked_methods
+from gpumix.config import (BOX_METHODS, CUTMIX, GRIDMIX, MASK_METHODS, MIXUP, NONE, RESIZEMIX,
+                           SMOOTHMIX)
+from gpumix.params import MixParams, masked_methods, shape_table
 from gpumix.kernels import (blend, box_paste, mask_mix, resize_paste, shape_mask,
                             soft_targets as targets_kernel)
 from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_geometry,
@@ -172,6 +177,13 @@ def _box_samples(params: MixParams, masked=MASK_METHODS) -> np.ndarray:
     return _samples(params, tuple(c for c in (NONE, *BOX_METHODS) if c not in masked))
 
 
+def _shaped_samples(params: MixParams) -> np.ndarray:
+    """The SmoothMix and GridMix samples whose masks the CPU kernels make
+    from their shape params (those params are given)."""
+    codes = (SMOOTHMIX,) * (params.smooth is not None) + (GRIDMIX,) * (params.grid is not None)
+    return _samples(params, codes)
+
+
 def _run_cpu(x, params: MixParams, layout: str, out, paste: bool, masked=MASK_METHODS):
     view = row_view(np.ascontiguousarray(x), layout)
     out_rows = row_view(out, layout).rows
@@ -183,6 +195,12 @@ def _run_cpu(x, params: MixParams, layout: str, out, paste: bool, masked=MASK_ME
     if mixup.size:
         blend.cpu(view.rows, params.pair, params.lam, mixup, out=out_rows)
     fm = _samples(params, masked)
+    shaped = _shaped_samples(params)
+    if shaped.size:  # masks made per sample, in cache
+        shape_mask.mix_cpu(view.rows, shape_table(params.method, params.smooth, params.grid,
+                                                  params.pair),
+                           shaped, view.height, view.cstride, paste, out=out_rows)
+        fm = np.setdiff1d(fm, shaped)
     if fm.size:
         mask_mix.cpu(view.rows, params.pair, np.ascontiguousarray(params.mask, np.float32), fm,
                      view.height, view.cstride, paste, out=out_rows)

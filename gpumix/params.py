@@ -549,9 +549,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         lam = np.where(is_fmix, fmix_lam, lam)
 
     if make_masks and shape_masks and (smooth is not None or grid is not None):
-        shape_rows = np.zeros((units, table.N_COLUMNS))
-        shape_rows[:, table.METHOD] = method
-        _write_shapes(shape_rows, smooth, grid)
+        shape_rows = shape_table(method, smooth, grid)
         on_host = mask is None or isinstance(mask, np.ndarray)
         host = mask if mask is not None and on_host else np.zeros((units, *spatial_shape),
                                                                    np.float32)
@@ -593,6 +591,17 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         grid=grid,
         bilinear=config.resizemix_interpolation == "bilinear",
     )
+
+
+def shape_table(method, smooth, grid, pair=None) -> np.ndarray:
+    """A params table holding only what SmoothMix and GridMix masks are made
+    from (method, shape columns; the partner when ``pair`` is given)."""
+    rows = np.zeros((len(method), table.N_COLUMNS))
+    rows[:, table.METHOD] = method
+    if pair is not None:
+        rows[:, table.PAIR] = pair
+    _write_shapes(rows, smooth, grid)
+    return rows
 
 
 def _write_shapes(rows, smooth, grid) -> None:

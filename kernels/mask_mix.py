@@ -60,7 +60,7 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
 
 
 @njit(cache=True, nogil=True)
-def _mask_planes(a, b, mask, height, quantize, out):
+def _mask_planes(a, b, mask, height, quantize, paste, out):
     """mask_sample_cpu for one channel per column (NCHW planes): each
     H x W plane and the mask are contiguous, so one long pass per plane."""
     a, b, out, m = a.reshape(-1), b.reshape(-1), out.reshape(-1), mask.reshape(-1)
@@ -68,7 +68,11 @@ def _mask_planes(a, b, mask, height, quantize, out):
     for p in range(a.shape[0] // plane):
         pa, pb = a[p * plane:(p + 1) * plane], b[p * plane:(p + 1) * plane]
         po = out[p * plane:(p + 1) * plane]
-        if quantize:
+        if paste:  # both values loaded first: a select, which vectorises
+            for k in range(plane):
+                va, vb = pa[k], pb[k]
+                po[k] = va if m[k] >= 0.5 else vb
+        elif quantize:
             for k in range(plane):
                 po[k] = _blend_byte_cpu(pa[k], pb[k], m[k])
         else:
@@ -87,8 +91,8 @@ def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row)
     # with an inner channel loop, or k divided by a run-time cstride, does
     # not vectorise.
     n_cols = a.shape[1]
-    if cstride == 1 and not paste and a.shape[0] % height == 0:
-        _mask_planes(a, b, mask, height, quantize, out)
+    if cstride == 1 and a.shape[0] % height == 0:
+        _mask_planes(a, b, mask, height, quantize, paste, out)
         return
     for r in range(a.shape[0]):
         y = r % height

@@ -24,7 +24,11 @@ the partner (mask 0), the rest the primary (mask 1).
 
 Versions: :func:`reference` (NumPy, the formulas above evaluated directly),
 :func:`cpu` (Numba, parallel over rows) and :data:`cuda_kernel`; they
-write only the rows of these two methods.
+write only the rows of these two methods. :func:`mix_cpu` mixes images by
+these masks without keeping them: each sample's mask is made into a
+per-thread (H, W) buffer that stays in cache while the sample is mixed, so
+the batch's masks never travel through memory (4 bytes a pixel, more than
+a uint8 RGB pixel itself).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import math
 import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
-from gpumix.kernels import table
-from gpumix.kernels._launch import LazyCudaKernel, run_parallel
+from gpumix.kernels import mask_mix, table
+from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
 
 SMOOTHMIX, GRIDMIX = 5, 6  # gpumix.config's method codes
 
@@ -106,18 +110,16 @@ def sample_mask_cpu(row, out):
         for y in range(height):
             for x in range(width):
                 out[y, x] = np.float32(1.0) - _bump_cpu(gy[y], gx[x], square)
-    elif method == GRIDMIX:  # each cell's value, then a gather per row
+    elif method == GRIDMIX:  # the n distinct mask rows, then each image row copies its own
         n = np.int64(row[table.GRID])
-        values = np.empty(n * n, np.float32)
-        for cell in range(n * n):
-            values[cell] = _cell_value_cpu(row, cell)
-        columns = np.empty(width, np.int64)
-        for x in range(width):
-            columns[x] = (x * n) // width
-        for y in range(height):
-            first = ((y * n) // height) * n
+        patterns = np.empty((n, width), np.float32)
+        for cell_row in range(n):
             for x in range(width):
-                out[y, x] = values[first + columns[x]]
+                patterns[cell_row, x] = _cell_value_cpu(row, cell_row * n + (x * n) // width)
+        for y in range(height):
+            pattern, target = patterns[(y * n) // height], out[y]
+            for x in range(width):
+                target[x] = pattern[x]
 
 
 @njit(inline="always")
@@ -138,6 +140,29 @@ def cpu(rows, out) -> np.ndarray:
     run_parallel(_masks_cpu, rows.shape[0], rows, out)
     return out
 
+
+@njit(cache=True, nogil=True)
+def _mix_rows_cpu(x, rows, samples, height, cstride, quantize, paste, out, lo, hi):
+    mask = np.empty((height, x.shape[2] // cstride), np.float32)
+    mask_row = np.empty(x.shape[2], np.float32)
+    for s in range(lo, hi):
+        i = samples[s]
+        row = rows[i]
+        sample_mask_cpu(row, mask)
+        mask_mix.mask_sample_cpu(x[i], x[np.int64(row[table.PAIR])], mask, height, cstride,
+                                 quantize, paste, out[i], mask_row)
+
+
+def _mix_cpu_any_dtype(x, rows, samples, height, cstride, paste=False, *, out):
+    samples = as_index_array(samples)
+    run_parallel(_mix_rows_cpu, samples.size, x, rows, samples, height, cstride,
+                 x.dtype == np.uint8, paste, out)
+    return out
+
+
+mix_cpu = float16_via_float32(_mix_cpu_any_dtype)
+mix_cpu.__doc__ = ("Mix the listed SmoothMix and GridMix samples of the (B, R, L) batch "
+                   "``x`` by the masks of their table ``rows``, made per sample on the CPU.")
 
 _profile_gpu = _cuda_api.jit(device=True, inline=True)(_profile)
 _bump_gpu = _cuda_api.jit(device=True, inline=True)(_bump)
