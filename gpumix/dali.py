@@ -38,6 +38,14 @@ GridMix) and the SaliencyMix boxes, read off the samples it is given. Then:
   the batch and a second pass over it for the normalisation; prefer the
   hand-off when the batch goes to torch anyway.
 
+Targets. Labels are class ids by default; with ``targets=`` they are one
+float vector per sample (dense, multi-label or regression), carried to the
+params step at the end of each sample's draw vector and mixed there with
+the sample's label weight (gpumix.mix_targets). ``split_targets`` outputs
+the partners' labels and the weights instead; ``return_clean`` adds the
+input batch and its own targets (built in the graph: ``one_hot`` or
+arithmetic on the labels).
+
 Errors. DALI never sees an exception raised inside a ``numba_function``, so
 the params step keeps its errors and fills the batch's targets with NaN;
 :func:`raise_pending` (``gpumix.dali.raise_pending(pipe)``) raises them, on
@@ -54,10 +62,13 @@ themselves (the permutation restricted to them, :func:`restrict_pairing`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gpumix import dali_cpu, fmix, mixing, runtime, saliency
-from gpumix.config import LABEL_PAIRINGS, MAX_GRID, MixConfig, _check_choice as check_choice
+from gpumix.config import LABEL_PAIRINGS, MAX_GRID, MixConfig, _check_choice as check_choice, \
+    _check_number as check_number
 from gpumix.dali_cpu import raise_pending
 from gpumix.kernels import table
 from gpumix.kernels._launch import scratch, upload_many
@@ -110,17 +121,19 @@ def restrict_pairing(pair: np.ndarray, n_valid: int) -> np.ndarray:
 def draw_columns(config: MixConfig) -> dict[str, slice]:
     """Where each draw sits in the per-sample float64 vector of
     :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
-    x, round up), the lam of each enabled method, the label, with FMix the
-    two 31-bit halves of the spectrum key, with pairing "permutation" the
-    partner index, with ResizeMix, SmoothMix or GridMix one more uniform
-    (their scale), with GridMix one uniform per cell, SaliencyMix's lam, and
-    with a label-aware pairing the uniform that draws the partner. A method
-    that is off has no column (its lam is 1)."""
+    x, round up), the lam of each enabled method, with FMix the two 31-bit
+    halves of the spectrum key, with pairing "permutation" the partner
+    index, with ResizeMix, SmoothMix or GridMix one more uniform (their
+    scale), with GridMix one uniform per cell, SaliencyMix's lam, with a
+    label-aware pairing the uniform that draws the partner, and last the
+    sample's label: a class id, or its target vector (the rest of the
+    vector, "label" is open-ended). A method that is off has no column (its
+    lam is 1)."""
     mixup_on, cutmix_on, fmix_on = config.enabled[:3]
     widths = [("apply", 1), ("method", 1), ("box", 2), ("round_up", 1)]
     widths += [(name, 1) for name, on in (("lam_mixup", mixup_on), ("lam_cutmix", cutmix_on),
                                           ("lam_fmix", fmix_on)) if on]
-    widths += [("label", 1)] + ([("key_halves", 2)] if fmix_on else [])
+    widths += [("key_halves", 2)] if fmix_on else []
     widths += [("permutation", 1)] if config.pairing == "permutation" else []
     widths += [("scale", 1)] if _uses_scale(config) else []
     widths += [("cells", MAX_GRID ** 2)] if config.on("gridmix") else []
@@ -130,7 +143,32 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
     for name, width in widths:
         columns[name] = slice(start, start + width)
         start += width
+    columns["label"] = slice(start, None)
     return columns
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetOptions:
+    """What the params step makes of the labels: ``kind`` (one of
+    gpumix.mixing.TARGET_KINDS: class ids, or per-sample vectors of dense,
+    multi-label or regression targets), ``split`` (the partners' labels
+    instead of mixed targets) and ``label_lam`` (the targets' weight: a
+    number, a function of lam, or None for lam)."""
+
+    kind: str = "classes"
+    split: bool = False
+    label_lam: object = None
+
+    def __post_init__(self):
+        check_choice("targets", self.kind, mixing.TARGET_KINDS)
+        if self.label_lam is not None and not callable(self.label_lam):
+            check_number("label_lam", self.label_lam, 0.0, 1.0)
+
+    @property
+    def soft_classes(self) -> bool:
+        """Whether the targets output is (K,) soft targets of class ids;
+        otherwise it has the labels' width (mixed vectors or partners)."""
+        return self.kind == "classes" and not self.split
 
 
 def _uses_scale(config: MixConfig) -> bool:
@@ -150,8 +188,10 @@ class _ParamsStep:
     to return them: the CPU appliers make their own from the rows)."""
 
     def __init__(self, config: MixConfig, layout: str, spatial_shape=None,
-                 make_masks: bool = False, shape_masks: bool = False):
+                 make_masks: bool = False, shape_masks: bool = False,
+                 targets: TargetOptions = TargetOptions()):
         self.config = config
+        self.targets = targets
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.columns = draw_columns(config)
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
@@ -194,14 +234,13 @@ class _ParamsStep:
         """(params, label ids) of the batch whose draw vectors are ``table``
         and whose first ``n_valid`` samples are real (the rest padding)."""
         b = table.shape[0]
-        label_ids = table[:, self.columns["label"]][:, 0].astype(np.int64)
-        mixing.check_labels(label_ids, b, self.config.num_classes)
+        labels = self._labels(table[:, self.columns["label"]])
         pair = np.arange(b, dtype=np.int64)
         if self.config.pairing == "permutation":
             pair = restrict_pairing(table[:, self.columns["permutation"]][:, 0].astype(np.int64),
                                     n_valid)
         elif self.config.pairing in LABEL_PAIRINGS:  # among the real samples
-            weights = partner_weights(self.config, label_ids[:n_valid])
+            weights = partner_weights(self.config, labels[:n_valid])
             pair[:n_valid] = pairs_from_weights(weights,
                                                 table[:n_valid, self.columns["partner"]][:, 0])
         else:
@@ -209,7 +248,35 @@ class _ParamsStep:
         params = params_from_draws(self.config, spatial_shape, self.draws(table), b, pair=pair,
                                    fmix_masks=self._mask_maker(spatial_shape),
                                    make_masks=self.make_masks, shape_masks=self.shape_masks)
-        return params, label_ids
+        return params, labels
+
+    def _labels(self, values: np.ndarray) -> np.ndarray:
+        """The batch's labels from their draw columns: int64 class ids (B,),
+        checked, or float (B, D) target vectors."""
+        k, kind = self.config.num_classes, self.targets.kind
+        if kind == "classes":
+            if values.shape[1] != 1:
+                raise ValueError(f"labels must be one class id per sample for "
+                                 f"targets='classes', got {values.shape[1]} values")
+            return mixing.check_labels(values[:, 0].astype(np.int64), len(values), k)
+        if kind in ("dense", "multi_label") and values.shape[1] != k:
+            raise ValueError(f"labels must be {k} values per sample (num_classes) for "
+                             f"targets={kind!r}, got {values.shape[1]}")
+        return values
+
+    def _targets(self, labels: np.ndarray, label_params) -> np.ndarray:
+        """The targets output: soft targets of class ids, mixed target
+        vectors, or (split) the partners' labels, float32 (B, width)."""
+        config, kind = self.config, self.targets.kind
+        if self.targets.split:
+            return labels[label_params.pair].reshape(len(labels), -1).astype(np.float32)
+        if kind == "classes":
+            return mixing.soft_targets(labels, label_params, config.num_classes,
+                                       config.label_smoothing)
+        smoothing, toward = mixing.target_smoothing(kind, config.label_smoothing,
+                                                    config.num_classes)
+        return mixing.mix_targets(labels.astype(np.float32), label_params,
+                                  smoothing=smoothing, toward=toward)
 
     def _spatial_shape(self, shapes, dtype) -> tuple[int, int]:
         """(H, W) of a batch of samples of these shapes and dtype, checked like
@@ -244,11 +311,14 @@ class _ParamsStep:
         else:
             dtype = np.uint8 if self.layout == "NHWC" else np.float32
             spatial = self._spatial_shape([tuple(int(n) for n in s) for s in shapes], dtype)
-        params, label_ids = self._params(draw_table, n_valid, spatial)
-        targets = mixing.soft_targets(label_ids, params, self.config.num_classes,
-                                      self.config.label_smoothing)
-        rows = to_table(params, spatial, self.config, label_ids, own_address=addresses,
-                        error_address=self.applier_errors.ctypes.data)
+        params, labels = self._params(draw_table, n_valid, spatial)
+        label_params = dataclasses.replace(
+            params, lam=mixing.label_weights(self.targets.label_lam, params.lam))
+        targets = self._targets(labels, label_params)
+        rows = to_table(params, spatial, self.config,
+                        labels if self.targets.kind == "classes" else None,
+                        own_address=addresses, error_address=self.applier_errors.ctypes.data,
+                        label_lam=label_params.lam)
         if addresses is not None and self.config.on("saliencymix"):
             shape = tuple(int(n) for n in shapes[0])
             samples = [_sample_at(int(a), shape, self.images_dtype) for a in addresses]
@@ -368,7 +438,6 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
         a = config.fmix_alpha
         parts.append(fn.random.beta(alpha=a + 1 if config.reformulate else a, beta=a,
                                     shape=[1], dtype=f64))
-    parts.append(fn.reshape(fn.cast(labels, dtype=f64), shape=[1]))
     if fmix_on:
         if spatial_shape is None:
             raise ValueError("size=(H, W) is required when fmix_alpha > 0: FMix spectra are "
@@ -388,6 +457,7 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
                          "gpumix.torch.Mixup; in DALI pipelines use 'c-mixup' or 'cross-class'")
     if config.pairing in LABEL_PAIRINGS:
         parts.append(fn.random.uniform(range=[0.0, 1.0], shape=[1], dtype=f64))
+    parts.append(fn.reshape(fn.cast(labels, dtype=f64), shape=[-1]))  # last: any width
     return fn.cat(*parts)
 
 
@@ -398,7 +468,7 @@ def _spatial(size):
 
 def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
                   layout: str = "HWC", size=None, source_info=None,
-                  return_params: bool = False):
+                  return_params: bool = False, targets: TargetOptions = TargetOptions()):
     """The params operator's (targets, table, masks or None) nodes on the CPU
     stage. Given the images (CPU pipelines, of DALI type ``images_type``) it
     reads their shapes, addresses and (SaliencyMix) pixels and makes the
@@ -410,7 +480,7 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
     with_images = images is not None
     masks_on = with_images and (config.on("fmix") or (return_params and config.uses_masks))
     step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=masks_on,
-                       shape_masks=return_params)
+                       shape_masks=return_params, targets=targets)
     step.images_dtype = {types.UINT8: np.uint8, types.FLOAT: np.float32,
                          types.UINT16: np.float16}.get(images_type)
     batch_size = Pipeline.current().max_batch_size
@@ -419,9 +489,51 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
     operator = dali_cpu.params_operator(
         step, num_classes=config.num_classes, with_masks=masks_on,
         with_names=source_info is not None, images_type=images_type if with_images else None,
-        layout=layout)
-    targets, rows, *masks = operator(*inputs)
-    return targets, rows, (masks[0] if masks else None)
+        layout=layout,
+        labels_from=None if targets.soft_classes else step.columns["label"].start)
+    mixed_targets, rows, *masks = operator(*inputs)
+    return mixed_targets, rows, (masks[0] if masks else None)
+
+
+def _target_outputs(labels, targets_node, rows, config: MixConfig, targets: TargetOptions,
+                    images=None, device: str = "cpu") -> tuple:
+    """The targets part of an operator's outputs: ``(targets,)`` or, split,
+    ``((y_a, y_b, lam),)``; then with ``images`` (return_clean) the clean
+    images and their own targets. On ``device="gpu"`` targets go to the GPU."""
+    from nvidia.dali import fn, types
+
+    move = (lambda node: node.gpu()) if device == "gpu" else (lambda node: node)
+    if targets.split:
+        partner = fn.cast(targets_node, dtype=types.INT64 if targets.kind == "classes"
+                          else types.FLOAT)
+        lam = fn.cast(rows[table.LABEL_LAM:table.LABEL_LAM + 1], dtype=types.FLOAT)
+        out = ((move(labels), move(partner), move(lam)),)
+    else:
+        out = (move(targets_node),)
+    if images is None:
+        return out
+    return out + (images, move(_clean_targets(labels, config, targets)))
+
+
+def _clean_targets(labels, config: MixConfig, targets: TargetOptions):
+    """The unmixed batch's own targets, as the mixed ones are made: smoothed
+    one-hots of class ids, smoothed vectors, values as given (split: the
+    labels themselves)."""
+    from nvidia.dali import fn, types
+
+    k, s = config.num_classes, config.label_smoothing
+    if targets.split:
+        return labels
+    if targets.kind == "classes":
+        return fn.one_hot(labels, num_classes=k, on_value=1.0 - s + s / k, off_value=s / k,
+                          dtype=types.FLOAT)
+    values = fn.cast(labels, dtype=types.FLOAT)
+    smoothing, toward = mixing.target_smoothing(targets.kind, s, k)
+    if not smoothing:
+        return values
+    keep = types.Constant(np.float32(1.0 - smoothing))
+    pull = types.Constant(np.float32(smoothing * toward))
+    return values * keep + pull
 
 
 def _param_outputs(rows, masks, config: MixConfig) -> tuple:
@@ -437,38 +549,53 @@ def _param_outputs(rows, masks, config: MixConfig) -> tuple:
     return tuple(outputs)
 
 
-def mix_params(labels, *, num_classes: int, size, source_info=None, **options):
+def mix_params(labels, *, num_classes: int, size, source_info=None, targets="classes",
+               split_targets: bool = False, label_lam=None, **options):
     """The params alone: ``targets, table`` for :func:`gpumix.torch.apply`.
 
-    ``labels``: integer class ids in [0, num_classes). ``size=(H, W)``: the
-    images' size (boxes and masks are made for it; ``apply`` checks it).
-    ``options``: every :class:`gpumix.MixConfig` option. Outputs, per sample:
-    float32 soft targets ``(K,)`` and one float64 table row
-    ``(N_COLUMNS,)`` (gpumix.kernels.table). Both are CPU nodes; errors are
-    raised by :func:`raise_pending`.
+    ``labels``: integer class ids in [0, num_classes), or with ``targets``
+    per-sample vectors (see :func:`mix`). ``size=(H, W)``: the images' size
+    (boxes and masks are made for it; ``apply`` checks it). ``options``:
+    every :class:`gpumix.MixConfig` option. Outputs, per sample: float32
+    targets (soft targets ``(K,)`` of class ids; split: ``(y_a, y_b, lam)``)
+    and one float64 table row ``(N_COLUMNS,)`` (gpumix.kernels.table). All
+    are CPU nodes; errors are raised by :func:`raise_pending`.
     """
     if size is None:
         raise ValueError("size=(H, W) is required: the params are made for that size")
     config = MixConfig(num_classes=num_classes, **options)
-    targets, rows, _ = _params_stage(config, labels, size=size, source_info=source_info)
-    return targets, rows
+    kinds = TargetOptions(targets, split_targets, label_lam)
+    mixed, rows, _ = _params_stage(config, labels, size=size, source_info=source_info,
+                                   targets=kinds)
+    return (*_target_outputs(labels, mixed, rows, config, kinds), rows)
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         source_info=None, return_params: bool = False, device: str = "cpu", dtype=None,
-        **options):
-    """Mix a DALI batch inside ``pipeline_def``; returns ``(images, targets[, params...])``.
+        targets: str = "classes", split_targets: bool = False, label_lam=None,
+        return_clean: bool = False, **options):
+    """Mix a DALI batch inside ``pipeline_def``; returns ``(images, targets[, clean,
+    clean_targets][, params...])``.
 
     ``images``: HWC (uint8, from decoders/crops) or CHW (float32/float16, from
     crop_mirror_normalize) -- say which with ``layout``; ``dtype`` (a DALI
     type) is uint8 for HWC and float32 for CHW unless given. ``labels``:
-    integer class ids in [0, num_classes). ``size=(H, W)`` is required with
-    ``device="gpu"`` (the CPU stage cannot read the GPU images' shapes) and
-    for FMix. ``options``: every :class:`gpumix.MixConfig` option. With
-    ``return_params`` the per-sample labels, pair (int64), lam (float32),
-    method (int8), box (int64 x 4, as applied) and, with a mask method,
-    mask (float32 H x W) follow. ``device``: "cpu" or "gpu" (images already
-    on the GPU stage).
+    integer class ids in [0, num_classes) (``targets="classes"``), or one
+    float vector per sample: ``"dense"`` (K,) probabilities (smoothed
+    towards 1 / K), ``"multi_label"`` (K,) 0/1 targets (towards 0.5, timm's
+    ``multi_label``), ``"regression"`` values (D,) (never smoothed), each
+    mixed with its sample's lam as gpumix.mix_targets does.
+    ``split_targets``: ``(y_a, y_b, lam)`` in place of the targets (the
+    labels, their partners', each sample's label weight, float32 (1,)).
+    ``label_lam``: the label weight, a number or a function of the pixels'
+    lam (NumPy arrays in and out). ``return_clean`` (RegMixup): the unmixed
+    images (the input node) and their own targets follow the targets.
+    ``size=(H, W)`` is required with ``device="gpu"`` (the CPU stage cannot
+    read the GPU images' shapes) and for FMix. ``options``: every
+    :class:`gpumix.MixConfig` option. With ``return_params`` the per-sample
+    labels, pair (int64), lam (float32), method (int8), box (int64 x 4, as
+    applied) and, with a mask method, mask (float32 H x W) follow.
+    ``device``: "cpu" or "gpu" (images already on the GPU stage).
     """
     from nvidia.dali import fn, types
 
@@ -478,12 +605,13 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     if dtype not in (types.UINT8, types.FLOAT16, types.FLOAT):
         raise TypeError(f"dtype must be DALI's UINT8, FLOAT16 or FLOAT, got {dtype!r}")
     config = MixConfig(num_classes=num_classes, **options)
+    kinds = TargetOptions(targets, split_targets, label_lam)
     if device == "gpu":
         if size is None:
             raise ValueError("size=(H, W) is required with device='gpu': the params are made "
                              "on the CPU stage, which cannot read the GPU images' shapes")
-        targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
-                                         source_info=source_info)
+        mixed_targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
+                                               source_info=source_info, targets=kinds)
         step = _GpuMixStep(layout, _spatial(size), config.uses_masks, config.on("saliencymix"),
                            return_params)
         extra = step.with_masks_output + step.with_rows_output
@@ -495,19 +623,23 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         if return_params:  # every output on the GPU, like the images; boxes as applied
             applied = rest[-1]
             params = _param_outputs(applied, rest[0] if step.with_masks_output else None, config)
-        return (mixed, targets.gpu(), *params)
+        return (mixed, *_target_outputs(labels, mixed_targets, rows, config, kinds,
+                                        images if return_clean else None, device), *params)
     half = dtype == types.FLOAT16  # Numba has no CPU float16: its bits, as uint16
     source = fn.reinterpret(images, dtype=types.UINT16) if half else images
-    targets, rows, masks = _params_stage(config, labels, images=source,
-                                         images_type=types.UINT16 if half else dtype,
-                                         layout=layout, size=size, source_info=source_info,
-                                         return_params=return_params)
+    mixed_targets, rows, masks = _params_stage(config, labels, images=source,
+                                               images_type=types.UINT16 if half else dtype,
+                                               layout=layout, size=size,
+                                               source_info=source_info,
+                                               return_params=return_params, targets=kinds)
     applier = dali_cpu.applier("mix", layout=layout, dtype=dtype, with_masks=masks is not None)
     mixed = applier(source, rows, *([masks] if masks is not None else []))
     if half:
         mixed = fn.reinterpret(mixed, dtype=types.FLOAT16)
     params = _param_outputs(rows, masks, config) if return_params else ()
-    return (fn.reshape(mixed, layout=layout), targets, *params)
+    return (fn.reshape(mixed, layout=layout),
+            *_target_outputs(labels, mixed_targets, rows, config, kinds,
+                             images if return_clean else None), *params)
 
 
 def _normalize_options(mean, std, output_layout, dtype, device):
@@ -551,29 +683,41 @@ def normalize(images, *, mean, std, output_layout: str = "CHW", dtype=None,
 
 def mix_normalize(images, labels, *, num_classes: int, mean, std, output_layout: str = "CHW",
                   dtype=None, size=None, source_info=None, return_params: bool = False,
-                  device: str = "cpu", **options):
+                  device: str = "cpu", targets: str = "classes", split_targets: bool = False,
+                  label_lam=None, return_clean: bool = False, **options):
     """:func:`mix` then :func:`normalize`: HWC uint8 images in, ``(images,
-    targets[, params...])`` out with the images mixed, then ``(x - mean) /
-    std`` per channel, float in ``output_layout``. On the CPU with float32
-    output the two are one per-sample ``numba_function``, with no mixed copy
-    of the batch in between; otherwise :func:`mix`, then
-    ``crop_mirror_normalize``. Arguments as in :func:`mix`."""
+    targets[, clean, clean_targets][, params...])`` out with the images
+    mixed, then ``(x - mean) / std`` per channel, float in ``output_layout``
+    (the clean images normalised alike). On the CPU with float32 output the
+    two are one per-sample ``numba_function``, with no mixed copy of the
+    batch in between; otherwise :func:`mix`, then ``crop_mirror_normalize``.
+    Arguments as in :func:`mix`."""
     from nvidia.dali import fn, types
 
     dtype = types.FLOAT if dtype is None else dtype
     fused, mean, std = _normalize_options(mean, std, output_layout, dtype, device)
+    target_options = dict(targets=targets, split_targets=split_targets, label_lam=label_lam)
     if not fused:
         mixed, *rest = mix(images, labels, num_classes=num_classes, layout="HWC", size=size,
                            source_info=source_info, return_params=return_params,
-                           device=device, **options)
+                           device=device, return_clean=return_clean, **target_options,
+                           **options)
+        if return_clean:  # rest: targets, clean, clean targets, params...
+            rest[1] = fn.crop_mirror_normalize(rest[1], dtype=dtype, output_layout=output_layout,
+                                               mean=mean, std=std)
         return (fn.crop_mirror_normalize(mixed, dtype=dtype, output_layout=output_layout,
                                          mean=mean, std=std), *rest)
     config = MixConfig(num_classes=num_classes, **options)
-    targets, rows, masks = _params_stage(config, labels, images=images, images_type=types.UINT8,
-                                         layout="HWC", size=size, source_info=source_info,
-                                         return_params=return_params)
+    kinds = TargetOptions(targets, split_targets, label_lam)
+    mixed_targets, rows, masks = _params_stage(config, labels, images=images,
+                                               images_type=types.UINT8, layout="HWC", size=size,
+                                               source_info=source_info,
+                                               return_params=return_params, targets=kinds)
     applier = dali_cpu.applier("mix_normalize", layout=output_layout, mean=mean, std=std,
                                with_masks=masks is not None)
     mixed = applier(images, rows, *([masks] if masks is not None else []))
+    clean = normalize(images, mean=mean, std=std, output_layout=output_layout) \
+        if return_clean else None
     params = _param_outputs(rows, masks, config) if return_params else ()
-    return (fn.reshape(mixed, layout=output_layout), targets, *params)
+    return (fn.reshape(mixed, layout=output_layout),
+            *_target_outputs(labels, mixed_targets, rows, config, kinds, clean), *params)

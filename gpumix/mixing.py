@@ -470,6 +470,31 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
     return out
 
 
+TARGET_KINDS = ("classes", "dense", "multi_label", "regression")
+
+
+def target_smoothing(kind: str, smoothing: float, num_classes: int):
+    """(smoothing, toward) for a kind of targets: probabilities move towards
+    1 / K (rows keep summing to 1), multi-label targets towards 0.5 (timm),
+    regression values are never smoothed."""
+    if kind == "dense":
+        return smoothing, 1.0 / num_classes
+    if kind == "multi_label":
+        return smoothing, 0.5
+    return 0.0, None
+
+
+def label_weights(label_lam, lam) -> np.ndarray:
+    """The targets' weight of the primary (float32, lam's shape): lam itself
+    (``label_lam`` None), a fixed number, or an array-to-array function of lam."""
+    lam = np.asarray(lam, np.float32)
+    if label_lam is None:
+        return lam
+    if callable(label_lam):
+        return np.broadcast_to(np.asarray(label_lam(lam.copy()), np.float32), lam.shape).copy()
+    return np.full(lam.shape, label_lam, np.float32)
+
+
 # ------------------------------------------------------- the params table
 def masks_from_table(rows, shape):
     """CPU masks (B, H, W) float32 of a host params table: FMix's from the

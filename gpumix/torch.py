@@ -122,7 +122,7 @@ def _layout_view(x: torch.Tensor, five_d: str = "video"):
     raise ValueError("x must be contiguous (NCHW) or channels_last; call .contiguous() first")
 
 
-TARGET_KINDS = ("auto", "classes", "dense", "multi_label", "regression")
+TARGET_KINDS = ("auto", *mixing.TARGET_KINDS)
 
 
 def _cuda_stream() -> StreamHandle:
@@ -228,15 +228,6 @@ class Mixup:
                              f"targets='regression', got {target.dtype} {tuple(target.shape)}")
         return kind
 
-    def _label_weights(self, lam: np.ndarray) -> np.ndarray:
-        """The targets' weight of the primary: lam, or label_lam of it."""
-        if self.label_lam is None:
-            return lam
-        if callable(self.label_lam):
-            return np.broadcast_to(np.asarray(self.label_lam(lam.copy()), np.float32),
-                                   lam.shape).copy()
-        return np.full(lam.shape, self.label_lam, np.float32)
-
     def _pairing_inputs(self, target: torch.Tensor, pair_weights):
         """(labels, pair_weights) on the host for a label-aware pairing."""
         pairing = self.config.pairing
@@ -280,7 +271,7 @@ class Mixup:
                                           self.config.saliencymix_saliency)
         self.last_params = params
         label_params = params if self.label_lam is None else dataclasses.replace(
-            params, lam=self._label_weights(params.lam))
+            params, lam=mixing.label_weights(self.label_lam, params.lam))
         if x.is_cuda and len(shape) == 2:
             out, targets = self._call_cuda(x, view, layout, shape, target, params, kind,
                                            label_params)
@@ -328,14 +319,9 @@ class Mixup:
         return clean.scatter_(1, target.long().clamp(0, k - 1)[:, None], 1.0 - smoothing + off)
 
     def _smoothing(self, kind: str):
-        """(smoothing, toward) for dense kinds: probabilities keep summing to 1,
-        multi-label targets move towards 0.5 (timm), values are not smoothed."""
-        s = self.config.label_smoothing
-        if kind == "dense":
-            return s, 1.0 / self.config.num_classes
-        if kind == "multi_label":
-            return s, 0.5
-        return 0.0, None
+        """(smoothing, toward) for the dense kinds (gpumix.mixing.target_smoothing)."""
+        return mixing.target_smoothing(kind, self.config.label_smoothing,
+                                       self.config.num_classes)
 
     def _split(self, target: torch.Tensor, label_params):
         """(y_a, y_b, lam): the targets as given, their partners', the label weights."""

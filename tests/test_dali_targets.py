@@ -1,0 +1,173 @@
+"""Targets beyond class ids in real DALI pipelines: dense, multi-label and
+regression vectors mixed like gpumix.mix_targets on the params the operator
+returns, split targets, label_lam, clean plus mixed, and C-Mixup's pairing
+on regression values (issue 16's DALI front doors)."""
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def
+
+import gpumix.dali as gdali
+from gpumix import mixing
+from gpumix.params import MixParams, from_table
+
+B, K = 6, 4
+RNG = np.random.default_rng(3)
+IMAGES = RNG.integers(0, 256, (B, 10, 12, 3), np.uint8)
+VECTORS = {
+    "dense": RNG.dirichlet(np.ones(K), B).astype(np.float32),
+    "multi_label": (RNG.random((B, K)) < 0.4).astype(np.float32),
+    "regression": RNG.standard_normal((B, 2)).astype(np.float32),
+    "classes": np.array([[0], [1], [2], [3], [1], [0]], np.int32),
+}
+
+
+def run(operator, labels, seed=11, **options):
+    """One run of ``operator(images, labels, ...)`` in a CPU pipeline; every
+    output as a NumPy batch (tuples of outputs flattened)."""
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=seed)
+    def pipe():
+        images = fn.external_source(source=lambda: list(IMAGES), batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: list(labels), batch=True)
+        outputs = operator(images, label, num_classes=K, size=(10, 12), **options)
+        flat = []
+        for node in outputs:
+            flat.extend(node if isinstance(node, tuple) else [node])
+        return tuple(flat)
+
+    p = pipe()
+    p.build()
+    outputs = p.run()
+    gdali.raise_pending(p)
+    return [np.stack([np.array(s) for s in out]) for out in outputs]
+
+
+def params_of(outputs, start):
+    """MixParams from the return_params outputs (labels, pair, lam, method, box)."""
+    _, pair, lam, method, box = outputs[start:start + 5]
+    return MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
+                     box=box)
+
+
+@pytest.mark.parametrize("kind", ["dense", "multi_label", "regression"])
+def test_target_vectors_are_mixed_like_mix_targets(kind):
+    labels = VECTORS[kind]
+    outputs = run(gdali.mix, labels, targets=kind, return_params=True, mixup_alpha=1.0,
+                  cutmix_alpha=1.0, mode="elem", label_smoothing=0.1)
+    images, targets = outputs[:2]
+    params = params_of(outputs, 2)
+    smoothing, toward = mixing.target_smoothing(kind, 0.1, K)
+    expected = mixing.mix_targets(labels, params, smoothing=smoothing, toward=toward)
+    np.testing.assert_array_equal(targets, expected)
+    np.testing.assert_array_equal(images, mixing.reference_mix_images(IMAGES, params, "NHWC"))
+    if kind == "dense":
+        np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+    if kind == "regression":  # never smoothed: lam * y + (1 - lam) * y[partner]
+        lam = params.lam[:, None]
+        np.testing.assert_allclose(targets, lam * labels + (1 - lam) * labels[params.pair],
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["classes", "dense"])
+def test_split_targets_give_the_partners_and_the_label_weights(kind):
+    labels = VECTORS[kind]
+    outputs = run(gdali.mix, labels, targets=kind, split_targets=True, return_params=True,
+                  label_lam=lambda lam: lam ** 2, mixup_alpha=1.0, mode="elem")
+    _, y_a, y_b, weight = outputs[:4]
+    params = params_of(outputs, 4)
+    np.testing.assert_array_equal(y_a, labels)
+    np.testing.assert_array_equal(y_b, labels[params.pair])
+    assert y_b.dtype == (np.int64 if kind == "classes" else np.float32)
+    np.testing.assert_allclose(weight.reshape(-1), params.lam ** 2, rtol=1e-6)
+
+
+def test_fixed_label_lam_weights_the_soft_targets():
+    outputs = run(gdali.mix, VECTORS["classes"], label_lam=0.5, return_params=True,
+                  mixup_alpha=1.0, mode="elem", label_smoothing=0.0)
+    targets = outputs[1]
+    params = params_of(outputs, 2)
+    half = MixParams(pair=params.pair, lam=np.full(B, 0.5, np.float32), method=params.method,
+                     box=params.box)
+    np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
+        VECTORS["classes"].reshape(-1), half, K, 0.0))
+    assert not np.allclose(params.lam, 0.5)  # the pixels keep their own lam
+
+
+@pytest.mark.parametrize("kind", ["classes", "dense", "regression"])
+@pytest.mark.parametrize("operator", [gdali.mix, gdali.mix_normalize])
+def test_clean_batch_and_its_targets_come_with_the_mixed_one(kind, operator):
+    labels = VECTORS[kind]
+    norm = dict(mean=[100.0, 110.0, 120.0], std=[50.0, 55.0, 60.0]) \
+        if operator is gdali.mix_normalize else {}
+    mixed, targets, clean, clean_targets = run(operator, labels, targets=kind,
+                                               return_clean=True, mixup_alpha=1.0,
+                                               label_smoothing=0.2, **norm)
+    if norm:
+        expected = (IMAGES - np.array(norm["mean"])) / np.array(norm["std"])
+        np.testing.assert_allclose(clean, expected.transpose(0, 3, 1, 2), atol=1e-5)
+    else:
+        np.testing.assert_array_equal(clean, IMAGES)
+        assert not np.array_equal(mixed, IMAGES)
+    if kind == "classes":
+        onehot = np.eye(K)[labels.reshape(-1)]
+        np.testing.assert_allclose(clean_targets, onehot * 0.8 + 0.2 / K, atol=1e-7)
+    elif kind == "dense":
+        np.testing.assert_allclose(clean_targets, labels * 0.8 + 0.2 / K, atol=1e-7)
+    else:
+        np.testing.assert_array_equal(clean_targets, labels)
+
+
+def test_c_mixup_pairs_regression_values_by_their_distance():
+    """Two groups of values far apart: with a small bandwidth every partner
+    comes from the sample's own group (C-Mixup's kernel), in DALI too."""
+    values = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]], np.float32)
+    for seed in range(4):
+        outputs = run(gdali.mix, values, seed=seed, targets="regression", return_params=True,
+                      mixup_alpha=1.0, pairing="c-mixup", cmixup_bandwidth=0.5, mode="elem")
+        pair = params_of(outputs, 2).pair
+        group = np.arange(B) // 3
+        np.testing.assert_array_equal(group[pair], group)
+        assert np.all(pair != np.arange(B))
+
+
+def test_mix_params_makes_vector_targets_for_the_hand_off():
+    labels = VECTORS["multi_label"]
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=2)
+    def pipe():
+        label = fn.external_source(source=lambda: list(labels), batch=True)
+        return gdali.mix_params(label, num_classes=K, size=(10, 12), targets="multi_label",
+                                mixup_alpha=1.0, mode="elem", label_smoothing=0.1)
+
+    p = pipe()
+    p.build()
+    targets, rows = (np.stack([np.array(s) for s in out]) for out in p.run())
+    params = from_table(rows)
+    np.testing.assert_array_equal(targets, mixing.mix_targets(labels, params, smoothing=0.1,
+                                                              toward=0.5))
+
+
+@pytest.mark.parametrize("kind,labels,match", [
+    ("dense", np.ones((B, K + 1), np.float32), "labels must be 4 values per sample"),
+    ("classes", np.ones((B, 2), np.int32), "one class id per sample"),
+])
+def test_labels_of_the_wrong_width_are_reported(kind, labels, match):
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=2)
+    def pipe():
+        images = fn.external_source(source=lambda: list(IMAGES), batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: list(labels), batch=True)
+        return gdali.mix(images, label, num_classes=K, targets=kind, mixup_alpha=1.0)
+
+    p = pipe()
+    p.build()
+    p.run()
+    with pytest.raises(ValueError, match=match):
+        gdali.raise_pending(p)
+
+
+def test_bad_target_options_fail_when_the_graph_is_built():
+    with pytest.raises(ValueError, match="targets must be one of"):
+        gdali.TargetOptions("soft")
+    with pytest.raises(ValueError, match="label_lam"):
+        gdali.TargetOptions("classes", label_lam=1.5)
