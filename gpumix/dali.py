@@ -189,9 +189,10 @@ class _ParamsStep:
 
     def __init__(self, config: MixConfig, layout: str, spatial_shape=None,
                  make_masks: bool = False, shape_masks: bool = False,
-                 targets: TargetOptions = TargetOptions()):
+                 targets: TargetOptions = TargetOptions(), clips: bool = False):
         self.config = config
         self.targets = targets
+        self.clips = clips  # samples are video clips, their frames stacked as rows
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.columns = draw_columns(config)
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
@@ -294,6 +295,12 @@ class _ParamsStep:
         if c < 1:
             raise ValueError(f"images have no channels in layout {self.layout[1:]} (sample "
                              f"shape {shape})")
+        if self.clips:  # F frames of the given size, stacked
+            frame_h, frame_w = self.spatial_shape
+            if w != frame_w or h % frame_h:
+                raise ValueError(f"video frames are {w} wide and {h} rows in all, not frames "
+                                 f"of size={tuple(self.spatial_shape)}")
+            return int(frame_h), int(frame_w)
         if self.spatial_shape is not None and (h, w) != tuple(self.spatial_shape):
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{tuple(self.spatial_shape)}")
@@ -357,9 +364,10 @@ class _GpuMixStep:
     also outputs the masks and the table as applied."""
 
     def __init__(self, layout: str, spatial_shape, masks_on: bool, saliency_on: bool,
-                 return_params: bool):
+                 return_params: bool, clips: bool = False):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
         self.spatial_shape = spatial_shape
+        self.clips = clips  # video clips, their frames stacked as rows
         self.masks_on = masks_on  # without masks or SaliencyMix nothing is read back
         self.saliency_on = saliency_on
         self.with_masks_output = return_params and masks_on
@@ -370,6 +378,8 @@ class _GpuMixStep:
 
         batch = _stack(images, cp)
         h, w = mixing.check_images(batch, self.layout)
+        if self.clips and w == self.spatial_shape[1] and h % self.spatial_shape[0] == 0:
+            h = self.spatial_shape[0]
         if (h, w) != self.spatial_shape:
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{self.spatial_shape}: the params were made for that size")
@@ -389,7 +399,8 @@ class _GpuMixStep:
             if self.masks_on else None
         out = cp.empty_like(batch)
         mixing.launch_table_mix(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
-                                device_rows, masks, self.layout, stream, launcher)
+                                device_rows, masks, self.layout, stream, launcher,
+                                frame_height=h if self.clips else None)
         outputs = [list(out)]
         if self.with_masks_output:
             outputs.append(list(masks.owner if masks is not None else
@@ -468,7 +479,8 @@ def _spatial(size):
 
 def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
                   layout: str = "HWC", size=None, source_info=None,
-                  return_params: bool = False, targets: TargetOptions = TargetOptions()):
+                  return_params: bool = False, targets: TargetOptions = TargetOptions(),
+                  clips: bool = False):
     """The params operator's (targets, table, masks or None) nodes on the CPU
     stage. Given the images (CPU pipelines, of DALI type ``images_type``) it
     reads their shapes, addresses and (SaliencyMix) pixels and makes the
@@ -480,7 +492,7 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
     with_images = images is not None
     masks_on = with_images and (config.on("fmix") or (return_params and config.uses_masks))
     step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=masks_on,
-                       shape_masks=return_params, targets=targets)
+                       shape_masks=return_params, targets=targets, clips=clips)
     step.images_dtype = {types.UINT8: np.uint8, types.FLOAT: np.float32,
                          types.UINT16: np.float16}.get(images_type)
     batch_size = Pipeline.current().max_batch_size
@@ -490,7 +502,8 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
         step, num_classes=config.num_classes, with_masks=masks_on,
         with_names=source_info is not None, images_type=images_type if with_images else None,
         layout=layout,
-        labels_from=None if targets.soft_classes else step.columns["label"].start)
+        labels_from=None if targets.soft_classes else step.columns["label"].start,
+        mask_shape=_spatial(size) if clips else None)
     mixed_targets, rows, *masks = operator(*inputs)
     return mixed_targets, rows, (masks[0] if masks else None)
 
@@ -596,16 +609,54 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     labels, pair (int64), lam (float32), method (int8), box (int64 x 4, as
     applied) and, with a mask method, mask (float32 H x W) follow.
     ``device``: "cpu" or "gpu" (images already on the GPU stage).
+
+    Video: ``layout="FHWC"`` (DALI's video readers) mixes clips with one
+    box or mask for every frame of a clip; ``size=(H, W)`` (a frame's) is
+    required, and ResizeMix and SaliencyMix, which read whole images, are
+    refused. The clip's frames are seen as one image of F * H rows.
     """
+    check_choice("layout", layout, ("HWC", "CHW", "FHWC"))
+    check_choice("device", device, ("cpu", "gpu"))
+    config = MixConfig(num_classes=num_classes, **options)
+    kinds = TargetOptions(targets, split_targets, label_lam)
+    common = dict(size=size, source_info=source_info, return_params=return_params,
+                  device=device, dtype=dtype, return_clean=return_clean)
+    if layout == "FHWC":
+        return _mix_clips(images, labels, config, kinds, **common)
+    return _mix_frames(images, labels, config, kinds, layout=layout, **common)
+
+
+def _mix_clips(images, labels, config: MixConfig, kinds: TargetOptions, *, size,
+               return_clean: bool, **common):
+    """:func:`mix` of FHWC clips: each clip reshaped to (F * H, W, C), mixed
+    as an HWC image whose rows repeat every H (one box or mask per clip),
+    and reshaped back."""
     from nvidia.dali import fn, types
 
-    check_choice("layout", layout, ("HWC", "CHW"))
-    check_choice("device", device, ("cpu", "gpu"))
+    if size is None:
+        raise ValueError("size=(H, W) of a frame is required for video clips (layout='FHWC')")
+    whole = [name for name in ("resizemix", "saliencymix") if config.on(name)]
+    if whole:
+        raise ValueError(f"{', '.join(whole)} read whole images: video clips (layout='FHWC') "
+                         f"take the other methods")
+    shape = images.shape(dtype=types.INT32)
+    frames = fn.reshape(images, shape=fn.cat(shape[0:1] * shape[1:2], shape[2:4]), layout="HWC")
+    mixed, *rest = _mix_frames(frames, labels, config, kinds, layout="HWC", size=size,
+                               return_clean=return_clean, clips=True, **common)
+    if return_clean:  # the clean clips: the input node, FHWC
+        rest[1] = images
+    return (fn.reshape(mixed, shape=shape, layout="FHWC"), *rest)
+
+
+def _mix_frames(images, labels, config: MixConfig, kinds: TargetOptions, *, layout, size,
+                source_info, return_params, device, dtype, return_clean, clips=False):
+    """:func:`mix` of HWC or CHW images (``clips``: HWC images that stack a
+    clip's frames of ``size``)."""
+    from nvidia.dali import fn, types
+
     dtype = (types.UINT8 if layout == "HWC" else types.FLOAT) if dtype is None else dtype
     if dtype not in (types.UINT8, types.FLOAT16, types.FLOAT):
         raise TypeError(f"dtype must be DALI's UINT8, FLOAT16 or FLOAT, got {dtype!r}")
-    config = MixConfig(num_classes=num_classes, **options)
-    kinds = TargetOptions(targets, split_targets, label_lam)
     if device == "gpu":
         if size is None:
             raise ValueError("size=(H, W) is required with device='gpu': the params are made "
@@ -613,7 +664,7 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
         mixed_targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
                                                source_info=source_info, targets=kinds)
         step = _GpuMixStep(layout, _spatial(size), config.uses_masks, config.on("saliencymix"),
-                           return_params)
+                           return_params, clips)
         extra = step.with_masks_output + step.with_rows_output
         outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
                                      num_outputs=1 + extra, device="gpu",
@@ -631,7 +682,8 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
                                                images_type=types.UINT16 if half else dtype,
                                                layout=layout, size=size,
                                                source_info=source_info,
-                                               return_params=return_params, targets=kinds)
+                                               return_params=return_params, targets=kinds,
+                                               clips=clips)
     applier = dali_cpu.applier("mix", layout=layout, dtype=dtype, with_masks=masks is not None)
     mixed = applier(source, rows, *([masks] if masks is not None else []))
     if half:

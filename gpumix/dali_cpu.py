@@ -349,22 +349,24 @@ def _params_run(with_masks: bool, with_images: bool, with_names: bool):
     return run
 
 
-def _params_setup(num_classes: int, with_masks: bool, chw: bool, labels_from=None):
+def _params_setup(num_classes: int, with_masks: bool, chw: bool, labels_from=None,
+                  mask_shape=None):
     """numba_function setup: targets (K,) (with ``labels_from``: the width
     of the labels at the end of the draw vector), table rows (N_COLUMNS,),
     masks (H, W) of the HWC or CHW images (input 2, after the draws and the
     step)."""
     n_columns = table.N_COLUMNS
     first = 1 if chw else 0
-    start = -1 if labels_from is None else int(labels_from)  # a plain int for Numba
+    start = -1 if labels_from is None else int(labels_from)  # plain ints for Numba
+    fixed_h, fixed_w = (-1, -1) if mask_shape is None else (int(n) for n in mask_shape)
 
     def setup(out_shapes, in_shapes):
         for i in range(len(out_shapes[0])):
             out_shapes[0][i][0] = num_classes if start < 0 else in_shapes[0][i][0] - start
             out_shapes[1][i][0] = n_columns
             if with_masks:
-                out_shapes[2][i][0] = in_shapes[2][i][first]
-                out_shapes[2][i][1] = in_shapes[2][i][first + 1]
+                out_shapes[2][i][0] = in_shapes[2][i][first] if fixed_h < 0 else fixed_h
+                out_shapes[2][i][1] = in_shapes[2][i][first + 1] if fixed_w < 0 else fixed_w
     return setup
 
 
@@ -372,14 +374,16 @@ _PARAMS_OPERATORS: dict = {}
 
 
 def params_operator(step, *, num_classes: int, with_masks: bool, with_names: bool,
-                    images_type=None, layout: str = "HWC", labels_from=None):
+                    images_type=None, layout: str = "HWC", labels_from=None, mask_shape=None):
     """A function ``(draws[, images][, source_info]) -> (targets, rows[,
     masks])`` of DALI nodes running ``step`` (a gpumix.dali._ParamsStep)
     once per batch through a batch-mode ``numba_function`` and objmode.
     Images are 3-D samples of DALI type ``images_type``; masks need them.
     Without images the step must know the size. The targets are (K,) per
     sample, or with ``labels_from`` (where the labels start in the draw
-    vector) as wide as the labels. The compiled operator is
+    vector) as wide as the labels; masks are the images' (H, W), or
+    ``mask_shape`` (video clips, whose frames are stacked as rows). The
+    compiled operator is
     built once per process for each set of options and told which step to
     call by a constant input, so a new pipeline does not compile again. Its
     errors surface through :func:`raise_pending`."""
@@ -394,7 +398,7 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
     _STEPS[index] = step
     # The pipeline keeps the step alive (the operator only knows its index).
     Pipeline.current().__dict__.setdefault("_gpumix_steps", []).append(step)
-    key = (num_classes, with_masks, with_names, images_type, layout, labels_from)
+    key = (num_classes, with_masks, with_names, images_type, layout, labels_from, mask_shape)
     if key not in _PARAMS_OPERATORS:
         inputs = [(types.FLOAT64, 1), (types.INT32, 1)] + [(images_type, 3)] * with_images \
             + [(types.UINT8, 1)] * with_names
@@ -403,7 +407,8 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
                                     category=NumbaWarning)
             _PARAMS_OPERATORS[key] = NumbaFunction(
                 run_fn=_params_run(with_masks, with_images, with_names),
-                setup_fn=_params_setup(num_classes, with_masks, layout == "CHW", labels_from),
+                setup_fn=_params_setup(num_classes, with_masks, layout == "CHW", labels_from,
+                                       mask_shape),
                 batch_processing=True, device="cpu",
                 out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
                 outs_ndim=[1, 1] + [2] * with_masks, in_types=[t for t, _ in inputs],

@@ -533,16 +533,18 @@ def no_mask(launcher):
 
 
 def launch_table_mix(x, out, rows, masks, layout: str, stream: int, launcher,
-                     by_pairs: bool = False, targets=None) -> None:
+                     by_pairs: bool = False, targets=None, frame_height=None) -> None:
     """Enqueue gpumix.kernels.table_mix once: ``x`` into ``out``
     (DeviceArrays of one shape and dtype, NCHW or NHWC) by the device params
     table ``rows``, ``masks`` (B, H, W) or None. ``targets``: None, or
     (labels, targets, error flag, off value, on value) to write the soft
-    targets in the same launch."""
+    targets in the same launch. ``frame_height``: video clips whose frames
+    are stacked as the rows of one image, each frame this high."""
     from gpumix import runtime
     from gpumix.kernels import table_mix
 
     (b, n_rows, n_cols), h, cstride = row_geometry(x.shape, layout)
+    h = h if frame_height is None else frame_height
     if targets is None:
         labels, out_targets, flag = runtime.kept(launcher, "no_targets", lambda: (
             launcher.empty(1, np.int64), launcher.empty((0, 1), np.float32),

@@ -56,7 +56,9 @@ is_mask_method_gpu = _cuda_api.jit(device=True, inline=True)(is_mask_method.py_f
 def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
     """Mix one HWC or CHW sample with its partner by its table ``row`` with
     the CPU kernels' per-sample bodies (``mask``: the FMix mask, None when
-    FMix is off; SmoothMix and GridMix masks are made here from the row)."""
+    FMix is off; SmoothMix and GridMix masks are made here from the row).
+    The image height is the row's (when set): a video clip's F frames of H
+    rows come as one F * H-row sample and take the same box or mask each."""
     method = np.int64(row[table.METHOD])
     if chw:
         height, cstride = image.shape[1], 1
@@ -64,6 +66,8 @@ def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
     else:
         height, cstride = image.shape[0], image.shape[2]
         shape2d = (image.shape[0], image.shape[1] * image.shape[2])
+    if row[table.HEIGHT] > 0:  # the frame height: a clip's frames are stacked as rows
+        height = np.int64(row[table.HEIGHT])
     a, b, o = image.reshape(shape2d), partner.reshape(shape2d), out.reshape(shape2d)
     if method == MIXUP:
         blend.blend_sample_cpu(a, b, np.float32(row[table.LAM]), quantize, o)

@@ -1,7 +1,8 @@
-"""Targets beyond class ids in real DALI pipelines: dense, multi-label and
-regression vectors mixed like gpumix.mix_targets on the params the operator
-returns, split targets, label_lam, clean plus mixed, and C-Mixup's pairing
-on regression values (issue 16's DALI front doors)."""
+"""Beyond class ids and images in real DALI pipelines: dense, multi-label
+and regression vectors mixed like gpumix.mix_targets on the params the
+operator returns, split targets, label_lam, clean plus mixed, C-Mixup's
+pairing on regression values, and FHWC video clips (one box or mask for
+every frame, against the 2-D reference frame by frame)."""
 
 import numpy as np
 import pytest
@@ -171,3 +172,56 @@ def test_bad_target_options_fail_when_the_graph_is_built():
         gdali.TargetOptions("soft")
     with pytest.raises(ValueError, match="label_lam"):
         gdali.TargetOptions("classes", label_lam=1.5)
+
+
+# ------------------------------------------------------------------- video
+CLIPS = RNG.integers(0, 256, (B, 3, 10, 12, 3), np.uint8)  # B clips of 3 frames, FHWC
+
+
+@pytest.mark.parametrize("options", [
+    dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem"),
+    dict(method_weights={"smoothmix": 1, "gridmix": 1}, mode="elem"),
+])
+def test_video_clips_take_one_box_or_mask_for_every_frame(options):
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=4)
+    def pipe():
+        clips = fn.external_source(source=lambda: list(CLIPS), batch=True, layout="FHWC")
+        label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
+        mixed, targets, clean, _, *params = gdali.mix(
+            clips, label, num_classes=K, layout="FHWC", size=(10, 12), return_params=True,
+            return_clean=True, **options)
+        return (mixed, targets, clean, *params)
+
+    p = pipe()
+    p.build()
+    outputs = p.run()
+    gdali.raise_pending(p)
+    assert outputs[0].layout() == "FHWC"
+    out = [np.stack([np.array(s) for s in o]) for o in outputs]
+    clips, targets, clean, labels, pair, lam, method, box, *mask = out
+    assert clips.shape == CLIPS.shape
+    np.testing.assert_array_equal(clean, CLIPS)
+    params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
+                       box=box, mask=mask[0] if mask else None)
+    assert mask[0].shape == (B, 10, 12)
+    for f in range(3):  # each frame mixed as a 2-D image with the clip's params
+        np.testing.assert_array_equal(clips[:, f], mixing.reference_mix_images(
+            np.ascontiguousarray(CLIPS[:, f]), params, "NHWC"))
+    np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
+        labels.reshape(-1), params, K, 0.1))
+
+
+def test_video_clips_refuse_whole_image_methods_and_need_a_size():
+    def build(**options):
+        @pipeline_def(batch_size=B, num_threads=1, device_id=None)
+        def pipe():
+            clips = fn.external_source(source=lambda: list(CLIPS), batch=True, layout="FHWC")
+            label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
+            return gdali.mix(clips, label, num_classes=K, layout="FHWC", **options)
+
+        pipe()
+
+    with pytest.raises(ValueError, match="resizemix read whole images"):
+        build(size=(10, 12), method_weights={"resizemix": 1})
+    with pytest.raises(ValueError, match="size=\\(H, W\\) of a frame is required"):
+        build(mixup_alpha=1.0)
