@@ -252,16 +252,23 @@ def raise_pending(pipeline) -> None:
 
 
 def _step_outputs(index, draw_table, n_valid, shapes, addresses, has_images):
-    """The objmode side: the step's (targets, table rows, masks, ok)."""
-    step = _STEPS[int(index)]
+    """The objmode side: the step's (targets, table rows, masks, ok). No
+    exception may leave it: it runs on a DALI thread, inside compiled code.
+    A step already gone (a pipeline collected while an iteration it had
+    prefetched still runs) gives ok = 0."""
+    step = _STEPS.get(int(index))
+    if step is None:
+        return _FAILED
     try:
         if not has_images:
             shapes = addresses = None
         return (*step.fast_outputs(draw_table, n_valid, shapes, addresses), 1)
     except Exception as error:  # noqa: BLE001 - reported by raise_pending()
         step.errors.append(error)
-        return (np.zeros((0, 0), np.float32), np.zeros((0, 0)), np.zeros((0, 0, 0), np.float32),
-                0)
+        return _FAILED
+
+
+_FAILED = (np.zeros((0, 0), np.float32), np.zeros((0, 0)), np.zeros((0, 0, 0), np.float32), 0)
 
 
 @njit(nogil=True)
