@@ -257,6 +257,18 @@ def test_params_operator_reports_bad_labels():
     gdali.raise_pending(p)  # reported once
 
 
+def test_a_collected_step_fails_its_batch_instead_of_raising():
+    """A pipeline dropped while DALI still runs an iteration it prefetched:
+    its params step is gone, and the compiled operator must get a failed
+    batch back, not an exception (one raised there ended the process)."""
+    from gpumix import dali_cpu
+
+    unknown = max(dali_cpu._STEPS.keys(), default=0) + 1000
+    targets, rows, masks, ok = dali_cpu._step_outputs(unknown, np.zeros((2, 6)), 2, None,
+                                                      None, False)
+    assert ok == 0 and targets.size == rows.size == masks.size == 0
+
+
 def test_partner_is_read_only_through_the_buffer_the_step_saw():
     """The per-sample applier follows the partner address only when the own
     address in the row is the buffer it was given; otherwise it mixes nothing
