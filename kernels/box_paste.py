@@ -57,8 +57,12 @@ def paste_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, out):
     c0 = x0 * cstride
     c1 = x1 * cstride
     copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * row_bytes)
-    for r in range(n_rows):
-        if _box_contains_cpu(r % height, c0, y0, y1, c0, c1):
+    if not _box_contains_cpu(y0, c0, y0, y1, c0, c1):
+        return  # an empty box
+    # The box's rows of every plane (image rows repeat every ``height``
+    # rows: channels of CHW, frames of a clip), not a test of every row.
+    for plane in range(0, n_rows, height):
+        for r in range(plane + max(y0, 0), plane + min(y1, height)):
             offset = r * row_bytes + c0 * item
             copy_bytes(out.ctypes.data + offset, b.ctypes.data + offset, (c1 - c0) * item)
 
