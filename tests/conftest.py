@@ -4,6 +4,9 @@
     test_ptx.py            every CUDA kernel compiles to PTX (sm_80, sm_90)
     test_semantics.py      invariants (hypothesis) and statistics of sampling
     test_against_timm.py   targets, boxes and the torch module vs timm
+    test_against_torchvision.py   dense targets vs torchvision v2 MixUp/CutMix
+    test_volumes.py        volumes and clips across time (3-D boxes, 3-D FMix)
+    test_dali_targets.py   DALI: dense/multi-label/regression targets, video
     test_fmix.py           FMix masks vs the published maths; isotropy
     test_torch_module.py   gpumix.torch.Mixup behaviour and errors
     test_errors.py         bad input -> clear exceptions
