@@ -72,8 +72,8 @@ from gpumix.config import LABEL_PAIRINGS, MAX_GRID, MixConfig, _check_choice as 
 from gpumix.dali_cpu import raise_pending
 from gpumix.kernels import table
 from gpumix.kernels._launch import scratch, upload_many
-from gpumix.params import (Draws, pairing, pairs_from_weights, params_from_draws, partner_weights,
-                           to_table)
+from gpumix.params import (Draws, check_rank, pairing, pairs_from_weights, params_from_draws,
+                           partner_weights, to_table)
 
 __all__ = ["mix_params", "mix", "mix_normalize", "normalize", "raise_pending",
            "param_names", "restrict_pairing"]
@@ -118,14 +118,15 @@ def restrict_pairing(pair: np.ndarray, n_valid: int) -> np.ndarray:
     return result
 
 
-def draw_columns(config: MixConfig) -> dict[str, slice]:
+def draw_columns(config: MixConfig, volume: bool = False) -> dict[str, slice]:
     """Where each draw sits in the per-sample float64 vector of
     :func:`_draw_vectors`: five uniforms in [0, 1) (apply, method, box y and
     x, round up), the lam of each enabled method, with FMix the two 31-bit
     halves of the spectrum key, with pairing "permutation" the partner
     index, with ResizeMix, SmoothMix or GridMix one more uniform (their
     scale), with GridMix one uniform per cell, SaliencyMix's lam, with a
-    label-aware pairing the uniform that draws the partner, and last the
+    label-aware pairing the uniform that draws the partner, for volumes the
+    box's depth position, and last the
     sample's label: a class id, or its target vector (the rest of the
     vector, "label" is open-ended). A method that is off has no column (its
     lam is 1)."""
@@ -139,6 +140,7 @@ def draw_columns(config: MixConfig) -> dict[str, slice]:
     widths += [("cells", MAX_GRID ** 2)] if config.on("gridmix") else []
     widths += [("lam_saliencymix", 1)] if config.on("saliencymix") else []
     widths += [("partner", 1)] if config.pairing in LABEL_PAIRINGS else []
+    widths += [("box_depth", 1)] if volume else []
     columns, start = {}, 0
     for name, width in widths:
         columns[name] = slice(start, start + width)
@@ -193,8 +195,9 @@ class _ParamsStep:
         self.config = config
         self.targets = targets
         self.clips = clips  # samples are video clips, their frames stacked as rows
+        self.volume = spatial_shape is not None and len(spatial_shape) == 3  # D * H rows
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
-        self.columns = draw_columns(config)
+        self.columns = draw_columns(config, self.volume)
         self.spatial_shape = spatial_shape  # (H, W) given with size=, checked if images come
         self.make_masks = make_masks
         self.shape_masks = shape_masks
@@ -212,8 +215,11 @@ class _ParamsStep:
         if "key_halves" in column:
             halves = column["key_halves"].astype(np.int64)
             keys = (halves[:, 0] << 31) | halves[:, 1]
+        box_u = column["box"]
+        if "box_depth" in column:  # (z, y, x)
+            box_u = np.concatenate([column["box_depth"], box_u], axis=1)
         return Draws(apply_u=column["apply"][:, 0], method_u=column["method"][:, 0],
-                     box_u=column["box"], round_up_u=column["round_up"][:, 0],
+                     box_u=box_u, round_up_u=column["round_up"][:, 0],
                      lam_mixup=column["lam_mixup"][:, 0] if "lam_mixup" in column else ones,
                      lam_cutmix=column["lam_cutmix"][:, 0] if "lam_cutmix" in column else ones,
                      lam_fmix=column["lam_fmix"][:, 0] if "lam_fmix" in column else ones,
@@ -295,6 +301,12 @@ class _ParamsStep:
         if c < 1:
             raise ValueError(f"images have no channels in layout {self.layout[1:]} (sample "
                              f"shape {shape})")
+        if self.volume:  # D slices of H rows, stacked
+            depth, height, width = self.spatial_shape
+            if (h, w) != (depth * height, width):
+                raise ValueError(f"volumes must be {tuple(self.spatial_shape)} (D, H, W) as "
+                                 f"given by size=, got {h // max(depth, 1)} x {w} slices")
+            return depth, height, width
         if self.clips:  # F frames of the given size, stacked
             frame_h, frame_w = self.spatial_shape
             if w != frame_w or h % frame_h:
@@ -334,6 +346,7 @@ class _ParamsStep:
         if self.make_masks:
             masks = params.mask if params.mask is not None else self._no_masks(
                 draw_table.shape[0], spatial)
+            masks = masks.reshape(len(masks), -1, spatial[-1])  # a volume's: D * H rows
         return (np.ascontiguousarray(targets, np.float32), rows,
                 np.ascontiguousarray(masks, np.float32))
 
@@ -468,6 +481,8 @@ def _draw_vectors(config: MixConfig, spatial_shape, batch_size: int, labels):
                          "gpumix.torch.Mixup; in DALI pipelines use 'c-mixup' or 'cross-class'")
     if config.pairing in LABEL_PAIRINGS:
         parts.append(fn.random.uniform(range=[0.0, 1.0], shape=[1], dtype=f64))
+    if spatial_shape is not None and len(spatial_shape) == 3:  # a volume's box depth
+        parts.append(fn.random.uniform(range=[0.0, 1.0], shape=[1], dtype=f64))
     parts.append(fn.reshape(fn.cast(labels, dtype=f64), shape=[-1]))  # last: any width
     return fn.cat(*parts)
 
@@ -490,7 +505,9 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
     from nvidia.dali.pipeline import Pipeline
 
     with_images = images is not None
-    masks_on = with_images and (config.on("fmix") or (return_params and config.uses_masks))
+    volume = size is not None and len(size) == 3  # cuboids are applied through masks too
+    masks_on = with_images and (config.on("fmix") or (volume and config.on("cutmix"))
+                                or (return_params and config.uses_masks))
     step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=masks_on,
                        shape_masks=return_params, targets=targets, clips=clips)
     step.images_dtype = {types.UINT8: np.uint8, types.FLOAT: np.float32,
@@ -503,7 +520,8 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
         with_names=source_info is not None, images_type=images_type if with_images else None,
         layout=layout,
         labels_from=None if targets.soft_classes else step.columns["label"].start,
-        mask_shape=_spatial(size) if clips else None)
+        mask_shape=_spatial(size) if clips else
+        (size[0] * size[1], size[2]) if volume else None)
     mixed_targets, rows, *masks = operator(*inputs)
     return mixed_targets, rows, (masks[0] if masks else None)
 
@@ -549,14 +567,18 @@ def _clean_targets(labels, config: MixConfig, targets: TargetOptions):
     return values * keep + pull
 
 
-def _param_outputs(rows, masks, config: MixConfig) -> tuple:
-    """labels, pair, lam, method, box[, mask] nodes, sliced from the table."""
+def _param_outputs(rows, masks, config: MixConfig, volume: bool = False) -> tuple:
+    """labels, pair, lam, method, box[, mask] nodes, sliced from the table
+    (a volume's box: z0, z1, y0, y1, x0, x1)."""
     from nvidia.dali import fn, types
 
     dtypes = {"labels": types.INT64, "pair": types.INT64, "lam": types.FLOAT,
               "method": types.INT8, "box": types.INT64}
     outputs = [fn.cast(rows[start:start + width], dtype=dtypes[name])
                for name, (start, width) in PARAM_COLUMNS.items()]
+    if volume:
+        outputs[-1] = fn.cast(fn.cat(rows[table.Z0:table.Z1 + 1], rows[table.Y0:table.X1 + 1]),
+                              dtype=types.INT64)
     if config.uses_masks:
         outputs.append(masks)
     return tuple(outputs)
@@ -614,38 +636,58 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     box or mask for every frame of a clip; ``size=(H, W)`` (a frame's) is
     required, and ResizeMix and SaliencyMix, which read whole images, are
     refused. The clip's frames are seen as one image of F * H rows.
+    Volumes: ``layout="DHWC"`` or ``"CDHW"`` with ``size=(D, H, W)``, on the
+    CPU stage: MixUp, CutMix cuboids and 3-D FMix masks (docs/semantics.md);
+    the returned box is (z0, z1, y0, y1, x0, x1) and the mask D * H x W.
     """
-    check_choice("layout", layout, ("HWC", "CHW", "FHWC"))
+    check_choice("layout", layout, ("HWC", "CHW", "FHWC", "DHWC", "CDHW"))
     check_choice("device", device, ("cpu", "gpu"))
     config = MixConfig(num_classes=num_classes, **options)
     kinds = TargetOptions(targets, split_targets, label_lam)
     common = dict(size=size, source_info=source_info, return_params=return_params,
                   device=device, dtype=dtype, return_clean=return_clean)
-    if layout == "FHWC":
-        return _mix_clips(images, labels, config, kinds, **common)
+    if layout in ("FHWC", "DHWC", "CDHW"):
+        return _mix_stacked(images, labels, config, kinds, layout=layout, **common)
     return _mix_frames(images, labels, config, kinds, layout=layout, **common)
 
 
-def _mix_clips(images, labels, config: MixConfig, kinds: TargetOptions, *, size,
-               return_clean: bool, **common):
-    """:func:`mix` of FHWC clips: each clip reshaped to (F * H, W, C), mixed
-    as an HWC image whose rows repeat every H (one box or mask per clip),
-    and reshaped back."""
+def _mix_stacked(images, labels, config: MixConfig, kinds: TargetOptions, *, layout, size,
+                 return_clean: bool, device, **common):
+    """:func:`mix` of FHWC clips and DHWC / CDHW volumes: each sample
+    reshaped to an image of F * H (D * H) rows, mixed, and reshaped back.
+    A clip's rows repeat every H (one box or mask for every frame); a
+    volume's masks have D * H rows, its cuboids applied through them."""
     from nvidia.dali import fn, types
 
-    if size is None:
-        raise ValueError("size=(H, W) of a frame is required for video clips (layout='FHWC')")
-    whole = [name for name in ("resizemix", "saliencymix") if config.on(name)]
-    if whole:
-        raise ValueError(f"{', '.join(whole)} read whole images: video clips (layout='FHWC') "
-                         f"take the other methods")
+    volume = layout != "FHWC"
+    if volume:
+        if size is None or len(size) != 3:
+            raise ValueError(f"size=(D, H, W) is required for volumes (layout={layout!r})")
+        if device == "gpu":
+            raise ValueError("volumes are mixed on DALI's CPU stage; on the GPU use "
+                             "gpumix.torch.Mixup(five_d='volume')")
+        check_rank(config, size)
+    else:
+        if size is None:
+            raise ValueError("size=(H, W) of a frame is required for video clips "
+                             "(layout='FHWC')")
+        whole = [name for name in ("resizemix", "saliencymix") if config.on(name)]
+        if whole:
+            raise ValueError(f"{', '.join(whole)} read whole images: video clips "
+                             f"(layout='FHWC') take the other methods")
     shape = images.shape(dtype=types.INT32)
-    frames = fn.reshape(images, shape=fn.cat(shape[0:1] * shape[1:2], shape[2:4]), layout="HWC")
-    mixed, *rest = _mix_frames(frames, labels, config, kinds, layout="HWC", size=size,
-                               return_clean=return_clean, clips=True, **common)
-    if return_clean:  # the clean clips: the input node, FHWC
+    if layout == "CDHW":
+        flat = fn.cat(shape[0:1], shape[1:2] * shape[2:3], shape[3:4])
+    else:
+        flat = fn.cat(shape[0:1] * shape[1:2], shape[2:4])
+    plane_layout = "CHW" if layout == "CDHW" else "HWC"
+    planes = fn.reshape(images, shape=flat, layout=plane_layout)
+    mixed, *rest = _mix_frames(planes, labels, config, kinds, layout=plane_layout, size=size,
+                               return_clean=return_clean, clips=not volume, device=device,
+                               **common)
+    if return_clean:  # the clean batch: the input node, in its layout
         rest[1] = images
-    return (fn.reshape(mixed, shape=shape, layout="FHWC"), *rest)
+    return (fn.reshape(mixed, shape=shape, layout=layout), *rest)
 
 
 def _mix_frames(images, labels, config: MixConfig, kinds: TargetOptions, *, layout, size,
@@ -688,7 +730,8 @@ def _mix_frames(images, labels, config: MixConfig, kinds: TargetOptions, *, layo
     mixed = applier(source, rows, *([masks] if masks is not None else []))
     if half:
         mixed = fn.reinterpret(mixed, dtype=types.FLOAT16)
-    params = _param_outputs(rows, masks, config) if return_params else ()
+    params = _param_outputs(rows, masks, config, volume=len(size or ()) == 3) \
+        if return_params else ()
     return (fn.reshape(mixed, layout=layout),
             *_target_outputs(labels, mixed_targets, rows, config, kinds,
                              images if return_clean else None), *params)

@@ -46,7 +46,8 @@ Methods beyond MixUp, CutMix and FMix (gpumix.config.METHODS):
 
 :func:`to_table` and :func:`from_table` convert MixParams to and from the
 params table of gpumix.kernels.table (one float64 row per sample), the form
-DALI pipelines hand over.
+DALI pipelines hand over. A volume's rows describe images of D * H rows
+(its masks likewise) and mark CutMix's rows ``masked``.
 
 Volumes: ``spatial_shape`` may have three axes (D, H, W) (a volume, or a
 clip's (T, H, W) when one box spans time). MixUp, CutMix and FMix are
@@ -128,14 +129,18 @@ def masked_methods(rank: int) -> tuple[int, ...]:
     return MASK_METHODS if rank != 3 else (*MASK_METHODS, CUTMIX)
 
 
+def check_shape(spatial_shape) -> None:
+    """ValueError unless ``spatial_shape`` is (H, W) or (D, H, W)."""
+    if len(spatial_shape) not in (2, 3):
+        raise ValueError(f"spatial_shape must be (H, W) or (D, H, W), got {tuple(spatial_shape)}")
+
+
 def check_rank(config: MixConfig, spatial_shape) -> None:
     """ValueError unless the shape has two axes, or three with only the
     methods defined on volumes (and CutMix's cuboids, not bands)."""
-    rank = len(spatial_shape)
-    if rank == 2:
+    check_shape(spatial_shape)
+    if len(spatial_shape) == 2:
         return
-    if rank != 3:
-        raise ValueError(f"spatial_shape must be (H, W) or (D, H, W), got {tuple(spatial_shape)}")
     from gpumix.config import METHODS
 
     others = [name for code, name in enumerate(METHODS, 1)
@@ -628,9 +633,7 @@ def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
     ``own_address`` (int64 per sample, CPU pipelines): the samples' pixel
     addresses, written as each row's own and partner address. ``label_lam``
     (B,): the targets' weights when they are not lam."""
-    if len(spatial_shape) != 2:
-        raise ValueError(f"the params table holds 2-D images; volumes of shape "
-                         f"{tuple(spatial_shape)} are mixed by gpumix.mix_images")
+    check_shape(spatial_shape)
     b = params.batch_size
     out = np.zeros((b, table.N_COLUMNS), np.float64)
     if labels is not None:
@@ -639,7 +642,7 @@ def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
     out[:, table.LAM] = params.lam
     out[:, table.LABEL_LAM] = params.lam if label_lam is None else label_lam
     out[:, table.METHOD] = params.method
-    out[:, table.Y0:table.X1 + 1] = params.box
+    out[:, table.Y0:table.X1 + 1] = params.box[:, -4:]
     if params.fmix_keys is not None:
         keys = np.asarray(params.fmix_keys, np.int64)
         out[:, table.KEY_HIGH] = keys >> 31
@@ -647,7 +650,13 @@ def to_table(params: MixParams, spatial_shape, config: MixConfig, labels=None,
         out[:, table.RANK_LOW:table.RANK_HIGH + 1] = params.fmix_ranks
     out[:, table.DECAY_POWER] = config.decay_power
     out[:, table.REFERENCE] = config.reference_compatible
-    out[:, table.HEIGHT:table.WIDTH + 1] = spatial_shape
+    out[:, table.HEIGHT:table.WIDTH + 1] = spatial_shape[-2:]
+    if len(spatial_shape) == 3:  # a volume: images of D * H rows; cuboids through masks
+        depth = spatial_shape[0]
+        out[:, table.Z0:table.Z1 + 1] = params.box[:, :2]
+        out[:, table.HEIGHT] = depth * spatial_shape[1]
+        out[:, table.DEPTH] = depth
+        out[:, table.MASKED] = params.method == CUTMIX
     _write_shapes(out, params.smooth, params.grid)
     out[:, table.BILINEAR] = params.bilinear
     if own_address is not None:
@@ -671,9 +680,12 @@ def from_table(rows, masks=None) -> MixParams:
     keys = (rows[:, table.KEY_HIGH].astype(np.int64) << 31) | rows[:, table.KEY_LOW].astype(
         np.int64)
     smooth_on, grid_on = bool(np.any(method == SMOOTHMIX)), bool(np.any(method == GRIDMIX))
+    box = rows[:, table.Y0:table.X1 + 1]
+    if len(rows) and rows[0, table.DEPTH] > 0:  # a volume's cuboids
+        box = np.concatenate([rows[:, table.Z0:table.Z1 + 1], box], axis=1)
     return MixParams(pair=rows[:, table.PAIR].astype(np.int64),
                      lam=rows[:, table.LAM].astype(np.float32), method=method,
-                     box=rows[:, table.Y0:table.X1 + 1].astype(np.int64), mask=masks,
+                     box=box.astype(np.int64), mask=masks,
                      fmix_keys=keys if fmix_on else None,
                      fmix_ranks=rows[:, table.RANK_LOW:table.RANK_HIGH + 1].astype(np.int64)
                      if fmix_on else None,

@@ -29,6 +29,11 @@ it. Every reader uses the column names below, never positions.
     bilinear         ResizeMix: 1 to resize bilinearly, 0 nearest
     label_lam        the weight of the primary's label in the targets: lam,
                      unless the caller maps it (gpumix.torch.Mixup's label_lam)
+    z0, z1           volumes: the box's depth extent (a cuboid), else 0, 0
+    depth            volumes: D, their images then being D * H rows
+                     (height = D * H); 0 for 2-D images
+    masked           1 where the row is applied through its mask though its
+                     method is a box (a cuboid: CutMix in volumes)
     partner_address  CPU pipelines: address of the partner's pixels
     own_address      CPU pipelines: address of this sample's pixels, as the
                      params step saw them (the appliers check it)
@@ -44,11 +49,13 @@ from numba import njit
 COLUMNS = ("label", "pair", "lam", "method", "y0", "y1", "x0", "x1", "key_high", "key_low",
            "rank_low", "rank_high", "decay_power", "reference", "height", "width",
            "partner_address", "own_address", "error_address", "centre_y", "centre_x", "sigma_y",
-           "sigma_x", "square", "grid", "cells_low", "cells_high", "bilinear", "label_lam")
+           "sigma_x", "square", "grid", "cells_low", "cells_high", "bilinear", "label_lam", "z0",
+           "z1", "depth", "masked")
 
 (LABEL, PAIR, LAM, METHOD, Y0, Y1, X0, X1, KEY_HIGH, KEY_LOW, RANK_LOW, RANK_HIGH, DECAY_POWER,
  REFERENCE, HEIGHT, WIDTH, PARTNER_ADDRESS, OWN_ADDRESS, ERROR_ADDRESS, CENTRE_Y, CENTRE_X,
- SIGMA_Y, SIGMA_X, SQUARE, GRID, CELLS_LOW, CELLS_HIGH, BILINEAR, LABEL_LAM) = range(len(COLUMNS))
+ SIGMA_Y, SIGMA_X, SQUARE, GRID, CELLS_LOW, CELLS_HIGH, BILINEAR, LABEL_LAM, Z0, Z1, DEPTH,
+ MASKED) = range(len(COLUMNS))
 
 N_COLUMNS = len(COLUMNS)
 

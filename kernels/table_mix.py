@@ -8,6 +8,7 @@ kernels._launch). Sample i takes from its partner j = pair[i]:
     CutMix, SaliencyMix        x[j] inside the box, x[i] elsewhere
                                                            (kernels/box_paste.py)
     FMix, SmoothMix, GridMix   the mask blend                  (kernels/mask_mix.py)
+    and rows marked masked     (a volume's cuboids)
     ResizeMix                  x[j] resized into the box       (kernels/resize_paste.py)
     none                       x[i]
 
@@ -76,8 +77,8 @@ def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
         shape_mask.sample_mask_cpu(row, own)
         mask_row = np.empty(a.shape[1], np.float32)
         mask_mix.mask_sample_cpu(a, b, own, height, cstride, quantize, False, o, mask_row)
-    elif method == FMIX:
-        if mask is not None:  # always, for FMix masks come whenever a sample uses FMix
+    elif method == FMIX or row[table.MASKED] != 0:
+        if mask is not None:  # always: masks come whenever a sample uses one
             mask_row = np.empty(a.shape[1], np.float32)
             mask_mix.mask_sample_cpu(a, b, mask, height, cstride, quantize, False, o, mask_row)
     elif method == RESIZEMIX:
@@ -109,7 +110,7 @@ def _store(x, out, i, j, r, k, a, b, rows, masks, height, cstride, quantize):
             out[i, r, k] = _blend_uint8_gpu(a, b, lam)
         else:
             out[i, r, k] = _blend_value_gpu(a, b, lam)
-    elif is_mask_method_gpu(method):
+    elif is_mask_method_gpu(method) or rows[i, table.MASKED] != 0:
         out[i, r, k] = _mixed_value_gpu(a, b, masks[i, r % height, k // cstride], quantize)
     elif not _box_contains_gpu(r % height, k // cstride, int64(rows[i, table.Y0]),
                                int64(rows[i, table.Y1]), int64(rows[i, table.X0]),

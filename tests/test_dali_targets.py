@@ -225,3 +225,39 @@ def test_video_clips_refuse_whole_image_methods_and_need_a_size():
         build(size=(10, 12), method_weights={"resizemix": 1})
     with pytest.raises(ValueError, match="size=\\(H, W\\) of a frame is required"):
         build(mixup_alpha=1.0)
+
+
+# ----------------------------------------------------------------- volumes
+VOLUMES = RNG.integers(0, 256, (B, 4, 6, 5, 2), np.uint8)  # DHWC
+
+
+@pytest.mark.parametrize("layout", ["DHWC", "CDHW"])
+def test_volumes_take_cuboids_and_3d_masks_like_the_reference(layout):
+    data = VOLUMES if layout == "DHWC" else np.ascontiguousarray(
+        VOLUMES.transpose(0, 4, 1, 2, 3).astype(np.float32))
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=6)
+    def pipe():
+        volumes = fn.external_source(source=lambda: list(data), batch=True, layout=layout)
+        label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
+        mixed, targets, *params = gdali.mix(
+            volumes, label, num_classes=K, layout=layout, size=(4, 6, 5), return_params=True,
+            mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem")
+        return (mixed, targets, *params)
+
+    p = pipe()
+    p.build()
+    outputs = p.run()
+    gdali.raise_pending(p)
+    assert outputs[0].layout() == layout
+    mixed, targets, labels, pair, lam, method, box, mask = (
+        np.stack([np.array(s) for s in o]) for o in outputs)
+    assert box.shape == (B, 6) and mask.shape == (B, 4 * 6, 5)
+    params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
+                       box=box, mask=mask.reshape(B, 4, 6, 5))
+    assert {1, 2, 3} <= set(params.method.tolist())
+    reference = mixing.reference_mix_images(data, params, "NDHWC" if layout == "DHWC"
+                                            else "NCDHW")
+    np.testing.assert_array_equal(mixed, reference)
+    np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
+        labels.reshape(-1), params, K, 0.1))

@@ -100,12 +100,22 @@ def test_other_methods_and_bands_refuse_volumes():
     with pytest.raises(ValueError, match=r"spatial_shape must be \(H, W\) or \(D, H, W\)"):
         sample(MixConfig(), 2, (2, 3, 4, 5))
     params = sample(MixConfig(**ALL3), 2, (3, 4, 5), 0)
-    with pytest.raises(ValueError, match="volumes of shape"):
-        gpumix.params.to_table(params, (3, 4, 5), MixConfig(**ALL3))
     with pytest.raises(ValueError, match="images must be 5-D"):
         gpumix.mix_images(np.zeros((2, 3, 4, 5), np.uint8), params, "NCDHW")
     with pytest.raises(ValueError, match="params.box must have shape"):
         gpumix.mix_images(np.zeros((2, 1, 3, 4), np.uint8), params, "NCHW")
+
+
+def test_a_volume_table_keeps_the_cuboids_and_marks_them_masked():
+    from gpumix.kernels import table
+
+    config = MixConfig(**ALL3)
+    params = sample(config, 6, (3, 4, 5), 0)
+    rows = gpumix.params.to_table(params, (3, 4, 5), config)
+    back = gpumix.params.from_table(rows)
+    np.testing.assert_array_equal(back.box, params.box)
+    np.testing.assert_array_equal(rows[:, table.MASKED], params.method == CUTMIX)
+    assert set(rows[:, table.HEIGHT]) == {12.0} and set(rows[:, table.DEPTH]) == {3.0}
 
 
 # ------------------------------------------------------------- 3-D FMix
