@@ -639,6 +639,7 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     Volumes: ``layout="DHWC"`` or ``"CDHW"`` with ``size=(D, H, W)``, on the
     CPU stage: MixUp, CutMix cuboids and 3-D FMix masks (docs/semantics.md);
     the returned box is (z0, z1, y0, y1, x0, x1) and the mask D * H x W.
+    FHWC clips with ``size=(T, H, W)`` are mixed so, across time.
     """
     check_choice("layout", layout, ("HWC", "CHW", "FHWC", "DHWC", "CDHW"))
     check_choice("device", device, ("cpu", "gpu"))
@@ -659,7 +660,7 @@ def _mix_stacked(images, labels, config: MixConfig, kinds: TargetOptions, *, lay
     volume's masks have D * H rows, its cuboids applied through them."""
     from nvidia.dali import fn, types
 
-    volume = layout != "FHWC"
+    volume = layout != "FHWC" or (size is not None and len(size) == 3)  # clips: across time
     if volume:
         if size is None or len(size) != 3:
             raise ValueError(f"size=(D, H, W) is required for volumes (layout={layout!r})")

@@ -231,9 +231,10 @@ def test_video_clips_refuse_whole_image_methods_and_need_a_size():
 VOLUMES = RNG.integers(0, 256, (B, 4, 6, 5, 2), np.uint8)  # DHWC
 
 
-@pytest.mark.parametrize("layout", ["DHWC", "CDHW"])
+@pytest.mark.parametrize("layout", ["DHWC", "CDHW", "FHWC"])
 def test_volumes_take_cuboids_and_3d_masks_like_the_reference(layout):
-    data = VOLUMES if layout == "DHWC" else np.ascontiguousarray(
+    """Volumes, and clips mixed across time (FHWC with size=(T, H, W))."""
+    data = VOLUMES if layout != "CDHW" else np.ascontiguousarray(
         VOLUMES.transpose(0, 4, 1, 2, 3).astype(np.float32))
 
     @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=6)
@@ -256,8 +257,8 @@ def test_volumes_take_cuboids_and_3d_masks_like_the_reference(layout):
     params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
                        box=box, mask=mask.reshape(B, 4, 6, 5))
     assert {1, 2, 3} <= set(params.method.tolist())
-    reference = mixing.reference_mix_images(data, params, "NDHWC" if layout == "DHWC"
-                                            else "NCDHW")
+    reference = mixing.reference_mix_images(data, params, "NCDHW" if layout == "CDHW"
+                                            else "NDHWC")
     np.testing.assert_array_equal(mixed, reference)
     np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
         labels.reshape(-1), params, K, 0.1))
