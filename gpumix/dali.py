@@ -640,27 +640,34 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     CPU stage: MixUp, CutMix cuboids and 3-D FMix masks (docs/semantics.md);
     the returned box is (z0, z1, y0, y1, x0, x1) and the mask D * H x W.
     FHWC clips with ``size=(T, H, W)`` are mixed so, across time.
+    Spectrograms ``layout="FT"`` (F x T, as ``fn.spectrogram`` makes them)
+    and signals ``"T"`` (L samples) are one-channel images, F x T and 1 x L
+    (float32 unless ``dtype``): ``cutmix_axes="width"`` cuts time bands or
+    segments, and FMix masks on a signal are the paper's 1-D masks.
     """
-    check_choice("layout", layout, ("HWC", "CHW", "FHWC", "DHWC", "CDHW"))
+    check_choice("layout", layout, ("HWC", "CHW", "FHWC", "DHWC", "CDHW", "FT", "T"))
     check_choice("device", device, ("cpu", "gpu"))
     config = MixConfig(num_classes=num_classes, **options)
     kinds = TargetOptions(targets, split_targets, label_lam)
     common = dict(size=size, source_info=source_info, return_params=return_params,
                   device=device, dtype=dtype, return_clean=return_clean)
-    if layout in ("FHWC", "DHWC", "CDHW"):
-        return _mix_stacked(images, labels, config, kinds, layout=layout, **common)
+    if layout in ("FHWC", "DHWC", "CDHW", "FT", "T"):
+        return _mix_reshaped(images, labels, config, kinds, layout=layout, **common)
     return _mix_frames(images, labels, config, kinds, layout=layout, **common)
 
 
-def _mix_stacked(images, labels, config: MixConfig, kinds: TargetOptions, *, layout, size,
-                 return_clean: bool, device, **common):
-    """:func:`mix` of FHWC clips and DHWC / CDHW volumes: each sample
-    reshaped to an image of F * H (D * H) rows, mixed, and reshaped back.
-    A clip's rows repeat every H (one box or mask for every frame); a
-    volume's masks have D * H rows, its cuboids applied through them."""
+def _mix_reshaped(images, labels, config: MixConfig, kinds: TargetOptions, *, layout, size,
+                  return_clean: bool, device, dtype, **common):
+    """:func:`mix` of the layouts seen as images: each sample reshaped to an
+    HWC (CDHW: CHW) image, mixed, and reshaped back. FHWC clips and DHWC /
+    CDHW volumes become images of F * H (D * H) rows: a clip's rows repeat
+    every H (one box or mask for every frame), a volume's masks have D * H
+    rows and its cuboids are applied through them. A spectrogram (F, T) is
+    a one-channel F x T image, a signal (L,) a one-channel 1 x L image."""
     from nvidia.dali import fn, types
 
-    volume = layout != "FHWC" or (size is not None and len(size) == 3)  # clips: across time
+    volume = layout in ("DHWC", "CDHW") or (layout == "FHWC" and size is not None
+                                            and len(size) == 3)  # clips: across time
     if volume:
         if size is None or len(size) != 3:
             raise ValueError(f"size=(D, H, W) is required for volumes (layout={layout!r})")
@@ -668,7 +675,7 @@ def _mix_stacked(images, labels, config: MixConfig, kinds: TargetOptions, *, lay
             raise ValueError("volumes are mixed on DALI's CPU stage; on the GPU use "
                              "gpumix.torch.Mixup(five_d='volume')")
         check_rank(config, size)
-    else:
+    elif layout == "FHWC":
         if size is None:
             raise ValueError("size=(H, W) of a frame is required for video clips "
                              "(layout='FHWC')")
@@ -676,16 +683,23 @@ def _mix_stacked(images, labels, config: MixConfig, kinds: TargetOptions, *, lay
         if whole:
             raise ValueError(f"{', '.join(whole)} read whole images: video clips "
                              f"(layout='FHWC') take the other methods")
+    elif size is not None and len(size) != len(layout):
+        raise ValueError(f"size must be {'(F, T)' if layout == 'FT' else '(L,)'} for "
+                         f"layout={layout!r}, got {tuple(size)}")
     shape = images.shape(dtype=types.INT32)
-    if layout == "CDHW":
-        flat = fn.cat(shape[0:1], shape[1:2] * shape[2:3], shape[3:4])
-    else:
-        flat = fn.cat(shape[0:1] * shape[1:2], shape[2:4])
+    one = shape[0:1] * 0 + 1
+    flat = {"CDHW": lambda: fn.cat(shape[0:1], shape[1:2] * shape[2:3], shape[3:4]),
+            "FT": lambda: fn.cat(shape[0:2], one),
+            "T": lambda: fn.cat(one, shape[0:1], one)}.get(
+        layout, lambda: fn.cat(shape[0:1] * shape[1:2], shape[2:4]))()
+    if layout in ("FT", "T"):  # spectrograms and signals: float unless told
+        dtype = types.FLOAT if dtype is None else dtype
+        size = None if size is None else (1, *size) if layout == "T" else size
     plane_layout = "CHW" if layout == "CDHW" else "HWC"
     planes = fn.reshape(images, shape=flat, layout=plane_layout)
     mixed, *rest = _mix_frames(planes, labels, config, kinds, layout=plane_layout, size=size,
-                               return_clean=return_clean, clips=not volume, device=device,
-                               **common)
+                               return_clean=return_clean, clips=layout == "FHWC" and not volume,
+                               device=device, dtype=dtype, **common)
     if return_clean:  # the clean batch: the input node, in its layout
         rest[1] = images
     return (fn.reshape(mixed, shape=shape, layout=layout), *rest)

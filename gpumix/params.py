@@ -347,14 +347,17 @@ def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip",
     """
     share = 1.0 - np.asarray(lam, np.float64)
     ratio = np.cbrt(share) if len(spatial_shape) == 3 else np.sqrt(share)
-    full = np.ones_like(share)
-    # Per axis: the share of the side cut (bands cut one axis by the whole share).
+    # Per axis: the share of the side cut; None for a band's other axis,
+    # which it spans whole, wherever the placement would have centred it.
     sides = [ratio] * len(spatial_shape)
     if axes != "both":
-        sides = [full, share] if axes == "width" else [share, full]
+        sides = [None, share] if axes == "width" else [share, None]
     ends = []
     for a, (size, side) in enumerate(zip(spatial_shape, sides)):
-        ends.extend(_box_axis(size, (size * side).astype(np.int64), box_u[:, a], placement))
+        if side is None:
+            ends.extend((np.zeros_like(share, np.int64), np.full_like(share, size, np.int64)))
+        else:
+            ends.extend(_box_axis(size, (size * side).astype(np.int64), box_u[:, a], placement))
     return np.stack(ends, axis=1).astype(np.int64)
 
 

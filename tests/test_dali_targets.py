@@ -262,3 +262,35 @@ def test_volumes_take_cuboids_and_3d_masks_like_the_reference(layout):
     np.testing.assert_array_equal(mixed, reference)
     np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
         labels.reshape(-1), params, K, 0.1))
+
+
+# --------------------------------------------------- spectrograms, signals
+@pytest.mark.parametrize("layout,shape", [("FT", (8, 20)), ("T", (30,))])
+def test_spectrograms_and_signals_are_one_channel_images(layout, shape, seed=3):
+    data = RNG.standard_normal((B, *shape)).astype(np.float32)
+
+    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=seed)
+    def pipe():
+        x = fn.external_source(source=lambda: list(data), batch=True, layout=layout)
+        label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
+        mixed, targets, *params = gdali.mix(
+            x, label, num_classes=K, layout=layout, size=shape, return_params=True,
+            mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, cutmix_axes="width",
+            mode="elem")
+        return (mixed, targets, *params)
+
+    p = pipe()
+    p.build()
+    outputs = p.run()
+    gdali.raise_pending(p)
+    assert outputs[0].layout() == layout
+    mixed, targets, labels, pair, lam, method, box, mask = (
+        np.stack([np.array(s) for s in o]) for o in outputs)
+    images = data.reshape(B, -1, shape[-1], 1)  # (B, H, W, 1): H = F, or 1 for a signal
+    params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
+                       box=box, mask=mask)
+    assert {1, 2, 3} <= set(params.method.tolist())
+    cut = params.method == 2
+    np.testing.assert_array_equal(box[cut, :2], [[0, images.shape[1]]] * cut.sum())  # bands
+    np.testing.assert_array_equal(mixed.reshape(images.shape),
+                                  mixing.reference_mix_images(images, params, "NHWC"))

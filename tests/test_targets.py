@@ -224,10 +224,11 @@ def test_signals_take_segments_and_1d_masks():
         assert targets[i, p.pair[i]] == pytest.approx(1 - float(p.lam[i]), abs=1e-6)
 
 
+@pytest.mark.parametrize("placement", ["clip", "inside", "uniform"])
 @pytest.mark.parametrize("axes", ["width", "height"])
-def test_spectrogram_bands_span_the_other_axis(axes):
+def test_spectrogram_bands_span_the_other_axis(axes, placement):
     config = MixConfig(mixup_alpha=0.0, cutmix_alpha=1.0, cutmix_axes=axes, mode="elem",
-                       box_placement="inside")
+                       box_placement=placement)
     params = gpumix.sample(config, 200, (40, 64), 14)
     h_span = params.box[:, 1] - params.box[:, 0]
     w_span = params.box[:, 3] - params.box[:, 2]
