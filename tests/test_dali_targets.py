@@ -4,6 +4,8 @@ operator returns, split targets, label_lam, clean plus mixed, C-Mixup's
 pairing on regression values, and FHWC video clips (one box or mask for
 every frame, against the 2-D reference frame by frame)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def
@@ -15,6 +17,7 @@ from gpumix.params import MixParams, from_table
 B, K = 6, 4
 RNG = np.random.default_rng(3)
 IMAGES = RNG.integers(0, 256, (B, 10, 12, 3), np.uint8)
+ALL3 = dict(mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem")
 VECTORS = {
     "dense": RNG.dirichlet(np.ones(K), B).astype(np.float32),
     "multi_label": (RNG.random((B, K)) < 0.4).astype(np.float32),
@@ -23,15 +26,17 @@ VECTORS = {
 }
 
 
-def run(operator, labels, seed=11, **options):
-    """One run of ``operator(images, labels, ...)`` in a CPU pipeline; every
-    output as a NumPy batch (tuples of outputs flattened)."""
+def run(operator, labels, seed=11, data=IMAGES, layout="HWC", size=(10, 12), **options):
+    """One run of ``operator(data, labels, ...)`` in a CPU pipeline; every
+    output as a NumPy batch (tuples of outputs flattened). The mixed batch
+    must come out in ``layout``."""
 
     @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=seed)
     def pipe():
-        images = fn.external_source(source=lambda: list(IMAGES), batch=True, layout="HWC")
+        images = fn.external_source(source=lambda: list(data), batch=True, layout=layout)
         label = fn.external_source(source=lambda: list(labels), batch=True)
-        outputs = operator(images, label, num_classes=K, size=(10, 12), **options)
+        extra = {} if operator is gdali.mix_normalize else {"layout": layout}
+        outputs = operator(images, label, num_classes=K, size=size, **extra, **options)
         flat = []
         for node in outputs:
             flat.extend(node if isinstance(node, tuple) else [node])
@@ -41,14 +46,17 @@ def run(operator, labels, seed=11, **options):
     p.build()
     outputs = p.run()
     gdali.raise_pending(p)
+    if operator is gdali.mix:
+        assert outputs[0].layout() == layout
     return [np.stack([np.array(s) for s in out]) for out in outputs]
 
 
-def params_of(outputs, start):
-    """MixParams from the return_params outputs (labels, pair, lam, method, box)."""
+def params_of(outputs, start, mask=False):
+    """MixParams from the return_params outputs (labels, pair, lam, method,
+    box[, mask])."""
     _, pair, lam, method, box = outputs[start:start + 5]
     return MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
-                     box=box)
+                     box=box, mask=outputs[start + 5] if mask else None)
 
 
 @pytest.mark.parametrize("kind", ["dense", "multi_label", "regression"])
@@ -183,32 +191,17 @@ CLIPS = RNG.integers(0, 256, (B, 3, 10, 12, 3), np.uint8)  # B clips of 3 frames
     dict(method_weights={"smoothmix": 1, "gridmix": 1}, mode="elem"),
 ])
 def test_video_clips_take_one_box_or_mask_for_every_frame(options):
-    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=4)
-    def pipe():
-        clips = fn.external_source(source=lambda: list(CLIPS), batch=True, layout="FHWC")
-        label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
-        mixed, targets, clean, _, *params = gdali.mix(
-            clips, label, num_classes=K, layout="FHWC", size=(10, 12), return_params=True,
-            return_clean=True, **options)
-        return (mixed, targets, clean, *params)
-
-    p = pipe()
-    p.build()
-    outputs = p.run()
-    gdali.raise_pending(p)
-    assert outputs[0].layout() == "FHWC"
-    out = [np.stack([np.array(s) for s in o]) for o in outputs]
-    clips, targets, clean, labels, pair, lam, method, box, *mask = out
-    assert clips.shape == CLIPS.shape
+    outputs = run(gdali.mix, VECTORS["classes"], seed=4, data=CLIPS, layout="FHWC",
+                  return_params=True, return_clean=True, **options)
+    clips, targets, clean = outputs[:3]
+    params = params_of(outputs, 4, mask=True)
+    assert clips.shape == CLIPS.shape and params.mask.shape == (B, 10, 12)
     np.testing.assert_array_equal(clean, CLIPS)
-    params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
-                       box=box, mask=mask[0] if mask else None)
-    assert mask[0].shape == (B, 10, 12)
     for f in range(3):  # each frame mixed as a 2-D image with the clip's params
         np.testing.assert_array_equal(clips[:, f], mixing.reference_mix_images(
             np.ascontiguousarray(CLIPS[:, f]), params, "NHWC"))
     np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
-        labels.reshape(-1), params, K, 0.1))
+        VECTORS["classes"].reshape(-1), params, K, 0.1))
 
 
 def test_video_clips_refuse_whole_image_methods_and_need_a_size():
@@ -236,61 +229,30 @@ def test_volumes_take_cuboids_and_3d_masks_like_the_reference(layout):
     """Volumes, and clips mixed across time (FHWC with size=(T, H, W))."""
     data = VOLUMES if layout != "CDHW" else np.ascontiguousarray(
         VOLUMES.transpose(0, 4, 1, 2, 3).astype(np.float32))
-
-    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=6)
-    def pipe():
-        volumes = fn.external_source(source=lambda: list(data), batch=True, layout=layout)
-        label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
-        mixed, targets, *params = gdali.mix(
-            volumes, label, num_classes=K, layout=layout, size=(4, 6, 5), return_params=True,
-            mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, mode="elem")
-        return (mixed, targets, *params)
-
-    p = pipe()
-    p.build()
-    outputs = p.run()
-    gdali.raise_pending(p)
-    assert outputs[0].layout() == layout
-    mixed, targets, labels, pair, lam, method, box, mask = (
-        np.stack([np.array(s) for s in o]) for o in outputs)
-    assert box.shape == (B, 6) and mask.shape == (B, 4 * 6, 5)
-    params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
-                       box=box, mask=mask.reshape(B, 4, 6, 5))
+    outputs = run(gdali.mix, VECTORS["classes"], seed=6, data=data, layout=layout,
+                  size=(4, 6, 5), return_params=True, **ALL3)
+    mixed, targets = outputs[:2]
+    params = params_of(outputs, 2, mask=True)
+    assert params.box.shape == (B, 6) and params.mask.shape == (B, 4 * 6, 5)
+    params = dataclasses.replace(params, mask=params.mask.reshape(B, 4, 6, 5))
     assert {1, 2, 3} <= set(params.method.tolist())
     reference = mixing.reference_mix_images(data, params, "NCDHW" if layout == "CDHW"
                                             else "NDHWC")
     np.testing.assert_array_equal(mixed, reference)
     np.testing.assert_array_equal(targets, mixing.reference_soft_targets(
-        labels.reshape(-1), params, K, 0.1))
+        VECTORS["classes"].reshape(-1), params, K, 0.1))
 
 
 # --------------------------------------------------- spectrograms, signals
 @pytest.mark.parametrize("layout,shape", [("FT", (8, 20)), ("T", (30,))])
-def test_spectrograms_and_signals_are_one_channel_images(layout, shape, seed=3):
+def test_spectrograms_and_signals_are_one_channel_images(layout, shape):
     data = RNG.standard_normal((B, *shape)).astype(np.float32)
-
-    @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=seed)
-    def pipe():
-        x = fn.external_source(source=lambda: list(data), batch=True, layout=layout)
-        label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
-        mixed, targets, *params = gdali.mix(
-            x, label, num_classes=K, layout=layout, size=shape, return_params=True,
-            mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0, cutmix_axes="width",
-            mode="elem")
-        return (mixed, targets, *params)
-
-    p = pipe()
-    p.build()
-    outputs = p.run()
-    gdali.raise_pending(p)
-    assert outputs[0].layout() == layout
-    mixed, targets, labels, pair, lam, method, box, mask = (
-        np.stack([np.array(s) for s in o]) for o in outputs)
+    outputs = run(gdali.mix, VECTORS["classes"], seed=3, data=data, layout=layout, size=shape,
+                  return_params=True, cutmix_axes="width", **ALL3)
+    params = params_of(outputs, 2, mask=True)
     images = data.reshape(B, -1, shape[-1], 1)  # (B, H, W, 1): H = F, or 1 for a signal
-    params = MixParams(pair=pair.reshape(-1), lam=lam.reshape(-1), method=method.reshape(-1),
-                       box=box, mask=mask)
     assert {1, 2, 3} <= set(params.method.tolist())
     cut = params.method == 2
-    np.testing.assert_array_equal(box[cut, :2], [[0, images.shape[1]]] * cut.sum())  # bands
-    np.testing.assert_array_equal(mixed.reshape(images.shape),
+    np.testing.assert_array_equal(params.box[cut, :2], [[0, images.shape[1]]] * cut.sum())
+    np.testing.assert_array_equal(outputs[0].reshape(images.shape),
                                   mixing.reference_mix_images(images, params, "NHWC"))
