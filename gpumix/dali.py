@@ -379,27 +379,33 @@ class _GpuMixStep:
     def __init__(self, layout: str, spatial_shape, masks_on: bool, saliency_on: bool,
                  return_params: bool, clips: bool = False):
         self.layout = "NHWC" if layout == "HWC" else "NCHW"
-        self.spatial_shape = spatial_shape
+        self.spatial_shape = spatial_shape  # (H, W), or a volume's (D, H, W)
         self.clips = clips  # video clips, their frames stacked as rows
         self.masks_on = masks_on  # without masks or SaliencyMix nothing is read back
         self.saliency_on = saliency_on
         self.with_masks_output = return_params and masks_on
         self.with_rows_output = return_params
 
-    def __call__(self, images, rows):
+    def __call__(self, images, rows, given_masks=None):
+        """``given_masks``: a volume's masks (D * H rows), made by the params
+        step on the CPU stage; otherwise masks are made here from the rows."""
         import cupy as cp
 
         batch = _stack(images, cp)
         h, w = mixing.check_images(batch, self.layout)
         if self.clips and w == self.spatial_shape[1] and h % self.spatial_shape[0] == 0:
             h = self.spatial_shape[0]
-        if (h, w) != self.spatial_shape:
+        expected = self.spatial_shape
+        if len(expected) == 3:  # a volume: images of D * H rows
+            expected = (expected[0] * expected[1], expected[2])
+        if (h, w) != expected:
             raise ValueError(f"images are {h} x {w} but mix() was given size="
                              f"{self.spatial_shape}: the params were made for that size")
         rows = _stack(rows, cp)
         stream = cp.cuda.get_current_stream().ptr
         launcher = runtime.active_launcher()
-        host_rows = rows.get() if self.masks_on or self.saliency_on else None
+        made_here = self.masks_on and given_masks is None
+        host_rows = rows.get() if made_here or self.saliency_on else None
         if self.saliency_on:  # placed in a copy: the input stays as DALI made it
             rows = rows.copy()
         device_rows = runtime.DeviceArray.of(rows)
@@ -408,8 +414,11 @@ class _GpuMixStep:
                 runtime.DeviceArray.of(batch), device_rows, host_rows, self.layout, stream, None,
                 launcher, upload=lambda host: runtime.DeviceArray.of(
                     upload_many([(host, np.int64)], cp.cuda.get_current_stream())[0]))
-        masks = mixing.launch_masks(host_rows, device_rows, (h, w), stream, launcher) \
-            if self.masks_on else None
+        masks = None
+        if given_masks is not None:
+            masks = runtime.DeviceArray.of(cp.ascontiguousarray(_stack(given_masks, cp)))
+        elif self.masks_on:
+            masks = mixing.launch_masks(host_rows, device_rows, (h, w), stream, launcher)
         out = cp.empty_like(batch)
         mixing.launch_table_mix(runtime.DeviceArray.of(batch), runtime.DeviceArray.of(out),
                                 device_rows, masks, self.layout, stream, launcher,
@@ -506,8 +515,10 @@ def _params_stage(config: MixConfig, labels, *, images=None, images_type=None,
 
     with_images = images is not None
     volume = size is not None and len(size) == 3  # cuboids are applied through masks too
-    masks_on = with_images and (config.on("fmix") or (volume and config.on("cutmix"))
-                                or (return_params and config.uses_masks))
+    # Masks need the images' shape, or a volume's size (the GPU stage takes them from here).
+    masks_on = (with_images or volume) and (
+        config.on("fmix") or (volume and config.on("cutmix"))
+        or (return_params and config.uses_masks))
     step = _ParamsStep(config, layout, spatial_shape=_spatial(size), make_masks=masks_on,
                        shape_masks=return_params, targets=targets, clips=clips)
     step.images_dtype = {types.UINT8: np.uint8, types.FLOAT: np.float32,
@@ -636,9 +647,10 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     box or mask for every frame of a clip; ``size=(H, W)`` (a frame's) is
     required, and ResizeMix and SaliencyMix, which read whole images, are
     refused. The clip's frames are seen as one image of F * H rows.
-    Volumes: ``layout="DHWC"`` or ``"CDHW"`` with ``size=(D, H, W)``, on the
-    CPU stage: MixUp, CutMix cuboids and 3-D FMix masks (docs/semantics.md);
-    the returned box is (z0, z1, y0, y1, x0, x1) and the mask D * H x W.
+    Volumes: ``layout="DHWC"`` or ``"CDHW"`` with ``size=(D, H, W)``: MixUp,
+    CutMix cuboids and 3-D FMix masks (docs/semantics.md), the masks made on
+    the CPU stage (for ``device="gpu"`` too); the returned box is (z0, z1,
+    y0, y1, x0, x1) and the mask D * H x W.
     FHWC clips with ``size=(T, H, W)`` are mixed so, across time.
     Spectrograms ``layout="FT"`` (F x T, as ``fn.spectrogram`` makes them)
     and signals ``"T"`` (L samples) are one-channel images, F x T and 1 x L
@@ -671,9 +683,6 @@ def _mix_reshaped(images, labels, config: MixConfig, kinds: TargetOptions, *, la
     if volume:
         if size is None or len(size) != 3:
             raise ValueError(f"size=(D, H, W) is required for volumes (layout={layout!r})")
-        if device == "gpu":
-            raise ValueError("volumes are mixed on DALI's CPU stage; on the GPU use "
-                             "gpumix.torch.Mixup(five_d='volume')")
         check_rank(config, size)
     elif layout == "FHWC":
         if size is None:
@@ -718,19 +727,22 @@ def _mix_frames(images, labels, config: MixConfig, kinds: TargetOptions, *, layo
         if size is None:
             raise ValueError("size=(H, W) is required with device='gpu': the params are made "
                              "on the CPU stage, which cannot read the GPU images' shapes")
-        mixed_targets, rows, _ = _params_stage(config, labels, layout=layout, size=size,
-                                               source_info=source_info, targets=kinds)
-        step = _GpuMixStep(layout, _spatial(size), config.uses_masks, config.on("saliencymix"),
-                           return_params, clips)
+        mixed_targets, rows, host_masks = _params_stage(
+            config, labels, layout=layout, size=size, source_info=source_info, targets=kinds,
+            return_params=return_params)
+        step = _GpuMixStep(layout, _spatial(size), config.uses_masks or host_masks is not None,
+                           config.on("saliencymix"), return_params, clips)
         extra = step.with_masks_output + step.with_rows_output
-        outputs = fn.python_function(images, rows.gpu(), function=step, batch_processing=True,
+        inputs = [images, rows.gpu()] + ([host_masks.gpu()] if host_masks is not None else [])
+        outputs = fn.python_function(*inputs, function=step, batch_processing=True,
                                      num_outputs=1 + extra, device="gpu",
                                      output_layouts=[layout] + [""] * extra)
         mixed, *rest = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         params = ()
         if return_params:  # every output on the GPU, like the images; boxes as applied
             applied = rest[-1]
-            params = _param_outputs(applied, rest[0] if step.with_masks_output else None, config)
+            params = _param_outputs(applied, rest[0] if step.with_masks_output else None, config,
+                                    volume=len(size) == 3)
         return (mixed, *_target_outputs(labels, mixed_targets, rows, config, kinds,
                                         images if return_clean else None, device), *params)
     half = dtype == types.FLOAT16  # Numba has no CPU float16: its bits, as uint16

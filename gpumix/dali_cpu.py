@@ -332,10 +332,16 @@ def _params_batch(targets_out, rows_out, masks_out, draws, images, names, index)
 
 
 def _params_run(with_masks: bool, with_images: bool, with_names: bool):
-    """The batch ``run_fn`` of a params operator, one per set of inputs
-    (masks only with images: their shape is the images'). ``step`` is the
-    constant input naming the Python step (one int32 per sample)."""
-    if with_masks and with_names:
+    """The batch ``run_fn`` of a params operator, one per set of inputs.
+    ``step`` is the constant input naming the Python step (one int32 per
+    sample)."""
+    if with_masks and not with_images and with_names:
+        def run(targets, rows, masks, draws, step, names):
+            _params_batch(targets, rows, masks, draws, None, names, step[0][0])
+    elif with_masks and not with_images:
+        def run(targets, rows, masks, draws, step):
+            _params_batch(targets, rows, masks, draws, None, None, step[0][0])
+    elif with_masks and with_names:
         def run(targets, rows, masks, draws, step, images, names):
             _params_batch(targets, rows, masks, draws, images, names, step[0][0])
     elif with_masks:
@@ -365,15 +371,26 @@ def _params_setup(num_classes: int, with_masks: bool, chw: bool, labels_from=Non
     n_columns = table.N_COLUMNS
     first = 1 if chw else 0
     start = -1 if labels_from is None else int(labels_from)  # plain ints for Numba
-    fixed_h, fixed_w = (-1, -1) if mask_shape is None else (int(n) for n in mask_shape)
+
+    if mask_shape is not None:  # fixed: the operator may have no images input
+        fixed_h, fixed_w = (int(n) for n in mask_shape)
+
+        def setup(out_shapes, in_shapes):
+            for i in range(len(out_shapes[0])):
+                out_shapes[0][i][0] = num_classes if start < 0 else in_shapes[0][i][0] - start
+                out_shapes[1][i][0] = n_columns
+                if with_masks:
+                    out_shapes[2][i][0] = fixed_h
+                    out_shapes[2][i][1] = fixed_w
+        return setup
 
     def setup(out_shapes, in_shapes):
         for i in range(len(out_shapes[0])):
             out_shapes[0][i][0] = num_classes if start < 0 else in_shapes[0][i][0] - start
             out_shapes[1][i][0] = n_columns
             if with_masks:
-                out_shapes[2][i][0] = in_shapes[2][i][first] if fixed_h < 0 else fixed_h
-                out_shapes[2][i][1] = in_shapes[2][i][first + 1] if fixed_w < 0 else fixed_w
+                out_shapes[2][i][0] = in_shapes[2][i][first]
+                out_shapes[2][i][1] = in_shapes[2][i][first + 1]
     return setup
 
 
@@ -385,13 +402,12 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
     """A function ``(draws[, images][, source_info]) -> (targets, rows[,
     masks])`` of DALI nodes running ``step`` (a gpumix.dali._ParamsStep)
     once per batch through a batch-mode ``numba_function`` and objmode.
-    Images are 3-D samples of DALI type ``images_type``; masks need them.
-    Without images the step must know the size. The targets are (K,) per
-    sample, or with ``labels_from`` (where the labels start in the draw
-    vector) as wide as the labels; masks are the images' (H, W), or
-    ``mask_shape`` (video clips, whose frames are stacked as rows). The
-    compiled operator is
-    built once per process for each set of options and told which step to
+    Images are 3-D samples of DALI type ``images_type``. Without images the
+    step must know the size. The targets are (K,) per sample, or with
+    ``labels_from`` (where the labels start in the draw vector) as wide as
+    the labels; masks are the images' (H, W), or ``mask_shape`` (video
+    clips and volumes, whose frames or slices are stacked as rows; then
+    no images are needed). The compiled operator is built once per process for each set of options and told which step to
     call by a constant input, so a new pipeline does not compile again. Its
     errors surface through :func:`raise_pending`."""
     from nvidia.dali import fn, types
@@ -399,8 +415,9 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
     from nvidia.dali.plugin.numba import NumbaFunction
 
     with_images = images_type is not None
-    if with_masks and not with_images:
-        raise ValueError("a params operator makes FMix masks only when given the images")
+    if with_masks and not with_images and mask_shape is None:
+        raise ValueError("a params operator makes masks only when given the images or "
+                         "their mask_shape")
     index = next(_NEXT_INDEX)
     _STEPS[index] = step
     # The pipeline keeps the step alive (the operator only knows its index).

@@ -256,3 +256,30 @@ def test_spectrograms_and_signals_are_one_channel_images(layout, shape):
     np.testing.assert_array_equal(params.box[cut, :2], [[0, images.shape[1]]] * cut.sum())
     np.testing.assert_array_equal(outputs[0].reshape(images.shape),
                                   mixing.reference_mix_images(images, params, "NHWC"))
+
+
+@pytest.mark.cuda
+def test_gpu_stage_volumes_equal_the_cpu_stage():
+    """Volumes on the GPU stage: the masks come from the CPU stage's params
+    step, the table-driven kernel applies them (cuboids marked masked)."""
+
+    def outputs(device):
+        @pipeline_def(batch_size=B, num_threads=1, device_id=0, seed=6)
+        def pipe():
+            volumes = fn.external_source(source=lambda: list(VOLUMES), batch=True,
+                                         layout="DHWC")
+            label = fn.external_source(source=lambda: list(VECTORS["classes"]), batch=True)
+            source = volumes.gpu() if device == "gpu" else volumes
+            return gdali.mix(source, label, num_classes=K, layout="DHWC", size=(4, 6, 5),
+                             return_params=True, device=device, **ALL3)
+
+        p = pipe()
+        p.build()
+        result = p.run()
+        gdali.raise_pending(p)
+        return [np.stack([np.array(s.as_cpu() if hasattr(s, "as_cpu") else s) for s in out])
+                for out in result]
+
+    gpu, cpu = outputs("gpu"), outputs("cpu")
+    for got, expected in zip(gpu, cpu):
+        np.testing.assert_array_equal(got, expected)
