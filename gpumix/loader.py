@@ -52,7 +52,11 @@ random operators' states, iterator counters); a loader built with
 
 ``return_params=True`` (training) adds a third item per batch: a dict of the
 batch's params as tensors (labels, pair, lam, method, box, and mask with
-FMix), e.g. for logging or for checking the mixing.
+FMix), e.g. for logging or for checking the mixing, or for per-term losses
+(y_b = labels[pair], weighted by lam). Targets are the soft targets of the
+folders' class ids; the DALI operators' other target kinds, split targets
+and clean batches are refused here (use gpumix.dali in a pipeline of your
+own, or gpumix.torch.Mixup).
 """
 
 from __future__ import annotations
@@ -149,6 +153,12 @@ class DALIMixLoader:
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
         if dtype not in (torch.float32, torch.float16):
             raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+        other_outputs = sorted(set(mix_options) & {"targets", "split_targets", "return_clean"})
+        if other_outputs:
+            raise ValueError(f"{', '.join(other_outputs)}: the loader yields the soft targets "
+                             f"of its folders' class ids; for other targets, split targets or "
+                             f"the clean batch call gpumix.dali.mix_normalize in your own "
+                             f"pipeline, or gpumix.torch.Mixup on the batches")
         shard_id, num_shards = resolve_shard(shard_id, num_shards)
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or min(size) < 1:

@@ -488,6 +488,13 @@ def test_empty_and_missing_folders_fail_at_construction(tmp_path):
         DALIMixLoader(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("option", ["targets", "split_targets", "return_clean"])
+def test_loader_refuses_outputs_it_does_not_make(jpeg_folder, option):
+    value = "dense" if option == "targets" else True
+    with pytest.raises(ValueError, match=f"{option}: the loader yields the soft targets"):
+        DALIMixLoader(jpeg_folder, **{option: value})
+
+
 def test_validation_mode_yields_labels_unmixed(jpeg_folder):
     loader = DALIMixLoader(jpeg_folder, train=False, batch_size=8, size=24)
     labels = torch.cat([y for _, y in loader])
