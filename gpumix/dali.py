@@ -696,11 +696,15 @@ def _mix_reshaped(images, labels, config: MixConfig, kinds: TargetOptions, *, la
         raise ValueError(f"size must be {'(F, T)' if layout == 'FT' else '(L,)'} for "
                          f"layout={layout!r}, got {tuple(size)}")
     shape = images.shape(dtype=types.INT32)
-    one = shape[0:1] * 0 + 1
-    flat = {"CDHW": lambda: fn.cat(shape[0:1], shape[1:2] * shape[2:3], shape[3:4]),
-            "FT": lambda: fn.cat(shape[0:2], one),
-            "T": lambda: fn.cat(one, shape[0:1], one)}.get(
-        layout, lambda: fn.cat(shape[0:1] * shape[1:2], shape[2:4]))()
+    if layout == "CDHW":  # (C, D * H, W)
+        flat = fn.cat(shape[0:1], shape[1:2] * shape[2:3], shape[3:4])
+    elif layout == "FT":  # (F, T, 1)
+        flat = fn.cat(shape[0:2], shape[0:1] * 0 + 1)
+    elif layout == "T":  # (1, L, 1)
+        one = shape[0:1] * 0 + 1
+        flat = fn.cat(one, shape[0:1], one)
+    else:  # FHWC, DHWC: (F * H, W, C)
+        flat = fn.cat(shape[0:1] * shape[1:2], shape[2:4])
     if layout in ("FT", "T"):  # spectrograms and signals: float unless told
         dtype = types.FLOAT if dtype is None else dtype
         size = None if size is None else (1, *size) if layout == "T" else size

@@ -35,14 +35,14 @@ a snapshot (one copy, into ``scratch`` when given) and write ``images``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gpumix import fmix, saliency
-import dataclasses
-
 from gpumix.config import (BOX_METHODS, CUTMIX, GRIDMIX, MASK_METHODS, MIXUP, NONE, RESIZEMIX,
                            SMOOTHMIX)
-from gpumix.params import MixParams, masked_methods, shape_table
+from gpumix.params import MixParams, array_module, masked_methods, shape_table
 from gpumix.kernels import (blend, box_paste, mask_mix, resize_paste, shape_mask,
                             soft_targets as targets_kernel)
 from gpumix.kernels._launch import (check_image_dtype, cupy_stream, numpy_dtype, row_geometry,
@@ -321,17 +321,11 @@ def _plane_masks(mask, layout: str, channels: int):
     frame's mask repeated for its channels)."""
     if mask is None:
         return None
-    xp = np if isinstance(mask, np.ndarray) else _cupy()
+    xp = array_module(mask)
     b, d, h, w = mask.shape
     if layout == "NTCHW":
         mask = xp.broadcast_to(mask[:, :, None], (b, d, channels, h, w))
     return xp.ascontiguousarray(mask, dtype=xp.float32).reshape(b, -1, w)
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 def _mix_volumes(images, params: MixParams, layout: str, out, stream, scratch):

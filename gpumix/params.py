@@ -547,7 +547,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
                                                  config.reference_compatible)
             # Spectra are expanded only for the units that use FMix.
             unit_masks = fmix_masks(draws.normal_keys[used], lo[used], hi[used])
-            xp = _array_module(unit_masks)
+            xp = array_module(unit_masks)
             if used.size == units:
                 mask = unit_masks
             else:
@@ -566,18 +566,18 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
             mask = host
         elif not on_host:  # FMix masks made on the GPU: add these to them
             used = np.flatnonzero((method == SMOOTHMIX) | (method == GRIDMIX))
-            mask[used] = _array_module(mask).asarray(host[used])
+            mask[used] = array_module(mask).asarray(host[used])
     if CUTMIX in present and len(spatial_shape) == 3 and make_masks:  # cuboids as masks
         if mask is None:
             mask = np.zeros((units, *spatial_shape), np.float32)
         used = np.flatnonzero(method == CUTMIX)
-        mask[used] = _array_module(mask).asarray(cuboid_masks(box, spatial_shape, used))
+        mask[used] = array_module(mask).asarray(cuboid_masks(box, spatial_shape, used))
     if units != batch_size:  # mode "batch": one unit for every sample
         method = np.repeat(method, batch_size)
         lam = np.repeat(lam, batch_size)
         box = np.repeat(box, batch_size, axis=0)
         if mask is not None:
-            mask = _array_module(mask).repeat(mask, batch_size, axis=0)
+            mask = array_module(mask).repeat(mask, batch_size, axis=0)
         if keys is not None:
             keys = np.repeat(keys, batch_size)
             ranks = np.repeat(ranks, batch_size, axis=0)
@@ -620,7 +620,7 @@ def _write_shapes(rows, smooth, grid) -> None:
         rows[:, table.GRID:table.CELLS_HIGH + 1] = grid
 
 
-def _array_module(a):
+def array_module(a):
     """NumPy, or CuPy for CuPy arrays (masks made on the GPU)."""
     if type(a).__module__.startswith("cupy"):
         import cupy

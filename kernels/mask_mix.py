@@ -60,7 +60,7 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
 
 
 @njit(cache=True, nogil=True)
-def _mask_planes(a, b, mask, height, quantize, paste, out):
+def _mask_planes(a, b, mask, quantize, paste, out):
     """mask_sample_cpu for one channel per column (NCHW planes): each
     H x W plane and the mask are contiguous, so one long pass per plane."""
     a, b, out, m = a.reshape(-1), b.reshape(-1), out.reshape(-1), mask.reshape(-1)
@@ -90,16 +90,15 @@ def mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row)
     # one contiguous pass over the columns that LLVM vectorises. A pixel loop
     # with an inner channel loop, or k divided by a run-time cstride, does
     # not vectorise.
-    n_cols = a.shape[1]
-    if cstride == 1 and a.shape[0] % height == 0:
-        _mask_planes(a, b, mask, height, quantize, paste, out)
+    # One channel per column (NCHW planes, dense maps): rows are whole
+    # planes of ``height`` rows each, so the plane pass serves.
+    if cstride == 1:
+        _mask_planes(a, b, mask, quantize, paste, out)
         return
+    n_cols = a.shape[1]
     for r in range(a.shape[0]):
         y = r % height
-        if cstride == 1:
-            for k in range(n_cols):
-                mask_row[k] = mask[y, k]
-        elif cstride == 3:  # RGB, unrolled
+        if cstride == 3:  # RGB, unrolled
             for px in range(n_cols // 3):
                 m = mask[y, px]
                 mask_row[3 * px] = m
