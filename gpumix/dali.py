@@ -596,16 +596,21 @@ def _param_outputs(rows, masks, config: MixConfig, volume: bool = False) -> tupl
 
 
 def mix_params(labels, *, num_classes: int, size, source_info=None, targets="classes",
-               split_targets: bool = False, label_lam=None, **options):
-    """The params alone: ``targets, table`` for :func:`gpumix.torch.apply`.
+               split_targets: bool = False, label_lam=None, return_clean: bool = False,
+               **options):
+    """The params alone: ``targets[, clean_targets], table`` for
+    :func:`gpumix.torch.apply`.
 
     ``labels``: integer class ids in [0, num_classes), or with ``targets``
     per-sample vectors (see :func:`mix`). ``size=(H, W)``: the images' size
     (boxes and masks are made for it; ``apply`` checks it). ``options``:
     every :class:`gpumix.MixConfig` option. Outputs, per sample: float32
-    targets (soft targets ``(K,)`` of class ids; split: ``(y_a, y_b, lam)``)
-    and one float64 table row ``(N_COLUMNS,)`` (gpumix.kernels.table). All
-    are CPU nodes; errors are raised by :func:`raise_pending`.
+    targets (soft targets ``(K,)`` of class ids; split: ``(y_a, y_b, lam)``),
+    with ``return_clean`` the unmixed samples' own targets (the clean images
+    are the ones you hand to ``apply``: normalise them with an identity
+    table, :func:`gpumix.torch.identity_table`), and one float64 table row
+    ``(N_COLUMNS,)`` (gpumix.kernels.table). All are CPU nodes; errors are
+    raised by :func:`raise_pending`.
     """
     if size is None:
         raise ValueError("size=(H, W) is required: the params are made for that size")
@@ -613,7 +618,8 @@ def mix_params(labels, *, num_classes: int, size, source_info=None, targets="cla
     kinds = TargetOptions(targets, split_targets, label_lam)
     mixed, rows, _ = _params_stage(config, labels, size=size, source_info=source_info,
                                    targets=kinds)
-    return (*_target_outputs(labels, mixed, rows, config, kinds), rows)
+    clean = (_clean_targets(labels, config, kinds),) if return_clean else ()
+    return (*_target_outputs(labels, mixed, rows, config, kinds), *clean, rows)
 
 
 def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,

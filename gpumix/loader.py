@@ -50,13 +50,22 @@ Resumption: ``state_dict()`` returns DALI's checkpoint (reader position,
 random operators' states, iterator counters); a loader built with
 ``checkpoint=`` that string continues bit for bit.
 
-``return_params=True`` (training) adds a third item per batch: a dict of the
-batch's params as tensors (labels, pair, lam, method, box, and mask with
-FMix), e.g. for logging or for checking the mixing, or for per-term losses
-(y_b = labels[pair], weighted by lam). Targets are the soft targets of the
-folders' class ids; the DALI operators' other target kinds, split targets
-and clean batches are refused here (use gpumix.dali in a pipeline of your
-own, or gpumix.torch.Mixup).
+Outputs (training), as gpumix.torch.Mixup returns them:
+
+    default                 (images, targets)       targets (B, K) float32
+    split_targets=True      (images, (y_a, y_b, lam))  (B,) int64, int64, float32
+    return_clean=True       (images, targets, clean, clean_targets)
+    return_params=True      ... then a dict of the batch's params
+
+Split targets are each sample's class id, its partner's and the label
+weight (``lam``, or ``label_lam`` of it), for losses mixed per term. The
+clean batch (RegMixup, RankMixup) is the same crops unmixed, normalised
+alike, with their smoothed one-hot targets (split: their class ids): no
+second read, decode or augmentation. The params dict holds labels, pair,
+lam, method, box, and mask with a mask method, e.g. for logging or for
+checking the mixing. Labels are the folders' class ids; other target kinds
+(dense, multi-label, regression) are refused here: use gpumix.dali in a
+pipeline of your own, or gpumix.torch.Mixup.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ from gpumix import dali_cpu, pipelines
 from gpumix.backend import resolve_device
 
 LAST_BATCH_POLICIES = ("partial", "drop", "fill")
+TARGET_OPTIONS = ("split_targets", "return_clean", "label_lam")  # the operators', not MixConfig's
+SPLIT_NAMES = ("targets_a", "targets_b", "label_lam")  # the iterator's names of split targets
 
 
 def find_unreadable(files, num_threads: int = 8, chunk: int = 64) -> str | None:
@@ -153,12 +164,16 @@ class DALIMixLoader:
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
         if dtype not in (torch.float32, torch.float16):
             raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
-        other_outputs = sorted(set(mix_options) & {"targets", "split_targets", "return_clean"})
-        if other_outputs:
-            raise ValueError(f"{', '.join(other_outputs)}: the loader yields the soft targets "
-                             f"of its folders' class ids; for other targets, split targets or "
-                             f"the clean batch call gpumix.dali.mix_normalize in your own "
-                             f"pipeline, or gpumix.torch.Mixup on the batches")
+        if "targets" in mix_options:
+            raise ValueError("targets: the loader's labels are its folders' (or file list's) "
+                             "class ids; for dense, multi-label or regression targets call "
+                             "gpumix.dali.mix_normalize in your own pipeline, or "
+                             "gpumix.torch.Mixup on the batches")
+        self.split_targets = bool(mix_options.get("split_targets", False))
+        self.return_clean = bool(mix_options.get("return_clean", False))
+        if (self.split_targets or self.return_clean) and not (train and mixing == "gpumix"):
+            raise ValueError("split_targets and return_clean need train=True and "
+                             "mixing='gpumix'")
         shard_id, num_shards = resolve_shard(shard_id, num_shards)
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or min(size) < 1:
@@ -205,13 +220,17 @@ class DALIMixLoader:
             files, labels, train=train, batch_size=batch_size, num_threads=num_threads,
             seed=rank_seed(seed, shard_id), device=self.device_choice.device, device_id=device_id,
             checkpoint=checkpoint, layout="HWC" if channels_last else "CHW", **graph)
-        self._outputs = ["images", "targets" if train else "labels"]
+        self._outputs = ["images"] + (list(SPLIT_NAMES) if self.split_targets else
+                                      ["targets" if train else "labels"])
+        if self.return_clean:  # at the hand-off the crops themselves are the clean images
+            self._outputs += ["clean_targets"] if self._handoff else ["clean", "clean_targets"]
         if self.return_params:
             from gpumix.config import MixConfig
             from gpumix.dali import param_names
 
+            config_options = {k: v for k, v in mix_options.items() if k not in TARGET_OPTIONS}
             self._param_names = param_names(MixConfig(num_classes=self.num_classes,
-                                                      **mix_options))
+                                                      **config_options))
         if self._with_table:
             self._outputs.append("table")
         elif self.return_params:
@@ -250,32 +269,53 @@ class DALIMixLoader:
                 raise RuntimeError(f"cannot decode image {culprit}") from error
             raise
 
+    def _targets(self, batch: dict):
+        """The targets item: soft targets, labels (validation), or split
+        ``(y_a, y_b, lam)`` as flat (B,) tensors."""
+        if not self.train:
+            return batch["labels"].reshape(-1)
+        if not self.split_targets:
+            return batch["targets"]
+        y_a, y_b, lam = (batch[name].reshape(-1) for name in SPLIT_NAMES)
+        return y_a.long(), y_b.long(), lam
+
+    def _clean_targets(self, batch: dict):
+        clean = batch["clean_targets"]
+        return clean.reshape(-1).long() if self.split_targets else clean
+
+    def _nchw(self, images):
+        """DALI wrote NHWC with channels_last: a free NCHW view in channels_last memory."""
+        return images.permute(0, 3, 1, 2) if self.channels_last else images
+
     def _to_torch(self, batch: dict):
-        images = batch["images"]
         if self._handoff:
             return self._hand_off(batch)
-        if self.channels_last:  # DALI wrote NHWC: a free NCHW view in channels_last memory
-            images = images.permute(0, 3, 1, 2)
-        second = batch["targets"] if self.train else batch["labels"].reshape(-1)
+        items = (self._nchw(batch["images"]), self._targets(batch))
+        if self.return_clean:
+            items += (self._nchw(batch["clean"]), self._clean_targets(batch))
         if self.return_params:
             params = {k: batch[k] for k in self._param_names}
             params = {k: (v if k in ("box", "mask") else v.reshape(-1))
                       for k, v in params.items()}
-            return images, second, params
-        return images, second
+            items += (params,)
+        return items
 
     def _hand_off(self, batch: dict):
-        """Mix, normalise and lay out DALI's uint8 crops in one CUDA launch."""
+        """Mix, normalise and lay out DALI's uint8 crops in one CUDA launch
+        (a second one normalises the clean batch, with ``return_clean``)."""
         from gpumix.torch import apply, identity_table
 
         images = batch["images"]
-        rows = batch["table"] if self._with_table else identity_table(images.shape[0],
-                                                                      self._size)
-        mixed, masks, boxes = apply(images, rows, mean=pipelines.IMAGENET_MEAN,
-                                    std=pipelines.IMAGENET_STD, channels_last=self.channels_last,
-                                    dtype=self._dtype, return_applied=True)
+        identity = identity_table(images.shape[0], self._size)
+        layout = dict(mean=pipelines.IMAGENET_MEAN, std=pipelines.IMAGENET_STD,
+                      channels_last=self.channels_last, dtype=self._dtype)
+        rows = batch["table"] if self._with_table else identity
+        mixed, masks, boxes = apply(images, rows, return_applied=True, **layout)
+        items = (mixed, self._targets(batch))
+        if self.return_clean:
+            items += (apply(images, identity, **layout), self._clean_targets(batch))
         if not self.return_params:
-            return mixed, batch["targets"]
+            return items
         from gpumix.dali import PARAM_COLUMNS
 
         table = batch["table"]
@@ -288,7 +328,7 @@ class DALIMixLoader:
         if "mask" in self._param_names:  # zeros for a batch where no sample used one
             params["mask"] = masks if masks is not None else torch.zeros(
                 images.shape[:3], dtype=torch.float32, device=images.device)
-        return mixed, batch["targets"], params
+        return items + (params,)
 
     # ------------------------------------------------------------ public
     def __len__(self) -> int:

@@ -143,6 +143,13 @@ def smoothed_one_hot(labels, num_classes: int, smoothing: float):
                       off_value=off)
 
 
+def flat(outputs) -> tuple:
+    """An operator's outputs with nested tuples (split targets) spread out,
+    as a pipeline returns them."""
+    return tuple(node for out in outputs
+                 for node in (out if isinstance(out, tuple) else (out,)))
+
+
 def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
                 mix_options: dict, dtype, shuffle: bool = True, shard_id: int = 0,
                 num_shards: int = 1, return_params: bool = False, layout: str = "CHW",
@@ -156,6 +163,10 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
     float32 (K,)[, params]). With ``handoff`` ("gpumix" or "none"), mixing
     and normalisation leave the graph for :func:`gpumix.torch.apply`:
     (images HWC uint8, targets[, table]), the targets on the images' device.
+    ``mix_options`` may ask for split targets (three outputs in place of the
+    targets: labels, partners' labels, label weights) and the clean batch
+    (in the graph: clean images and targets after the targets; at the
+    hand-off the clean targets alone, the crops being the clean images).
     """
     from nvidia.dali import fn
 
@@ -170,19 +181,20 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
     info = fn.get_property(encoded, key="source_info")
     if handoff:
         if mixing == "gpumix":
-            targets, rows = gdali.mix_params(label, num_classes=num_classes, size=tuple(size),
-                                             source_info=info, **mix_options)
+            *targets, rows = flat(gdali.mix_params(label, num_classes=num_classes,
+                                                   size=tuple(size), source_info=info,
+                                                   **mix_options))
         else:
-            targets, rows = smoothed_one_hot(label, num_classes, smoothing), None
-        targets = targets.gpu() if device == "gpu" else targets
-        return (images, targets) + (() if rows is None else (rows,))
+            targets, rows = [smoothed_one_hot(label, num_classes, smoothing)], None
+        targets = [t.gpu() for t in targets] if device == "gpu" else targets
+        return (images, *targets) + (() if rows is None else (rows,))
     normalize = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), output_layout=layout,
                      dtype=dtype, device=device)
     params = ()
     if mixing == "gpumix":
-        images, targets, *params = gdali.mix_normalize(
+        images, targets, *params = flat(gdali.mix_normalize(
             images, label, num_classes=num_classes, size=tuple(size), source_info=info,
-            return_params=return_params, **normalize, **mix_options)
+            return_params=return_params, **normalize, **mix_options))
     elif mixing == "none":
         images = gdali.normalize(images, **normalize)
         targets = smoothed_one_hot(label, num_classes, smoothing)

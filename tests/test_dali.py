@@ -488,11 +488,52 @@ def test_empty_and_missing_folders_fail_at_construction(tmp_path):
         DALIMixLoader(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("option", ["targets", "split_targets", "return_clean"])
-def test_loader_refuses_outputs_it_does_not_make(jpeg_folder, option):
-    value = "dense" if option == "targets" else True
-    with pytest.raises(ValueError, match=f"{option}: the loader yields the soft targets"):
-        DALIMixLoader(jpeg_folder, **{option: value})
+def test_loader_refuses_outputs_it_does_not_make(jpeg_folder):
+    with pytest.raises(ValueError, match="targets: the loader's labels are its folders'"):
+        DALIMixLoader(jpeg_folder, targets="dense")
+    with pytest.raises(ValueError, match="return_clean need train=True and mixing='gpumix'"):
+        DALIMixLoader(jpeg_folder, mixing="none", return_clean=True)
+
+
+@pytest.mark.parametrize("handoff", [False, True, pytest.param("gpu", marks=pytest.mark.cuda)],
+                         ids=["in-graph", "hand-off", "gpu"])
+@pytest.mark.parametrize("split", [False, True], ids=["soft", "split"])
+def test_loader_split_targets_and_clean_batch(jpeg_folder, split, handoff):
+    """Split targets are each sample's class, its partner's and the label
+    weight (label_lam of lam); soft targets are the reference's on the
+    batch's params. The clean batch is the crops the mixed batch was mixed
+    from: the reference mix of the clean pixels on those params, normalised
+    by DALI's crop_mirror_normalize, is the mixed batch."""
+    where = dict(device="gpu") if handoff == "gpu" else dict(device="cpu", handoff=handoff)
+    loader = DALIMixLoader(jpeg_folder, batch_size=8, size=(20, 16), seed=2, **where,
+                           mode="elem", mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0,
+                           label_smoothing=0.1, split_targets=split, return_clean=True,
+                           label_lam=np.sqrt if split else None, return_params=True)
+    mixed_any = False
+    for batch in loader:
+        mixed, targets, clean, clean_targets, params = to_cpu(batch)
+        labels, pair, lam = params["labels"], params["pair"], params["lam"]
+        reference = MixParams(pair=pair.numpy(), lam=lam.numpy(), method=params["method"].numpy(),
+                              box=params["box"].numpy(), mask=params["mask"].numpy())
+        if split:
+            y_a, y_b, weight = targets
+            assert y_a.dtype == y_b.dtype == torch.int64 and weight.dtype == torch.float32
+            torch.testing.assert_close(y_a, labels, rtol=0, atol=0)
+            torch.testing.assert_close(y_b, labels[pair], rtol=0, atol=0)
+            torch.testing.assert_close(weight, torch.sqrt(lam), rtol=1e-6, atol=0)
+            torch.testing.assert_close(clean_targets, labels, rtol=0, atol=0)
+        else:
+            np.testing.assert_allclose(targets, mixing.reference_soft_targets(
+                labels.numpy(), reference, 3, 0.1), rtol=0, atol=1e-7)
+            np.testing.assert_allclose(clean_targets, np.eye(3)[labels] * 0.9 + 0.1 / 3,
+                                       rtol=0, atol=1e-7)
+        pixels = clean.permute(0, 2, 3, 1).numpy() * np.float32(STD) + np.float32(MEAN)
+        crops = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        expected = crop_mirror_normalize(mixing.reference_mix_images(crops, reference, "NHWC"),
+                                         "CHW")
+        np.testing.assert_allclose(mixed.numpy(), expected, rtol=0, atol=1e-4)
+        mixed_any |= not torch.equal(mixed, clean)
+    assert mixed_any, "nothing was mixed"
 
 
 def test_validation_mode_yields_labels_unmixed(jpeg_folder):
@@ -700,7 +741,10 @@ def test_mix_params_checkpoint_restores_the_tables_and_the_hand_off(jpeg_folder,
                          "saliencymix": 1}, cutmix_alpha=1.0, saliencymix_alpha=1.0,
          mode="elem", return_params=True),
     dict(method_weights={"smoothmix": 1, "gridmix": 1}, mode="elem"),
-], ids=["all-methods", "channels-last-fill", "no-mixing", "more-methods", "formula-masks"])
+    dict(cutmix_alpha=1.0, fmix_alpha=1.0, split_targets=True, return_clean=True,
+         channels_last=True, last_batch_policy="fill", return_params=True),
+], ids=["all-methods", "channels-last-fill", "no-mixing", "more-methods", "formula-masks",
+        "split-clean"])
 def test_hand_off_gives_the_batches_of_the_in_graph_loader(jpeg_folder, options):
     """The GPU loader's mechanism (uint8 crops and params table out of DALI,
     gpumix.torch.apply at the hand-off), run here with its CPU twin, yields
@@ -712,10 +756,27 @@ def test_hand_off_gives_the_batches_of_the_in_graph_loader(jpeg_folder, options)
     assert len(graph) == len(handed) == 3
     for in_graph, at_hand_off in zip(graph, handed):
         assert len(in_graph) == len(at_hand_off)
-        x, t, *params = in_graph
-        hx, ht, *hparams = at_hand_off
-        assert hx.stride() == x.stride()  # the same memory format
-        torch.testing.assert_close(hx, x, rtol=0, atol=0)
-        torch.testing.assert_close(ht, t, rtol=0, atol=0)
-        for name, value in (params[0].items() if params else ()):
-            torch.testing.assert_close(hparams[0][name], value, rtol=0, atol=0, msg=name)
+        for x, hx in zip(tensors(in_graph), tensors(at_hand_off), strict=True):
+            assert hx.stride() == x.stride()  # the same memory format
+            torch.testing.assert_close(hx, x, rtol=0, atol=0)
+
+
+def to_cpu(items):
+    """A loader's batch with every tensor copied to the host."""
+    if isinstance(items, torch.Tensor):
+        return items.cpu()
+    if isinstance(items, dict):
+        return {k: to_cpu(v) for k, v in items.items()}
+    return type(items)(to_cpu(item) for item in items)
+
+
+def tensors(items) -> list:
+    """The tensors of a loader's batch, in order (split targets and the
+    params dict spread out)."""
+    out = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        else:
+            out += tensors(item.values() if isinstance(item, dict) else item)
+    return out

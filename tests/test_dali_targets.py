@@ -140,21 +140,23 @@ def test_c_mixup_pairs_regression_values_by_their_distance():
         assert np.all(pair != np.arange(B))
 
 
-def test_mix_params_makes_vector_targets_for_the_hand_off():
+def test_mix_params_makes_vector_targets_and_clean_ones_for_the_hand_off():
     labels = VECTORS["multi_label"]
 
     @pipeline_def(batch_size=B, num_threads=1, device_id=None, seed=2)
     def pipe():
         label = fn.external_source(source=lambda: list(labels), batch=True)
         return gdali.mix_params(label, num_classes=K, size=(10, 12), targets="multi_label",
-                                mixup_alpha=1.0, mode="elem", label_smoothing=0.1)
+                                mixup_alpha=1.0, mode="elem", label_smoothing=0.1,
+                                return_clean=True)
 
     p = pipe()
     p.build()
-    targets, rows = (np.stack([np.array(s) for s in out]) for out in p.run())
+    targets, clean_targets, rows = (np.stack([np.array(s) for s in out]) for out in p.run())
     params = from_table(rows)
     np.testing.assert_array_equal(targets, mixing.mix_targets(labels, params, smoothing=0.1,
                                                               toward=0.5))
+    np.testing.assert_allclose(clean_targets, labels * 0.9 + 0.05, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind,labels,match", [
