@@ -25,10 +25,12 @@ the partner (mask 0), the rest the primary (mask 1).
 Versions: :func:`reference` (NumPy, the formulas above evaluated directly),
 :func:`cpu` (Numba, parallel over rows) and :data:`cuda_kernel`; they
 write only the rows of these two methods. :func:`mix_cpu` mixes images by
-these masks without keeping them: each sample's mask is made into a
+these masks without keeping them: each SmoothMix mask is made into a
 per-thread (H, W) buffer that stays in cache while the sample is mixed, so
 the batch's masks never travel through memory (4 bytes a pixel, more than
-a uint8 RGB pixel itself).
+a uint8 RGB pixel itself), and a GridMix sample, whose mask is 0 or 1, is
+copied cell segment by cell segment from its two images
+(:func:`grid_sample_cpu`), with no mask at all.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from gpumix.kernels import mask_mix, table
 from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
 
 SMOOTHMIX, GRIDMIX = 5, 6  # gpumix.config's method codes
+MAX_GRID = 8  # gpumix.config.MAX_GRID: cells per side
 
 
 def _profile(v, centre, sigma):
@@ -142,15 +145,46 @@ def cpu(rows, out) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def grid_sample_cpu(a, b, row, height, cstride, out, keep):
+    """One GridMix sample's rows (R, L) into ``out``: its mask is 0 or 1, so
+    every value is the primary's or the partner's, picked by per-column
+    flags (``keep``: scratch of (MAX_GRID, L) in the images' dtype, as wide
+    as the values, one flag row per row of cells) in a select of two loaded values, which vectorises: what the mask
+    mix stores, without a float mask. Cell column c covers pixels
+    [ceil(c W / n), ceil((c + 1) W / n)), the x with x n // W == c."""
+    n = np.int64(row[table.GRID])
+    n_cols = a.shape[1]
+    width = n_cols // cstride
+    for cell_row in range(n):
+        flags = keep[cell_row]
+        for c in range(n):
+            flag = 1 if _cell_value_cpu(row, cell_row * n + c) != 0 else 0
+            for k in range(((c * width + n - 1) // n) * cstride,
+                           (((c + 1) * width + n - 1) // n) * cstride):
+                flags[k] = flag
+    for r in range(a.shape[0]):
+        flags = keep[((r % height) * n) // height]
+        ra, rb, ro = a[r], b[r], out[r]
+        for k in range(n_cols):
+            va, vb = ra[k], rb[k]
+            ro[k] = va if flags[k] != 0 else vb
+
+
+@njit(cache=True, nogil=True)
 def _mix_rows_cpu(x, rows, samples, height, cstride, quantize, paste, out, lo, hi):
     mask = np.empty((height, x.shape[2] // cstride), np.float32)
     mask_row = np.empty(x.shape[2], np.float32)
+    keep = np.empty((MAX_GRID, x.shape[2]), x.dtype)
     for s in range(lo, hi):
         i = samples[s]
         row = rows[i]
+        partner = x[np.int64(row[table.PAIR])]
+        if np.int64(row[table.METHOD]) == GRIDMIX:
+            grid_sample_cpu(x[i], partner, row, height, cstride, out[i], keep)
+            continue
         sample_mask_cpu(row, mask)
-        mask_mix.mask_sample_cpu(x[i], x[np.int64(row[table.PAIR])], mask, height, cstride,
-                                 quantize, paste, out[i], mask_row)
+        mask_mix.mask_sample_cpu(x[i], partner, mask, height, cstride, quantize, paste, out[i],
+                                 mask_row)
 
 
 def _mix_cpu_any_dtype(x, rows, samples, height, cstride, paste=False, *, out):

@@ -278,6 +278,21 @@ def test_mix_images_equals_reference_for_every_method(dtype, layout):
     np.testing.assert_array_equal(inplace, mixing.reference_mix_images(x, params, layout))
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (9, 2), (17, 23)])
+def test_gridmix_cells_narrower_than_a_pixel_and_any_channel_count(shape):
+    """GridMix copies whole cell segments: grids finer than the image (empty
+    cells), 4 and 1 channels, images and dense maps, all as the mask says."""
+    rng = np.random.default_rng(21)
+    params = sample(only("gridmix", gridmix_grid=(6, 8)), 9, shape, rng)
+    for x, layout in ((rng.integers(0, 256, (9, *shape, 4), np.uint8), "NHWC"),
+                      (rng.random((9, 1, *shape), np.float32), "NCHW")):
+        np.testing.assert_array_equal(mixing.mix_images(x, params, layout),
+                                      mixing.reference_mix_images(x, params, layout))
+    maps = rng.integers(0, 9, (9, *shape)).astype(np.int64)
+    np.testing.assert_array_equal(mixing.mix_dense(maps, params),
+                                  mixing.reference_mix_dense(maps, params))
+
+
 def test_table_round_trip_keeps_every_field():
     config = MixConfig(**ALL_NEW, resizemix_interpolation="bilinear")
     params = sample(config, 16, (9, 11), 13)
