@@ -25,12 +25,13 @@ the partner (mask 0), the rest the primary (mask 1).
 Versions: :func:`reference` (NumPy, the formulas above evaluated directly),
 :func:`cpu` (Numba, parallel over rows) and :data:`cuda_kernel`; they
 write only the rows of these two methods. :func:`mix_cpu` mixes images by
-these masks without keeping them: each SmoothMix mask is made into a
+these masks without keeping them: each sample's mask is made into a
 per-thread (H, W) buffer that stays in cache while the sample is mixed, so
 the batch's masks never travel through memory (4 bytes a pixel, more than
-a uint8 RGB pixel itself), and a GridMix sample, whose mask is 0 or 1, is
-copied cell segment by cell segment from its two images
-(:func:`grid_sample_cpu`), with no mask at all.
+a uint8 RGB pixel itself). A uint8 GridMix sample, whose mask is 0 or 1,
+needs no float mask at all: each byte is picked from one of its two images
+(:func:`grid_sample_cpu`); wider values blend by the mask over whole
+planes, which measured faster for them (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ def grid_sample_cpu(a, b, row, height, cstride, out, keep):
     """One GridMix sample's rows (R, L) into ``out``: its mask is 0 or 1, so
     every value is the primary's or the partner's, picked by per-column
     flags (``keep``: scratch of (MAX_GRID, L) in the images' dtype, as wide
-    as the values, one flag row per row of cells) in a select of two loaded values, which vectorises: what the mask
-    mix stores, without a float mask. Cell column c covers pixels
-    [ceil(c W / n), ceil((c + 1) W / n)), the x with x n // W == c."""
+    as the values; one flag row per row of cells) in a select of two loaded
+    values, which vectorises: what the mask mix stores, without a float
+    mask. Cell column c covers pixels [ceil(c W / n), ceil((c + 1) W / n)),
+    the x with x n // W == c."""
     n = np.int64(row[table.GRID])
     n_cols = a.shape[1]
     width = n_cols // cstride
@@ -179,7 +181,7 @@ def _mix_rows_cpu(x, rows, samples, height, cstride, quantize, paste, out, lo, h
         i = samples[s]
         row = rows[i]
         partner = x[np.int64(row[table.PAIR])]
-        if np.int64(row[table.METHOD]) == GRIDMIX:
+        if quantize and np.int64(row[table.METHOD]) == GRIDMIX:
             grid_sample_cpu(x[i], partner, row, height, cstride, out[i], keep)
             continue
         sample_mask_cpu(row, mask)
