@@ -495,15 +495,18 @@ def test_loader_refuses_outputs_it_does_not_make(jpeg_folder):
         DALIMixLoader(jpeg_folder, mixing="none", return_clean=True)
 
 
-@pytest.mark.parametrize("handoff", [False, True, pytest.param("gpu", marks=pytest.mark.cuda)],
-                         ids=["in-graph", "hand-off", "gpu"])
-@pytest.mark.parametrize("split", [False, True], ids=["soft", "split"])
+@pytest.mark.parametrize("split,handoff", [
+    (False, False), (True, True),
+    pytest.param(False, "gpu", marks=pytest.mark.cuda),
+    pytest.param(True, "gpu", marks=pytest.mark.cuda),
+], ids=["soft-in-graph", "split-hand-off", "soft-gpu", "split-gpu"])
 def test_loader_split_targets_and_clean_batch(jpeg_folder, split, handoff):
     """Split targets are each sample's class, its partner's and the label
     weight (label_lam of lam); soft targets are the reference's on the
     batch's params. The clean batch is the crops the mixed batch was mixed
     from: the reference mix of the clean pixels on those params, normalised
-    by DALI's crop_mirror_normalize, is the mixed batch."""
+    by DALI's crop_mirror_normalize, is the mixed batch. (The in-graph and
+    hand-off loaders give the same batches: test_hand_off_gives_...)"""
     where = dict(device="gpu") if handoff == "gpu" else dict(device="cpu", handoff=handoff)
     loader = DALIMixLoader(jpeg_folder, batch_size=8, size=(20, 16), seed=2, **where,
                            mode="elem", mixup_alpha=1.0, cutmix_alpha=1.0, fmix_alpha=1.0,

@@ -12,6 +12,7 @@ from nvidia.dali import fn, pipeline_def
 
 import gpumix.dali as gdali
 from gpumix import mixing
+from gpumix.pipelines import flat
 from gpumix.params import MixParams, from_table
 
 B, K = 6, 4
@@ -36,11 +37,7 @@ def run(operator, labels, seed=11, data=IMAGES, layout="HWC", size=(10, 12), **o
         images = fn.external_source(source=lambda: list(data), batch=True, layout=layout)
         label = fn.external_source(source=lambda: list(labels), batch=True)
         extra = {} if operator is gdali.mix_normalize else {"layout": layout}
-        outputs = operator(images, label, num_classes=K, size=size, **extra, **options)
-        flat = []
-        for node in outputs:
-            flat.extend(node if isinstance(node, tuple) else [node])
-        return tuple(flat)
+        return flat(operator(images, label, num_classes=K, size=size, **extra, **options))
 
     p = pipe()
     p.build()
