@@ -306,7 +306,8 @@ class DALIMixLoader:
         from gpumix.torch import apply, identity_table
 
         images = batch["images"]
-        identity = identity_table(images.shape[0], self._size)
+        identity = identity_table(images.shape[0], self._size) \
+            if self.return_clean or not self._with_table else None
         layout = dict(mean=pipelines.IMAGENET_MEAN, std=pipelines.IMAGENET_STD,
                       channels_last=self.channels_last, dtype=self._dtype)
         rows = batch["table"] if self._with_table else identity

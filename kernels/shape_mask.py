@@ -45,7 +45,6 @@ from gpumix.kernels import mask_mix, table
 from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
 
 SMOOTHMIX, GRIDMIX = 5, 6  # gpumix.config's method codes
-MAX_GRID = 8  # gpumix.config.MAX_GRID: cells per side
 
 
 def _profile(v, centre, sigma):
@@ -146,17 +145,17 @@ def cpu(rows, out) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def grid_sample_cpu(a, b, row, height, cstride, out, keep):
+def grid_sample_cpu(a, b, row, height, cstride, out):
     """One GridMix sample's rows (R, L) into ``out``: its mask is 0 or 1, so
     every value is the primary's or the partner's, picked by per-column
-    flags (``keep``: scratch of (MAX_GRID, L) in the images' dtype, as wide
-    as the values; one flag row per row of cells) in a select of two loaded
-    values, which vectorises: what the mask mix stores, without a float
-    mask. Cell column c covers pixels [ceil(c W / n), ceil((c + 1) W / n)),
-    the x with x n // W == c."""
+    flags (one row of flags per row of cells, in the images' dtype: as wide
+    as the values) in a select of two loaded values, which vectorises: what
+    the mask mix stores, without a float mask. Cell column c covers pixels
+    [ceil(c W / n), ceil((c + 1) W / n)), the x with x n // W == c."""
     n = np.int64(row[table.GRID])
     n_cols = a.shape[1]
     width = n_cols // cstride
+    keep = np.empty((n, n_cols), a.dtype)
     for cell_row in range(n):
         flags = keep[cell_row]
         for c in range(n):
@@ -176,13 +175,12 @@ def grid_sample_cpu(a, b, row, height, cstride, out, keep):
 def _mix_rows_cpu(x, rows, samples, height, cstride, quantize, paste, out, lo, hi):
     mask = np.empty((height, x.shape[2] // cstride), np.float32)
     mask_row = np.empty(x.shape[2], np.float32)
-    keep = np.empty((MAX_GRID, x.shape[2]), x.dtype)
     for s in range(lo, hi):
         i = samples[s]
         row = rows[i]
         partner = x[np.int64(row[table.PAIR])]
         if quantize and np.int64(row[table.METHOD]) == GRIDMIX:
-            grid_sample_cpu(x[i], partner, row, height, cstride, out[i], keep)
+            grid_sample_cpu(x[i], partner, row, height, cstride, out[i])
             continue
         sample_mask_cpu(row, mask)
         mask_mix.mask_sample_cpu(x[i], partner, mask, height, cstride, quantize, paste, out[i],
