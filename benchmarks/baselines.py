@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from gpumix.pipelines import smoothed_one_hot
+from gpumix.dali import smoothed_one_hot
 
 
 def stock(images, labels, *, num_classes, size, label_smoothing=0.1):

@@ -557,6 +557,16 @@ def _target_outputs(labels, targets_node, rows, config: MixConfig, targets: Targ
     return out + (images, move(_clean_targets(labels, config, targets)))
 
 
+def smoothed_one_hot(labels, num_classes: int, smoothing: float):
+    """float32 targets (K,) of class ids: 1 - smoothing + smoothing / K on
+    the label, smoothing / K off."""
+    from nvidia.dali import fn
+
+    off = smoothing / num_classes
+    return fn.one_hot(labels, num_classes=num_classes, on_value=1.0 - smoothing + off,
+                      off_value=off)
+
+
 def _clean_targets(labels, config: MixConfig, targets: TargetOptions):
     """The unmixed batch's own targets, as the mixed ones are made: smoothed
     one-hots of class ids, smoothed vectors, values as given (split: the
@@ -567,8 +577,7 @@ def _clean_targets(labels, config: MixConfig, targets: TargetOptions):
     if targets.split:
         return labels
     if targets.kind == "classes":
-        return fn.one_hot(labels, num_classes=k, on_value=1.0 - s + s / k, off_value=s / k,
-                          dtype=types.FLOAT)
+        return smoothed_one_hot(labels, k, s)
     values = fn.cast(labels, dtype=types.FLOAT)
     smoothing, toward = mixing.target_smoothing(targets.kind, s, k)
     if not smoothing:

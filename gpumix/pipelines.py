@@ -134,15 +134,6 @@ def _normalize(images, *, dtype, layout: str = "CHW", crop=None):
                                     std=list(IMAGENET_STD), **kwargs)
 
 
-def smoothed_one_hot(labels, num_classes: int, smoothing: float):
-    """float32 targets (K,): 1 - smoothing + smoothing / K on the label, smoothing / K off."""
-    from nvidia.dali import fn
-
-    off = smoothing / num_classes
-    return fn.one_hot(labels, num_classes=num_classes, on_value=1.0 - smoothing + off,
-                      off_value=off)
-
-
 def flat(outputs) -> tuple:
     """An operator's outputs with nested tuples (split targets) spread out,
     as a pipeline returns them."""
@@ -185,7 +176,7 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
                                                    size=tuple(size), source_info=info,
                                                    **mix_options))
         else:
-            targets, rows = [smoothed_one_hot(label, num_classes, smoothing)], None
+            targets, rows = [gdali.smoothed_one_hot(label, num_classes, smoothing)], None
         targets = [t.gpu() for t in targets] if device == "gpu" else targets
         return (images, *targets) + (() if rows is None else (rows,))
     normalize = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), output_layout=layout,
@@ -197,7 +188,7 @@ def train_graph(files, labels, *, num_classes: int, size, device: str, mixing,
             return_params=return_params, **normalize, **mix_options))
     elif mixing == "none":
         images = gdali.normalize(images, **normalize)
-        targets = smoothed_one_hot(label, num_classes, smoothing)
+        targets = gdali.smoothed_one_hot(label, num_classes, smoothing)
     else:
         images, targets = mixing(images, label, num_classes=num_classes, size=tuple(size),
                                  **mix_options)
