@@ -58,9 +58,9 @@ def bench(batch: int = 64, size: int = 224, calls: int = 200, repeats: int = 7) 
         def handoff():
             handoff_cuda(images, rows, mean, inv_std, True, out, 1, None, launcher)
 
-        before = len(launcher.launches)
+        before = launcher.launch_count
         us = _per_call(handoff, calls, repeats)
-        per_call = (len(launcher.launches) - before) / (1 + calls * repeats)
+        per_call = (launcher.launch_count - before) / (1 + calls * repeats)
         rows_out.append(dict(case="handoff", us_per_call=us, launches_per_call=per_call,
                              target_us=80))
 
@@ -84,9 +84,9 @@ def bench(batch: int = 64, size: int = 224, calls: int = 200, repeats: int = 7) 
                 mix_cuda(x, x, table_rows, p, "NCHW", labels, targets, flag, mixup.config,
                          by_pairs, 1, None, launcher)
 
-            before = len(launcher.launches)
+            before = launcher.launch_count
             us = _per_call(mixup_call, calls, repeats)
-            per_call = (len(launcher.launches) - before) / (1 + calls * repeats)
+            per_call = (launcher.launch_count - before) / (1 + calls * repeats)
             rows_out.append(dict(case=case, us_per_call=us, launches_per_call=per_call,
                                  target_us=80))
     return rows_out

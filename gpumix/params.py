@@ -67,13 +67,15 @@ generator from one draw, so it is still the single source per call site).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from gpumix import fmix
-from gpumix.config import (CUTMIX, FMIX, GRIDMIX, LABEL_PAIRINGS, MASK_METHODS, MAX_GRID, MIXUP,
-                           NONE, RESIZEMIX, SALIENCYMIX, SMOOTHMIX, MixConfig)
+from gpumix.config import (BOX_PLACEMENTS, CUTMIX, FMIX, GRIDMIX, LABEL_PAIRINGS, MASK_METHODS,
+                           MAX_GRID, MIXUP, NONE, RESIZEMIX, SALIENCYMIX, SMOOTHMIX, MixConfig)
 from gpumix.kernels import shape_mask, table
 
 
@@ -309,26 +311,49 @@ def choose_methods(config: MixConfig, apply_u, method_u) -> np.ndarray:
     return np.where(mixing, np.minimum(chosen, cumulative.size), NONE).astype(np.int8)
 
 
-def _clip(a, low: int, high: int):
-    """np.clip for small arrays: two ufuncs, without np.clip's per-call overhead."""
-    return np.minimum(np.maximum(a, low), high)
+@njit(cache=True, nogil=True)
+def _placed_boxes(sizes, sides, u, placement):
+    """Boxes (n, 2 axes) int64 = (start0, stop0, start1, stop1, ...) along
+    axes of lengths ``sizes``: on axis a, side int(sizes[a] sides[i, a])
+    (a negative side spans the axis whole), placed by u[i, a] in [0, 1) as
+    BOX_PLACEMENTS[placement] (gpumix.config) says. One compiled pass: the
+    float64 and integer steps of cutmix_boxes' docstring, without a NumPy
+    call per step (this runs on every call of the CUDA ``Mixup``)."""
+    n, axes = sides.shape
+    box = np.empty((n, 2 * axes), np.int64)
+    for i in range(n):
+        for a in range(axes):
+            size = sizes[a]
+            side = sides[i, a]
+            if side < 0:
+                start, stop = 0, size
+            elif placement == 0:  # clip: centred on any pixel, clipped
+                cut = np.int64(size * side)
+                centre = min(np.int64(u[i, a] * size), size - 1)
+                start = max(centre - cut // 2, 0)
+                stop = min(centre + (cut + 1) // 2, size)
+            elif placement == 1:  # inside: wherever it fits
+                cut = np.int64(size * side)
+                start = min(np.int64(u[i, a] * (size - cut + 1)), size - cut)
+                stop = start + cut
+            else:  # uniform: any origin whose box overlaps, so every pixel equally often
+                cut = np.int64(size * side)
+                positions = max(size + cut - 1, 1)
+                origin = min(np.int64(u[i, a] * positions), positions - 1) - (cut - 1)
+                start = min(max(origin, 0), size) if cut > 0 else 0
+                stop = min(max(origin + cut, 0), size) if cut > 0 else 0
+            box[i, 2 * a] = start
+            box[i, 2 * a + 1] = stop
+    return box
 
 
-def _box_axis(size: int, cut: np.ndarray, u: np.ndarray, placement: str):
-    """(start, stop) of the box along one axis of length ``size``."""
-    if placement == "clip":
-        centre = np.minimum((u * size).astype(np.int64), size - 1)
-        return (_clip(centre - cut // 2, 0, size), _clip(centre + (cut + 1) // 2, 0, size))
-    if placement == "inside":
-        start = np.minimum((u * (size - cut + 1)).astype(np.int64), size - cut)
-        return start, start + cut
-    # "uniform": origin over every position whose box still overlaps the image,
-    # so each pixel is covered with the same probability.
-    positions = np.maximum(size + cut - 1, 1)
-    origin = np.minimum((u * positions).astype(np.int64), positions - 1) - (cut - 1)
-    start = _clip(origin, 0, size)
-    stop = _clip(origin + cut, 0, size)
-    return np.where(cut > 0, start, 0), np.where(cut > 0, stop, 0)
+def _boxes(spatial_shape, sides, box_u, placement: str) -> np.ndarray:
+    if placement not in BOX_PLACEMENTS:
+        raise ValueError(f"placement must be one of {BOX_PLACEMENTS}, got {placement!r}")
+    return _placed_boxes(np.array(spatial_shape, np.int64),
+                         np.ascontiguousarray(sides, np.float64),
+                         np.ascontiguousarray(box_u, np.float64),
+                         BOX_PLACEMENTS.index(placement))
 
 
 def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip",
@@ -336,46 +361,38 @@ def cutmix_boxes(lam, box_u, spatial_shape, placement: str = "clip",
     """Boxes (n, 4) = (y0, y1, x0, x1) for sampled lam and positions in [0, 1);
     for a (D, H, W) shape, cuboids (n, 6) = (z0, z1, y0, y1, x0, x1).
 
-    r = sqrt(1 - lam) (cbrt for cuboids), each side int(size r), the axes
-    apart. ``axes="width"``: a band of every row, cut_w = int(W (1 - lam))
-    (time bands of a (F, T) spectrogram, segments of a 1-D signal seen as
-    1 x L); ``axes="height"``: a band of every column, cut_h = int(H (1 - lam)).
-    "clip": centre on every row/column, box [c - cut // 2, c + (cut + 1) // 2)
-    clipped, as timm's ``rand_bbox`` (whose box is exactly ``cut`` long
-    before clipping); "inside": the box fits the image; "uniform": every pixel
-    equally likely to be covered (composer's uniform sampling).
+    r = sqrt(1 - lam) (cbrt for cuboids), each side cut = int(size r), the
+    axes apart. ``axes="width"``: a band of every row, cut_w = int(W (1 -
+    lam)) (time bands of a (F, T) spectrogram, segments of a 1-D signal seen
+    as 1 x L); ``axes="height"``: a band of every column, cut_h = int(H (1 -
+    lam)). With u the position's draw on an axis of length size:
+
+    * "clip", as timm's ``rand_bbox``: c = min(int(u size), size - 1), box
+      [c - cut // 2, c + (cut + 1) // 2) clipped to the axis (exactly ``cut``
+      long before clipping);
+    * "inside": start = min(int(u (size - cut + 1)), size - cut), so the box
+      fits;
+    * "uniform" (composer's uniform sampling): origin = int(u P) - (cut - 1)
+      over the P = size + cut - 1 positions whose box overlaps the axis,
+      then clipped, so every pixel is covered equally often.
     """
     share = 1.0 - np.asarray(lam, np.float64)
-    ratio = np.cbrt(share) if len(spatial_shape) == 3 else np.sqrt(share)
-    # Per axis: the share of the side cut; None for a band's other axis,
-    # which it spans whole, wherever the placement would have centred it.
-    sides = [ratio] * len(spatial_shape)
-    if axes != "both":
-        sides = [None, share] if axes == "width" else [share, None]
-    ends = []
-    for a, (size, side) in enumerate(zip(spatial_shape, sides)):
-        if side is None:
-            ends.extend((np.zeros_like(share, np.int64), np.full_like(share, size, np.int64)))
-        else:
-            ends.extend(_box_axis(size, (size * side).astype(np.int64), box_u[:, a], placement))
-    return np.stack(ends, axis=1).astype(np.int64)
-
-
-def _inside_boxes(cut_h, cut_w, box_u, spatial_shape) -> np.ndarray:
-    """Boxes of the given sides placed uniformly where they fit."""
-    h, w = spatial_shape
-    y0, y1 = _box_axis(h, cut_h, box_u[:, 0], "inside")
-    x0, x1 = _box_axis(w, cut_w, box_u[:, 1], "inside")
-    return np.stack([y0, y1, x0, x1], axis=1).astype(np.int64)
+    axes_count = len(spatial_shape)
+    if axes == "both":
+        ratio = np.cbrt(share) if axes_count == 3 else np.sqrt(share)
+        sides = np.repeat(ratio[:, None], axes_count, axis=1)
+    else:  # a band: one axis cut by the share, the other spanned whole
+        sides = np.full((share.shape[0], 2), -1.0)
+        sides[:, 1 if axes == "width" else 0] = share
+    return _boxes(spatial_shape, sides, box_u, placement)
 
 
 def resizemix_boxes(scale_u, box_u, spatial_shape, scale_range) -> np.ndarray:
-    """ResizeMix boxes: sides int(H tau), int(W tau) with tau ~ U(scale_range)."""
+    """ResizeMix boxes: sides int(H tau), int(W tau) with tau ~ U(scale_range),
+    placed uniformly where they fit."""
     lo, hi = scale_range
     tau = lo + np.asarray(scale_u, np.float64) * (hi - lo)
-    h, w = spatial_shape
-    return _inside_boxes((h * tau).astype(np.int64), (w * tau).astype(np.int64), box_u,
-                         spatial_shape)
+    return _boxes(spatial_shape, np.repeat(tau[:, None], 2, axis=1), box_u, "inside")
 
 
 def smoothmix_shapes(scale_u, box_u, spatial_shape, config: MixConfig) -> np.ndarray:
@@ -462,7 +479,10 @@ def saliencymix_sizes(lam, spatial_shape) -> np.ndarray:
 def box_lam(box: np.ndarray, spatial_shape) -> np.ndarray:
     """Fraction of pixels (voxels) outside the box (the primary's share)."""
     extents = box[:, 1::2] - box[:, 0::2]
-    return 1.0 - np.prod(extents, axis=1) / float(np.prod(spatial_shape))
+    covered = extents[:, 0]
+    for axis in range(1, extents.shape[1]):
+        covered = covered * extents[:, axis]
+    return 1.0 - covered / float(math.prod(spatial_shape))
 
 
 def cuboid_masks(box: np.ndarray, spatial_shape, samples) -> np.ndarray:

@@ -266,15 +266,24 @@ class RecordingLauncher:
     """Does everything a launch does on the host, then records it instead.
 
     ``launches``: (kernel name, grid, block, stream, parameter values) per
-    launch; ``uploads``: the bytes of every upload. Any call that would wait
-    for the device raises :class:`SynchronizingCall`.
+    launch; ``uploads``: the bytes of each upload; the last ``keep`` of each
+    (at least), so that a long timed run reuses freed host memory as the
+    pinned allocator of a real upload does, instead of timing fresh pages.
+    ``launch_count`` and ``upload_count`` count them all. Any call that would
+    wait for the device raises :class:`SynchronizingCall`.
     """
 
-    def __init__(self):
+    def __init__(self, keep: int = 256):
         self.launches: list = []
         self.uploads: list = []
-        self._names = {}
+        self.launch_count = self.upload_count = 0
+        self.keep = keep
         self._buffers = {}
+
+    def _record(self, records: list, entry) -> None:
+        records.append(entry)
+        if len(records) > 2 * self.keep:
+            del records[:-self.keep]
 
     def device_key(self) -> str:
         return "recorded"
@@ -283,11 +292,13 @@ class RecordingLauncher:
         return kernel.pyfunc.__name__
 
     def launch(self, function, grid, block, stream, record: LaunchRecord) -> None:
-        self.launches.append((function, tuple(grid), block, stream, record.values.copy()))
+        self.launch_count += 1
+        self._record(self.launches, (function, tuple(grid), block, stream, record.values.copy()))
 
     def upload(self, host: np.ndarray, device=None) -> DeviceArray:
         host = np.array(host, copy=True, order="C")
-        self.uploads.append(host)
+        self.upload_count += 1
+        self._record(self.uploads, host)
         return DeviceArray.on_host(host)
 
     def empty(self, shape, dtype) -> DeviceArray:
@@ -305,12 +316,14 @@ class RecordingLauncher:
 
         if table_fmix(rows) is None:
             return None
-        self.launches.append(("fmix_masks", None, None, stream, None))
+        self.launch_count += 1
+        self._record(self.launches, ("fmix_masks", None, None, stream, None))
         return self.empty((len(rows), *shape), np.float32)
 
     def saliency_peaks(self, images, layout, samples, stream):
         """Recorded as one step (the thumbnail kernel, cuFFT and the arg-max)."""
-        self.launches.append(("saliency_peaks", None, None, stream, None))
+        self.launch_count += 1
+        self._record(self.launches, ("saliency_peaks", None, None, stream, None))
         return self.empty((samples.shape[0], 2), np.int64)
 
     def flag(self):

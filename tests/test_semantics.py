@@ -1,6 +1,8 @@
 """docs/semantics.md as properties: invariants under hypothesis, and statistics of
 the sampled parameters (fixed seeds, so these tests are deterministic)."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -188,6 +190,43 @@ def test_box_sizes_use_height_and_width_separately():
     box = cutmix_boxes(np.array([0.75]), np.array([[0.5, 0.5]]), (40, 100), "inside")
     # r = 0.5: 20 rows by 50 columns
     assert box[0, 1] - box[0, 0] == 20 and box[0, 3] - box[0, 2] == 50
+
+
+def reference_box_axis(size, cut, u, placement):
+    """One axis of a box, in Python integers, as docs/semantics.md words it."""
+    if placement == "clip":
+        centre = min(int(u * size), size - 1)
+        return max(centre - cut // 2, 0), min(centre + (cut + 1) // 2, size)
+    if placement == "inside":
+        start = min(int(u * (size - cut + 1)), size - cut)
+        return start, start + cut
+    if cut <= 0:
+        return 0, 0
+    positions = size + cut - 1
+    origin = min(int(u * positions), positions - 1) - (cut - 1)
+    return min(max(origin, 0), size), min(max(origin + cut, 0), size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shape=st.lists(st.integers(1, 40), min_size=2, max_size=3),
+       lam=st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0])), min_size=1,
+                    max_size=6),
+       data=st.data(), placement=st.sampled_from(["clip", "inside", "uniform"]),
+       axes=st.sampled_from(["both", "width", "height"]))
+def test_cutmix_boxes_follow_the_written_rule(shape, lam, data, placement, axes):
+    if len(shape) == 3:
+        axes = "both"
+    u = np.array([[data.draw(st.floats(0, 1, exclude_max=True)) for _ in shape] for _ in lam])
+    box = cutmix_boxes(np.array(lam), u, tuple(shape), placement, axes)
+    assert box.dtype == np.int64 and box.shape == (len(lam), 2 * len(shape))
+    for i, share in enumerate(1.0 - np.array(lam)):
+        for a, size in enumerate(shape):
+            spans = (axes == "width" and a == 0) or (axes == "height" and a == 1)
+            side = share if axes != "both" else (np.cbrt(share) if len(shape) == 3
+                                                 else math.sqrt(share))
+            expected = (0, size) if spans else reference_box_axis(size, int(size * side),
+                                                                   u[i, a], placement)
+            assert tuple(box[i, 2 * a:2 * a + 2]) == expected
 
 
 def coverage(placement, n=20000, size=(12, 12), cut_lam=0.75):
