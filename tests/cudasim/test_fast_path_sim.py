@@ -12,9 +12,10 @@ import pytest
 
 import gpumix
 from gpumix import mixing
-from gpumix.kernels import mix_normalize, table_mix
+from gpumix.kernels import mix_normalize, table, table_mix
 from gpumix.kernels._launch import row_view
 from gpumix.params import sample, to_table
+from gpumix.torch import identity_table
 
 assert numba.config.ENABLE_CUDASIM, "collected only in the simulator process"
 
@@ -91,3 +92,72 @@ def test_table_mix_kernel_flags_a_bad_label():
     assert np.isnan(targets[sorted(bad)]).all()
     good = sorted(set(range(3)) - bad)
     assert not np.isnan(targets[good]).any()
+
+
+@pytest.mark.parametrize("chw,dtype", [(True, np.float32), (False, np.float16)],
+                         ids=["CHW-float32", "HWC-float16"])
+def test_handoff_kernel_on_a_resumed_pipelines_padded_batches(tmp_path, chw, dtype):
+    """The loader's GPU graph (gpumix.pipelines.train_graph with the hand-off)
+    on real JPEGs, 10 files in batches of 4, so every epoch ends in a batch
+    padded by the reader ("fill"): resumed from a DALI checkpoint it makes the
+    same crops and tables, and the simulated hand-off kernel mixes each batch
+    exactly as its CPU twin and the NumPy oracle; the padding samples pair
+    with themselves, so they come out unmixed."""
+    from nvidia.dali import pipeline_def, types
+
+    from gpumix.datasets import make_image_folder
+    from gpumix.pipelines import train_graph
+
+    folder = make_image_folder(tmp_path, num_classes=2, per_class=5, size=(30, 26))
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    size = (11, 9)
+
+    def build(checkpoint=None):
+        @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=8,
+                      enable_checkpointing=True, exec_dynamic=True)
+        def pipe():
+            return train_graph(files, list(range(len(files))), num_classes=len(files),
+                               size=size, device="cpu", mixing="gpumix", dtype=types.FLOAT,
+                               mix_options=dict(ALL, pairing="permutation"), handoff=True)
+
+        p = pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
+        p.build()
+        return p
+
+    def batches(p, n):
+        return [tuple(np.stack([np.array(s) for s in o]) for o in p.run()) for _ in range(n)]
+
+    first = build()
+    batches(first, 1)
+    state = first.checkpoint()
+    expected = batches(first, 5)  # batches 2-6: both epochs' padded last batches
+    resumed = batches(build(state), 5)
+    mean = np.asarray(MEAN, np.float32)
+    inv_std = (np.float32(1) / np.asarray(STD, np.float32)).astype(np.float32)
+    padded = 0
+    for (images, targets, rows), (r_images, r_targets, r_rows) in zip(expected, resumed):
+        np.testing.assert_array_equal(r_images, images)
+        np.testing.assert_array_equal(r_rows, rows)
+        np.testing.assert_array_equal(r_targets, targets)
+        b, h, w, c = images.shape
+        masks = mixing.masks_from_table(rows, (h, w))
+        out = np.zeros((b, c, h, w) if chw else (b, h, w, c), dtype)
+        mix_normalize.cuda_kernel.kernel[GRID, BLOCK](
+            images, rows, masks if masks is not None else np.zeros((1, 1, 1), np.float32),
+            mean, inv_std, chw, out)
+        twin = np.zeros(out.shape, np.float32)
+        mix_normalize.cpu(images, rows, masks, mean, inv_std, chw, out=twin)
+        np.testing.assert_array_equal(out, twin.astype(dtype))
+        np.testing.assert_array_equal(
+            out, mix_normalize.reference(images, rows, masks, MEAN, STD, chw, dtype))
+        pair, label = rows[:, table.PAIR].astype(np.int64), rows[:, table.LABEL]
+        repeats = np.flatnonzero(label[1:] == label[:-1]) + 1  # every file its own label
+        if repeats.size:  # the reader's padding: the epoch's last sample, repeated
+            padded += 1
+            pads = np.arange(repeats[0], b)
+            assert np.all(pair[pads] == pads)
+            assert np.all(pair[:repeats[0]] < repeats[0])  # the real samples pair among themselves
+            plain = mix_normalize.reference(images, identity_table(b, (h, w)), None, MEAN, STD,
+                                            chw, dtype)
+            np.testing.assert_array_equal(out[pads], plain[pads])  # unmixed
+    assert padded == 2
