@@ -8,10 +8,12 @@ here, as plain Python, and compiled for each target by :func:`element_functions`
 
 * ``target="cpu"``: ``numba.njit`` functions, called from ``njit`` loops;
 * ``target="cuda"``: ``numba.cuda.jit(device=True)`` functions. On a real
-  device the two products of a blend go through libdevice's ``fmul_rn`` and
-  ``fadd_rn`` so NVVM cannot contract them into an FMA: the CUDA result then
-  rounds exactly like the CPU one (plain IEEE multiply, then add), which keeps
-  uint8 outputs equal across backends. The CUDA simulator's libdevice is a
+  device every product that is summed (a blend, a bilinear tap, a resize's
+  source coordinate, a soft target) goes through libdevice's ``fmul_rn`` and
+  ``fadd_rn``, so NVVM, which contracts a multiply and an add into an FMA by
+  default, cannot: the CUDA result then rounds exactly like the CPU one
+  (plain IEEE multiply, then add), which keeps outputs equal across backends
+  (tests/test_ptx.py checks the PTX for FMAs). The CUDA simulator's libdevice is a
   stub, so under the simulator plain Python arithmetic (already IEEE) is used.
 
 All arithmetic is float32 (``float32(...)`` casts are explicit so Numba never
@@ -117,7 +119,7 @@ def _build(jit, fmul, fadd):
             weight = float32(1.0) - lam
         else:
             weight = float32(0.0)
-        return off + (on - off) * weight
+        return fadd(off, fmul(on - off, weight))
 
     @jit
     def order_key(bits):
@@ -164,7 +166,8 @@ def _build(jit, fmul, fadd):
                 i = min(int64(math.floor(float32(o) * scale)), n_in - 1)
             return i, i, float32(0.0)
         scale = float32(n_in) / float32(n_out)
-        source = max(scale * (float32(o) + float32(0.5)) - float32(0.5), float32(0.0))
+        source = max(fadd(fmul(scale, float32(o) + float32(0.5)), float32(-0.5)),
+                     float32(0.0))
         i0 = int64(source)
         i1 = i0 + 1 if i0 < n_in - 1 else i0
         return i0, i1, min(max(source - float32(i0), float32(0.0)), float32(1.0))
@@ -173,11 +176,13 @@ def _build(jit, fmul, fadd):
     def bilerp(v00, v01, v10, v11, wy, wx):
         """Bilinear blend of four values (first index y, second x) with the
         weights of the second row and column, in float32."""
-        top = (float32(1.0) - wx) * float32(v00) + wx * float32(v01)
-        bottom = (float32(1.0) - wx) * float32(v10) + wx * float32(v11)
-        return (float32(1.0) - wy) * top + wy * bottom
+        top = fadd(fmul(float32(1.0) - wx, float32(v00)), fmul(wx, float32(v01)))
+        bottom = fadd(fmul(float32(1.0) - wx, float32(v10)), fmul(wx, float32(v11)))
+        return fadd(fmul(float32(1.0) - wy, top), fmul(wy, bottom))
 
     return SimpleNamespace(
+        fmul=fmul,
+        fadd=fadd,
         source_span=source_span,
         bilerp=bilerp,
         blend_value=blend_value,

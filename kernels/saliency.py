@@ -37,9 +37,12 @@ from gpumix.kernels._launch import LazyCudaKernel, run_parallel
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def _build(jit, span, bilerp):
+def _build(jit, functions):
     """The per-pixel functions compiled with ``jit`` over the target's
-    source_span and bilerp."""
+    element functions (gpumix.kernels._element: its unfused products and
+    sums, source_span and bilerp)."""
+    span, bilerp = functions.source_span, functions.bilerp
+    fmul, fadd = functions.fmul, functions.fadd
 
     @jit
     def grey(x, i, y, px, height, cstride, channels):
@@ -51,8 +54,8 @@ def _build(jit, span, bilerp):
         else:
             k = px * cstride
             r, g, b = x[i, y, k], x[i, y, k + 1], x[i, y, k + 2]
-        return (float32(0.299) * float32(r) + float32(0.587) * float32(g)
-                + float32(0.114) * float32(b))
+        return fadd(fadd(fmul(float32(0.299), float32(r)), fmul(float32(0.587), float32(g))),
+                    fmul(float32(0.114), float32(b)))
 
     @jit
     def thumb_value(x, i, ty, tx, size, height, cstride, channels):
@@ -92,7 +95,7 @@ def reference(images: np.ndarray, layout: str, samples, size: int) -> np.ndarray
 
 
 _cpu = element_functions("cpu")
-_thumb_value_cpu = _build(njit(inline="always"), _cpu.source_span, _cpu.bilerp)
+_thumb_value_cpu = _build(njit(inline="always"), _cpu)
 
 
 @njit(cache=True, nogil=True)
@@ -114,7 +117,7 @@ def cpu(x, samples, height: int, cstride: int, channels: int, *, out) -> np.ndar
 
 
 _gpu = element_functions("cuda")
-_thumb_value_gpu = _build(_cuda_api.jit(device=True, inline=True), _gpu.source_span, _gpu.bilerp)
+_thumb_value_gpu = _build(_cuda_api.jit(device=True, inline=True), _gpu)
 
 
 def _thumbs_cuda(x, samples, height, cstride, channels, out):

@@ -3,10 +3,11 @@ numba-cuda[cu13]; no GPU needed), for every dtype it supports, and, when the
 system ptxas is installed, assembles to SASS; its register/spill report is
 printed (run with -s to see it).
 
-Also checks that the blend arithmetic is not contracted into FMA on the GPU
-(it goes through libdevice's fmul_rn / fadd_rn), which is what keeps uint8
-MixUp outputs equal between the CPU and CUDA backends."""
+Also checks that no float32 arithmetic is contracted into FMA on the GPU
+(products that are summed go through libdevice's fmul_rn / fadd_rn), which
+is what keeps outputs equal between the CPU and CUDA backends."""
 
+import functools
 import re
 import shutil
 import subprocess
@@ -67,6 +68,12 @@ def signatures():
 CASES = list(signatures())
 
 
+@functools.cache
+def compiled_ptx(pyfunc, signature, cc=(9, 0)) -> str:
+    """The kernel's PTX, compiled once per signature and target for the module."""
+    return cuda.compile_ptx(pyfunc, tuple(signature), cc=cc)[0]
+
+
 def assemble(ptx: str, arch: str, tmp_path) -> str:
     source = tmp_path / "kernel.ptx"
     source.write_text(ptx)
@@ -79,7 +86,7 @@ def assemble(ptx: str, arch: str, tmp_path) -> str:
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
 @pytest.mark.parametrize("name,pyfunc,signature", CASES, ids=[c[0] for c in CASES])
 def test_kernel_compiles_to_ptx(name, pyfunc, signature, cc, tmp_path):
-    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=cc)
+    ptx = compiled_ptx(pyfunc, signature, cc)
     assert ".entry" in ptx
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     if shutil.which("ptxas"):
@@ -90,10 +97,11 @@ def test_kernel_compiles_to_ptx(name, pyfunc, signature, cc, tmp_path):
               f"{'no spills' if ' 0 bytes spill stores' in report else report}")
 
 
-@pytest.mark.parametrize("name", ["blend-uint8", "blend-float32", "mask_mix-uint8"])
+@pytest.mark.parametrize("name", ["blend-uint8", "blend-float32", "mask_mix-uint8",
+                                  "resize_paste-uint8", "saliency_thumbnails-float32"])
 def test_blend_products_are_not_fused(name):
     _, pyfunc, signature = next(c for c in CASES if c[0] == name)
-    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0))
+    ptx = compiled_ptx(pyfunc, signature)
     assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx
     assert "fma.rn.f32" not in ptx
 
@@ -116,7 +124,7 @@ def _example(t):
 def test_direct_launch_parameters_match_numbas_ptx(name, pyfunc, signature):
     """The parameters a direct (CuPy) launch passes have the kinds and widths
     of the compiled kernel's PTX parameter list, in order."""
-    ptx, _ = cuda.compile_ptx(pyfunc, signature, cc=(9, 0))
+    ptx = compiled_ptx(pyfunc, signature)
     launch = DirectLaunch(None, parameter_converters(signature))
     params = launch.parameters([_example(t) for t in signature])
     assert [("f" if p.dtype.kind == "f" else "i", p.dtype.itemsize) for p in params] \
@@ -156,7 +164,7 @@ def test_launch_records_match_the_compiled_parameter_list(name, kernel, args, tm
     from gpumix.runtime import LaunchRecord
 
     record = LaunchRecord(args)
-    ptx, _ = cuda.compile_ptx(kernel.pyfunc, record.argtypes, cc=(9, 0))
+    ptx = compiled_ptx(kernel.pyfunc, record.argtypes)
     assert record.kinds == _ptx_parameters(ptx)
     record.patch(args)
     first = args[0]
@@ -165,3 +173,20 @@ def test_launch_records_match_the_compiled_parameter_list(name, kernel, args, tm
     assert record.pointers[1] - record.pointers[0] == 8
     if shutil.which("ptxas"):
         assemble(ptx, "sm_90", tmp_path)
+
+
+def test_no_kernel_fuses_float32_arithmetic():
+    """NVVM contracts a multiply and an add into one FMA unless told not to,
+    which rounds once where the CPU twin rounds twice. No kernel may hold a
+    float32 FMA; float64 FMAs come only from libdevice's exp and log (SmoothMix
+    profiles, FMix normals), whose last bit is not shared with a CPU's libm."""
+    fused = {}
+    for name, pyfunc, signature in CASES:
+        ptx = compiled_ptx(pyfunc, signature)
+        fused[name] = ptx.count("fma.rn.f32")
+    from gpumix.runtime import LaunchRecord
+
+    for name, kernel, args in RECORDS:
+        fused[name] = compiled_ptx(kernel.pyfunc, LaunchRecord(args).argtypes).count(
+            "fma.rn.f32")
+    assert len(fused) == len(CASES) + len(RECORDS) and not any(fused.values()), fused
