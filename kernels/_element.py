@@ -173,17 +173,23 @@ def _build(jit, fmul, fadd):
         return i0, i1, min(max(source - float32(i0), float32(0.0)), float32(1.0))
 
     @jit
+    def lerp(a, b, w):
+        """(1 - w) a + w b in float32."""
+        return fadd(fmul(float32(1.0) - w, float32(a)), fmul(w, float32(b)))
+
+    @jit
     def bilerp(v00, v01, v10, v11, wy, wx):
         """Bilinear blend of four values (first index y, second x) with the
-        weights of the second row and column, in float32."""
-        top = fadd(fmul(float32(1.0) - wx, float32(v00)), fmul(wx, float32(v01)))
-        bottom = fadd(fmul(float32(1.0) - wx, float32(v10)), fmul(wx, float32(v11)))
-        return fadd(fmul(float32(1.0) - wy, top), fmul(wy, bottom))
+        weights of the second row and column, in float32: down each column
+        first (by wy), then across (by wx), so a CPU loop can blend two whole
+        source rows once and then read two values per output, not four."""
+        return lerp(lerp(v00, v10, wy), lerp(v01, v11, wy), wx)
 
     return SimpleNamespace(
         fmul=fmul,
         fadd=fadd,
         source_span=source_span,
+        lerp=lerp,
         bilerp=bilerp,
         blend_value=blend_value,
         blend_sum=blend_sum,

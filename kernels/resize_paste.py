@@ -70,9 +70,8 @@ def reference(x: np.ndarray, pair, box, layout: str, bilinear: bool, samples=Non
             wx = wx.reshape((1, -1) + (1,) * (src.ndim - 2))
             f = src.astype(np.float32)
             one = np.float32(1)
-            top = (one - wx) * f[yi0][:, xi0] + wx * f[yi0][:, xi1]
-            bottom = (one - wx) * f[yi1][:, xi0] + wx * f[yi1][:, xi1]
-            patch = (one - wy) * top + wy * bottom
+            rows = (one - wy) * f[yi0] + wy * f[yi1]  # down the columns, then across
+            patch = (one - wx) * rows[:, xi0] + wx * rows[:, xi1]
             if x.dtype == np.uint8:
                 patch = np.rint(np.clip(patch, 0, 255))
             patch = patch.astype(x.dtype)
@@ -88,7 +87,7 @@ def reference(x: np.ndarray, pair, box, layout: str, bilinear: bool, samples=Non
 
 _cpu = element_functions("cpu")
 _source_span_cpu = _cpu.source_span
-_bilerp_cpu = _cpu.bilerp
+_lerp_cpu = _cpu.lerp
 _quantize_cpu = _cpu.quantize_uint8
 
 
@@ -97,16 +96,20 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
     """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with partner
     ``b`` resized into the box (``out`` must not alias ``b``). The source
     columns and weights of the box's columns are found once per sample with
-    the same scalar function the CUDA kernel uses, so values are equal."""
+    the same scalar function the CUDA kernel uses, so values are equal.
+    Bilinear: the two source rows of an output row are blended whole (a
+    vectorised pass), then each output value blends two of those (the
+    products and sums of the CUDA kernel's bilerp, in its order)."""
     n_rows, n_cols = a.shape[0], a.shape[1]
     width = n_cols // cstride
     copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * n_cols * a.itemsize)
     box_h, box_w = y1 - y0, x1 - x0
     if box_h <= 0 or box_w <= 0:
         return
-    k0 = np.empty(box_w * cstride, np.int64)  # source column of each output column
-    k1 = np.empty(box_w * cstride, np.int64)
+    k0 = np.empty(box_w * cstride, np.int32)  # source column of each output column
+    k1 = np.empty(box_w * cstride, np.int32)
     wx = np.empty(box_w * cstride, np.float32)
+    blended = np.empty(n_cols if bilinear else 0, np.float32)  # one row, down the columns
     for x in range(box_w):
         sx0, sx1, w = _source_span_cpu(x, width, box_w, bilinear)
         for c in range(cstride):
@@ -122,8 +125,10 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
         sy0, sy1, wy = _source_span_cpu(y - y0, height, box_h, bilinear)
         top, bottom, target = b[base + sy0], b[base + sy1], out[r, first:first + box_w * cstride]
         if bilinear:
+            for k in range(n_cols):
+                blended[k] = _lerp_cpu(top[k], bottom[k], wy)
             for k in range(target.shape[0]):
-                v = _bilerp_cpu(top[k0[k]], top[k1[k]], bottom[k0[k]], bottom[k1[k]], wy, wx[k])
+                v = _lerp_cpu(blended[k0[k]], blended[k1[k]], wx[k])
                 target[k] = _quantize_cpu(v) if quantize else v
         elif cstride == 3:  # RGB pixels: one source index per pixel
             for x in range(box_w):

@@ -89,9 +89,8 @@ def reference(images: np.ndarray, layout: str, samples, size: int) -> np.ndarray
     yi0, yi1, wy = _source_indices(grey.shape[1], size, True)
     xi0, xi1, wx = _source_indices(grey.shape[2], size, True)
     wy, wx, one = wy[:, None], wx[None, :], np.float32(1)
-    top = (one - wx) * grey[:, yi0][:, :, xi0] + wx * grey[:, yi0][:, :, xi1]
-    bottom = (one - wx) * grey[:, yi1][:, :, xi0] + wx * grey[:, yi1][:, :, xi1]
-    return ((one - wy) * top + wy * bottom).astype(np.float32)
+    rows = (one - wy) * grey[:, yi0] + wy * grey[:, yi1]  # down the columns, then across
+    return ((one - wx) * rows[:, :, xi0] + wx * rows[:, :, xi1]).astype(np.float32)
 
 
 _cpu = element_functions("cpu")
