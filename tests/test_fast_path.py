@@ -50,9 +50,9 @@ def test_handoff_is_one_launch_and_one_upload(no_sync, chw):
     out = host((b, 3, h, w) if chw else (b, h, w, 3), np.float32)
     mean, inv_std = _normalization(IMAGENET_MEAN, IMAGENET_STD, 3)
     handoff_cuda(images, rows, mean, inv_std, chw, out, 1234, None, no_sync)  # warm caches
-    launches, uploads = len(no_sync.launches), len(no_sync.uploads)
+    launches, uploads = no_sync.launch_count, no_sync.upload_count
     handoff_cuda(images, rows, mean, inv_std, chw, out, 1234, None, no_sync)
-    assert len(no_sync.launches) == launches + 1 and len(no_sync.uploads) == uploads + 1
+    assert no_sync.launch_count == launches + 1 and no_sync.upload_count == uploads + 1
     name, grid, block, stream, values = no_sync.launches[-1]
     assert name == "_mix_normalize_cuda" and stream == 1234
     np.testing.assert_array_equal(no_sync.uploads[-1], rows)  # the table, as given
@@ -80,10 +80,10 @@ def test_mixup_call_is_one_launch_with_the_targets(no_sync, pairing, by_pairs):
     mix_cuda(x, x, rows, params, "NCHW", labels, targets, runtime.DeviceArray.on_host(flag),
              config, by_pairs, 99, None, no_sync)
     name, grid, _, stream, values = no_sync.launches[-1]
-    assert name == "_table_mix_cuda" and stream == 99 and len(no_sync.launches) == 1
+    assert name == "_table_mix_cuda" and stream == 99 and no_sync.launch_count == 1
     assert grid[1] == b * c * h + b  # image rows, then one row of targets per sample
     assert labels.ptr in values and targets.ptr in values and flag.ctypes.data in values
-    assert len(no_sync.uploads) == 1
+    assert no_sync.upload_count == 1
 
 
 def test_new_methods_place_boxes_and_make_masks_before_the_one_mix_launch(no_sync):
@@ -104,7 +104,7 @@ def test_new_methods_place_boxes_and_make_masks_before_the_one_mix_launch(no_syn
     np.testing.assert_array_equal(no_sync.uploads[0], rows)
     todo = np.flatnonzero(params.method == 7)
     np.testing.assert_array_equal(no_sync.uploads[1], [todo, params.pair[todo]])
-    assert len(no_sync.uploads) == 2
+    assert no_sync.upload_count == 2
 
 
 def test_recording_launcher_refuses_to_synchronise():
