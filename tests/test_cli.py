@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gpumix import cli
 from gpumix.benchmarks import throughput
 from gpumix.benchmarks.preview import preview_size
 from gpumix.datasets import make_image_folder
@@ -23,10 +24,20 @@ def tiny_folder(tmp_path_factory):
 
 
 def gpumix(*args):
+    """The command in its own process, as a user runs it."""
     result = subprocess.run([sys.executable, "-m", "gpumix.cli", *args], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def gpumix_here(capsys, *args) -> str:
+    """The command's ``main`` in this process (its DALI operators, compiled
+    once per process, are then shared with the other tests); its stdout."""
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return out
 
 
 def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
@@ -50,9 +61,10 @@ def test_bench_quick_writes_json_and_png(tiny_folder, tmp_path):
         assert 0 < r["min"] <= r["median"] <= r["max"]
 
 
-def test_bench_runs_the_other_methods_when_named(tiny_folder, tmp_path):
-    gpumix("bench", "--quick", "--data", str(tiny_folder), "--out", str(tmp_path),
-           "--batch-size", "4", "--threads", "1", "--only", "c", "e-gridmix", "e-saliencymix")
+def test_bench_runs_the_other_methods_when_named(tiny_folder, tmp_path, capsys):
+    gpumix_here(capsys, "bench", "--quick", "--data", tiny_folder, "--out", tmp_path,
+                "--batch-size", "4", "--threads", "1", "--only", "c", "e-gridmix",
+                "e-saliencymix")
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [r["key"] for r in report["results"]] == ["c", "e-gridmix", "e-saliencymix"]
     assert {(r["key"], r["base"]) for r in report["paired_ratios"]} == {
@@ -69,8 +81,8 @@ def test_paired_ratios_pair_passes_of_the_same_round():
     assert (ratio["median"], ratio["min"], ratio["max"]) == (2.0, 2.0, 3.0)
 
 
-def test_kernels_quick_writes_paired_figures(tmp_path):
-    gpumix("kernels", "--quick", "--out", str(tmp_path))
+def test_kernels_quick_writes_paired_figures(tmp_path, capsys):
+    gpumix_here(capsys, "kernels", "--quick", "--out", tmp_path)
     report = json.loads((tmp_path / "kernels.json").read_text())
     rows = {r["case"]: r for r in report["results"]}
     assert {"cpu mixup uint8", "cpu cutmix uint8", "cpu mixup float32",
@@ -86,11 +98,12 @@ def test_kernels_quick_writes_paired_figures(tmp_path):
     assert report["environment"]["numpy"] == np.__version__
 
 
-def test_preview_png_has_the_expected_size_and_a_name_with_its_suffix(tiny_folder, tmp_path):
-    result = gpumix("preview", "--data", str(tiny_folder), "--out", str(tmp_path / "grid"),
-                    "--columns", "4", "--size", "48")
+def test_preview_png_has_the_expected_size_and_a_name_with_its_suffix(tiny_folder, tmp_path,
+                                                                       capsys):
+    printed = gpumix_here(capsys, "preview", "--data", tiny_folder, "--out", tmp_path / "grid",
+                          "--columns", "4", "--size", "48")
     out = tmp_path / "grid.png"  # the suffix is added and the path printed
-    assert str(out) in result.stdout
+    assert str(out) in printed
     with Image.open(out) as png:
         assert png.format == "PNG"
         assert png.size == preview_size(4)

@@ -17,10 +17,8 @@ OPTIONS = dict(batch_size=4, size=16, mixup_alpha=1.0, cutmix_alpha=1.0, fmix_al
                mode="elem", pairing="permutation", return_params=True, seed=3)
 
 
-def ddp(rank, world, init_file, file_list, out):
-    dist.init_process_group("gloo", rank=int(rank), world_size=int(world),
-                            init_method=f"file://{init_file}")
-    loader = DALIMixLoader(file_list=file_list, **OPTIONS)  # shard from torch.distributed
+def two_epochs(loader):
+    """Each epoch's primaries (real samples), lams and step count."""
     epochs = []
     for _ in range(2):
         primaries, lams, steps = [], [], 0
@@ -31,11 +29,21 @@ def ddp(rank, world, init_file, file_list, out):
             lams += params["lam"].tolist()
             steps += 1
         epochs.append({"primaries": primaries, "lams": lams, "steps": steps})
+    return epochs
+
+
+def ddp(rank, world, init_file, file_list, out):
+    dist.init_process_group("gloo", rank=int(rank), world_size=int(world),
+                            init_method=f"file://{init_file}")
+    loader = DALIMixLoader(file_list=file_list, **OPTIONS)  # shard from torch.distributed
+    epochs = two_epochs(loader)
+    # A second loader with the same seed and world size, from scratch.
+    again = two_epochs(DALIMixLoader(file_list=file_list, **OPTIONS))
     dist.barrier()
     dist.destroy_process_group()
     with open(out, "w") as f:
         json.dump({"rank": int(rank), "len": len(loader), "shard": [loader.shard_id,
-                   loader.num_shards], "epochs": epochs}, f)
+                   loader.num_shards], "epochs": epochs, "again": again}, f)
 
 
 def take(loader, count):
