@@ -285,6 +285,10 @@ class RecordingLauncher:
         if len(records) > 2 * self.keep:
             del records[:-self.keep]
 
+    def _record_launch(self, entry) -> None:
+        self.launch_count += 1
+        self._record(self.launches, entry)
+
     def device_key(self) -> str:
         return "recorded"
 
@@ -292,8 +296,7 @@ class RecordingLauncher:
         return kernel.pyfunc.__name__
 
     def launch(self, function, grid, block, stream, record: LaunchRecord) -> None:
-        self.launch_count += 1
-        self._record(self.launches, (function, tuple(grid), block, stream, record.values.copy()))
+        self._record_launch((function, tuple(grid), block, stream, record.values.copy()))
 
     def upload(self, host: np.ndarray, device=None) -> DeviceArray:
         host = np.array(host, copy=True, order="C")
@@ -316,14 +319,12 @@ class RecordingLauncher:
 
         if table_fmix(rows) is None:
             return None
-        self.launch_count += 1
-        self._record(self.launches, ("fmix_masks", None, None, stream, None))
+        self._record_launch(("fmix_masks", None, None, stream, None))
         return self.empty((len(rows), *shape), np.float32)
 
     def saliency_peaks(self, images, layout, samples, stream):
         """Recorded as one step (the thumbnail kernel, cuFFT and the arg-max)."""
-        self.launch_count += 1
-        self._record(self.launches, ("saliency_peaks", None, None, stream, None))
+        self._record_launch(("saliency_peaks", None, None, stream, None))
         return self.empty((samples.shape[0], 2), np.int64)
 
     def flag(self):

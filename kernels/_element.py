@@ -13,8 +13,9 @@ here, as plain Python, and compiled for each target by :func:`element_functions`
   ``fadd_rn``, so NVVM, which contracts a multiply and an add into an FMA by
   default, cannot: the CUDA result then rounds exactly like the CPU one
   (plain IEEE multiply, then add), which keeps outputs equal across backends
-  (tests/test_ptx.py checks the PTX for FMAs). The CUDA simulator's libdevice is a
-  stub, so under the simulator plain Python arithmetic (already IEEE) is used.
+  (tests/test_ptx.py checks the PTX for FMAs). The CUDA simulator's
+  libdevice is a stub, so under the simulator plain Python arithmetic
+  (already IEEE) is used.
 
 All arithmetic is float32 (``float32(...)`` casts are explicit so Numba never
 widens to float64 behind our back); lam is the weight of the primary sample
