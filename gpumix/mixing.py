@@ -106,9 +106,9 @@ def reference_mix_images(images: np.ndarray, params: MixParams, layout: str) -> 
     if layout in VOLUME_LAYOUTS:
         return _reference_mix_volumes(images, params, layout)
     out = images.copy()
-    cut = _samples(params, BOX_METHODS)
+    cut = params.samples(*BOX_METHODS)
     mixup = params.samples(MIXUP)
-    fm = _samples(params, MASK_METHODS)
+    fm = params.samples(*MASK_METHODS)
     resized = params.samples(RESIZEMIX)
     if cut.size:
         out[cut] = box_paste.reference(images, params.pair, params.box, layout, cut)[cut]
@@ -143,8 +143,8 @@ def _reference_mix_volumes(images: np.ndarray, params: MixParams, layout: str) -
 def reference_mix_dense(dense: np.ndarray, params: MixParams, layout: str = "NHW") -> np.ndarray:
     _refuse_mixup_on_dense(params)
     out = dense.copy()
-    cut = _samples(params, BOX_METHODS)
-    fm = _samples(params, MASK_METHODS)
+    cut = params.samples(*BOX_METHODS)
+    fm = params.samples(*MASK_METHODS)
     resized = params.samples(RESIZEMIX)
     if cut.size:
         out[cut] = box_paste.reference(dense, params.pair, params.box, layout, cut)[cut]
@@ -168,20 +168,14 @@ def _refuse_mixup_on_dense(params: MixParams) -> None:
                          "per-pixel soft targets yourself")
 
 
-def _samples(params: MixParams, codes) -> np.ndarray:
-    """Indices (int64) of the samples whose method is one of ``codes``."""
-    return np.flatnonzero(np.isin(params.method, codes)).astype(np.int64)
-
-
 def _box_samples(params: MixParams, masked=MASK_METHODS) -> np.ndarray:
-    return _samples(params, tuple(c for c in (NONE, *BOX_METHODS) if c not in masked))
+    return params.samples(*(c for c in (NONE, *BOX_METHODS) if c not in masked))
 
 
-def _shaped_samples(params: MixParams) -> np.ndarray:
-    """The SmoothMix and GridMix samples whose masks the CPU kernels make
-    from their shape params (those params are given)."""
-    codes = (SMOOTHMIX,) * (params.smooth is not None) + (GRIDMIX,) * (params.grid is not None)
-    return _samples(params, codes)
+def _shaped_methods(params: MixParams) -> tuple[int, ...]:
+    """SmoothMix and GridMix, where their shape params are given: the CPU
+    kernels make those samples' masks from them."""
+    return (SMOOTHMIX,) * (params.smooth is not None) + (GRIDMIX,) * (params.grid is not None)
 
 
 def _run_cpu(x, params: MixParams, layout: str, out, paste: bool, masked=MASK_METHODS):
@@ -194,13 +188,13 @@ def _run_cpu(x, params: MixParams, layout: str, out, paste: bool, masked=MASK_ME
     mixup = params.samples(MIXUP)
     if mixup.size:
         blend.cpu(view.rows, params.pair, params.lam, mixup, out=out_rows)
-    fm = _samples(params, masked)
-    shaped = _shaped_samples(params)
+    shaped_methods = _shaped_methods(params)
+    shaped = params.samples(*shaped_methods)
     if shaped.size:  # masks made per sample, in cache
         shape_mask.mix_cpu(view.rows, shape_table(params.method, params.smooth, params.grid,
                                                   params.pair),
                            shaped, view.height, view.cstride, paste, out=out_rows)
-        fm = np.setdiff1d(fm, shaped)
+    fm = params.samples(*(c for c in masked if c not in shaped_methods))
     if fm.size:
         mask_mix.cpu(view.rows, params.pair, np.ascontiguousarray(params.mask, np.float32), fm,
                      view.height, view.cstride, paste, out=out_rows)
@@ -235,7 +229,7 @@ def _run_cuda(x, params: MixParams, layout: str, out, paste: bool, stream,
     view = row_view(as_cupy(x), layout)
     out_rows = row_view(as_cupy(out), layout).rows
     box_samples, mixup = _box_samples(params, masked), params.samples(MIXUP)
-    fm, resized = _samples(params, masked), params.samples(RESIZEMIX)
+    fm, resized = params.samples(*masked), params.samples(RESIZEMIX)
     host = {"pair": (params.pair, np.int64), "box": (params.box, np.int64),
             "box_samples": (box_samples, np.int64), "lam": (params.lam, np.float32),
             "mixup": (mixup, np.int64), "fmix": (fm, np.int64),

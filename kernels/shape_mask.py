@@ -28,10 +28,10 @@ write only the rows of these two methods. :func:`mix_cpu` mixes images by
 these masks without keeping them: each sample's mask is made into a
 per-thread (H, W) buffer that stays in cache while the sample is mixed, so
 the batch's masks never travel through memory (4 bytes a pixel, more than
-a uint8 RGB pixel itself). A uint8 GridMix sample, whose mask is 0 or 1,
-needs no float mask at all: each byte is picked from one of its two images
-(:func:`grid_sample_cpu`); wider values blend by the mask over whole
-planes, which measured faster for them (benchmarks/README.md).
+a uint8 RGB pixel itself). A GridMix sample, whose mask is 0 or 1, needs
+no float mask at all: each value is the primary's or the partner's, picked
+by a bitwise select (:func:`grid_sample_cpu`); SmoothMix samples blend by
+their mask over whole planes.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
 from gpumix.kernels import mask_mix, table
-from gpumix.kernels._launch import LazyCudaKernel, as_index_array, float16_via_float32, run_parallel
+from gpumix.kernels._launch import (LazyCudaKernel, as_index_array, copy_bytes, float16_via_float32,
+                                    run_parallel)
 
 SMOOTHMIX, GRIDMIX = 5, 6  # gpumix.config's method codes
 
@@ -144,31 +145,64 @@ def cpu(rows, out) -> np.ndarray:
     return out
 
 
+GRID_CHUNK_ROWS = 4  # rows of flags per cell row: one select pass covers this many rows
+
+
 @njit(cache=True, nogil=True)
 def grid_sample_cpu(a, b, row, height, cstride, out):
-    """One GridMix sample's rows (R, L) into ``out``: its mask is 0 or 1, so
-    every value is the primary's or the partner's, picked by per-column
-    flags (one row of flags per row of cells, in the images' dtype: as wide
-    as the values) in a select of two loaded values, which vectorises: what
-    the mask mix stores, without a float mask. Cell column c covers pixels
-    [ceil(c W / n), ceil((c + 1) W / n)), the x with x n // W == c."""
+    """One GridMix sample's C-contiguous rows (R, L) into ``out``: its mask
+    is 0 or 1, so every value is the primary's or the partner's, picked
+    byte by byte (any dtype) by flags (0xFF keeps the primary's) in a
+    bitwise select that vectorises: what the mask mix stores, without a
+    float mask. Cell column c covers pixels [ceil(c W / n), ceil((c + 1) W /
+    n)), the x with x n // W == c; cell rows likewise. The rows of one cell
+    row within a plane (channel, frame) are contiguous, so each is mixed in
+    passes of GRID_CHUNK_ROWS rows against that many rows of its flags, in
+    memory order (one short pass per row, or a plane's cell rows visited
+    across planes, measured slower: benchmarks/README.md)."""
     n = np.int64(row[table.GRID])
-    n_cols = a.shape[1]
-    width = n_cols // cstride
-    keep = np.empty((n, n_cols), a.dtype)
+    n_rows = a.shape[0]
+    row_bytes = a.shape[1] * a.itemsize
+    pixel_bytes = cstride * a.itemsize
+    width = a.shape[1] // cstride
+    chunk = GRID_CHUNK_ROWS * row_bytes
+    flags = np.empty((n, chunk), np.uint8)
     for cell_row in range(n):
-        flags = keep[cell_row]
+        first = flags[cell_row]
         for c in range(n):
-            flag = 1 if _cell_value_cpu(row, cell_row * n + c) != 0 else 0
-            for k in range(((c * width + n - 1) // n) * cstride,
-                           (((c + 1) * width + n - 1) // n) * cstride):
-                flags[k] = flag
-    for r in range(a.shape[0]):
-        flags = keep[((r % height) * n) // height]
-        ra, rb, ro = a[r], b[r], out[r]
-        for k in range(n_cols):
-            va, vb = ra[k], rb[k]
-            ro[k] = va if flags[k] != 0 else vb
+            flag = 255 if _cell_value_cpu(row, cell_row * n + c) != 0 else 0
+            for k in range(((c * width + n - 1) // n) * pixel_bytes,
+                           (((c + 1) * width + n - 1) // n) * pixel_bytes):
+                first[k] = flag
+        for r in range(1, GRID_CHUNK_ROWS):
+            copy_bytes(first.ctypes.data + r * row_bytes, first.ctypes.data, row_bytes)
+    fa = a.reshape(-1).view(np.uint8)
+    fb = b.reshape(-1).view(np.uint8)
+    fo = out.reshape(-1).view(np.uint8)
+    for plane in range(0, n_rows, height):
+        for cell_row in range(n):
+            keep = flags[cell_row]
+            start = (plane + (cell_row * height + n - 1) // n) * row_bytes
+            stop = (plane + ((cell_row + 1) * height + n - 1) // n) * row_bytes
+            for lo in range(start, stop, chunk):
+                hi = min(lo + chunk, stop)
+                pa, pb, po = fa[lo:hi], fb[lo:hi], fo[lo:hi]
+                for k in range(hi - lo):
+                    m = keep[k]
+                    po[k] = (pa[k] & m) | (pb[k] & ~m)
+
+
+@njit(cache=True, nogil=True)
+def shape_sample_cpu(a, b, row, height, cstride, quantize, paste, out, mask, mask_row):
+    """One SmoothMix or GridMix sample's rows (R, L) into ``out``: GridMix by
+    its bitwise select, SmoothMix by its mask made into ``mask`` (H, W)
+    float32 and blended (``mask_row``: float32 scratch of L). The batch
+    kernel and the per-sample DALI appliers both run it."""
+    if np.int64(row[table.METHOD]) == GRIDMIX:
+        grid_sample_cpu(a, b, row, height, cstride, out)
+        return
+    sample_mask_cpu(row, mask)
+    mask_mix.mask_sample_cpu(a, b, mask, height, cstride, quantize, paste, out, mask_row)
 
 
 @njit(cache=True, nogil=True)
@@ -177,14 +211,8 @@ def _mix_rows_cpu(x, rows, samples, height, cstride, quantize, paste, out, lo, h
     mask_row = np.empty(x.shape[2], np.float32)
     for s in range(lo, hi):
         i = samples[s]
-        row = rows[i]
-        partner = x[np.int64(row[table.PAIR])]
-        if quantize and np.int64(row[table.METHOD]) == GRIDMIX:
-            grid_sample_cpu(x[i], partner, row, height, cstride, out[i])
-            continue
-        sample_mask_cpu(row, mask)
-        mask_mix.mask_sample_cpu(x[i], partner, mask, height, cstride, quantize, paste, out[i],
-                                 mask_row)
+        shape_sample_cpu(x[i], x[np.int64(rows[i, table.PAIR])], rows[i], height, cstride,
+                         quantize, paste, out[i], mask, mask_row)
 
 
 def _mix_cpu_any_dtype(x, rows, samples, height, cstride, paste=False, *, out):

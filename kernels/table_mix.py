@@ -72,11 +72,10 @@ def apply_sample_cpu(out, image, partner, row, mask, chw, quantize):
     a, b, o = image.reshape(shape2d), partner.reshape(shape2d), out.reshape(shape2d)
     if method == MIXUP:
         blend.blend_sample_cpu(a, b, np.float32(row[table.LAM]), quantize, o)
-    elif shape_mask.is_shape_method(method):  # the mask from the row, here
+    elif shape_mask.is_shape_method(method):  # the mask (or GridMix's flags) from the row, here
         own = np.empty((height, a.shape[1] // cstride), np.float32)
-        shape_mask.sample_mask_cpu(row, own)
         mask_row = np.empty(a.shape[1], np.float32)
-        mask_mix.mask_sample_cpu(a, b, own, height, cstride, quantize, False, o, mask_row)
+        shape_mask.shape_sample_cpu(a, b, row, height, cstride, quantize, False, o, own, mask_row)
     elif method == FMIX or row[table.MASKED] != 0:
         if mask is not None:  # always: masks come whenever a sample uses one
             mask_row = np.empty(a.shape[1], np.float32)
