@@ -116,6 +116,13 @@ class MixParams:
             raise ValueError(f"params.pair must index the batch [0, {b}), got {self.pair}")
         if b and not (np.all(self.lam >= 0) and np.all(self.lam <= 1)):  # NaN fails too
             raise ValueError(f"params.lam must lie in [0, 1], got {self.lam}")
+        lo, hi = self.box[:, 0::2], self.box[:, 1::2]
+        outside = (hi > np.asarray(spatial_shape)) | ((lo < 0) & (hi > 0)) | ((lo > hi) & (lo >= 0))
+        if np.any(outside):  # an unplaced SaliencyMix box, (-h, 0, -w, 0), covers no pixel
+            i = int(np.flatnonzero(outside.any(axis=1))[0])
+            raise ValueError(f"params.box must hold half-open boxes inside the image "
+                             f"{tuple(spatial_shape)} (0 <= start <= stop <= size on each "
+                             f"axis), got {self.box[i].tolist()} for sample {i}")
         if np.any(mixed_with(self.method, masked_methods(len(spatial_shape)))):
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)

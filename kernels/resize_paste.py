@@ -29,7 +29,7 @@ from numba import cuda as _cuda_api, float32, int64, njit
 
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import (LazyCudaKernel, as_index_array, copy_bytes,
-                                    float16_via_float32, run_parallel)
+                                    float16_via_float32, prefetch_bytes, run_parallel)
 
 
 def _source_indices(n_in: int, n_out: int, bilinear: bool):
@@ -91,44 +91,87 @@ _lerp_cpu = _cpu.lerp
 _quantize_cpu = _cpu.quantize_uint8
 
 
+PREFETCH_ROWS = 4  # box rows ahead whose source rows a box row asks the cache for
+
+
+@njit(inline="always")
+def _pair_with_neighbours(values, pairs, step):
+    """pairs[2k], pairs[2k + 1] = values[k], values[k + step]; the last
+    ``step`` values (the last pixel's) pair with themselves."""
+    n = values.shape[0]
+    for k in range(n - step):
+        pairs[2 * k] = values[k]
+        pairs[2 * k + 1] = values[k + step]
+    for k in range(n - step, n):
+        pairs[2 * k] = values[k]
+        pairs[2 * k + 1] = values[k]
+
+
 @njit(cache=True, nogil=True)
 def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize, out):
     """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with partner
     ``b`` resized into the box (``out`` must not alias ``b``). The source
     columns and weights of the box's columns are found once per sample with
     the same scalar function the CUDA kernel uses, so values are equal.
-    Bilinear: the two source rows of an output row are blended whole (a
-    vectorised pass), then each output value blends two of those (the
-    products and sums of the CUDA kernel's bilerp, in its order)."""
+
+    The box's rows are visited plane by plane (channels of CHW, frames),
+    each prefetching the source rows of the box row PREFETCH_ROWS ahead: a
+    downscale reads rows scattered through the partner, which the hardware
+    prefetcher does not foresee. Nearest gathers each output value from its
+    source row. Bilinear blends an output row's two source rows whole (a
+    vectorised pass), pairs every blended value with its right-hand
+    neighbour's (the next pixel's, the last pixel's with itself, as the
+    source index rule clamps), gathers one pair per output value, then
+    blends each pair across (vectorised): the products and sums of the CUDA
+    kernel's bilerp, in its order, with one gather per value, not two."""
     n_rows, n_cols = a.shape[0], a.shape[1]
     width = n_cols // cstride
-    copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * n_cols * a.itemsize)
+    row_bytes = n_cols * b.itemsize
+    copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * row_bytes)
     box_h, box_w = y1 - y0, x1 - x0
     if box_h <= 0 or box_w <= 0:
         return
-    k0 = np.empty(box_w * cstride, np.int32)  # source column of each output column
-    k1 = np.empty(box_w * cstride, np.int32)
-    wx = np.empty(box_w * cstride, np.float32)
-    blended = np.empty(n_cols if bilinear else 0, np.float32)  # one row, down the columns
+    n_out = box_w * cstride
+    k0 = np.empty(n_out, np.int32)  # source column of each output column
+    wx = np.empty(n_out, np.float32)  # weight of its right-hand neighbour
     for x in range(box_w):
-        sx0, sx1, w = _source_span_cpu(x, width, box_w, bilinear)
+        sx0, _, w = _source_span_cpu(x, width, box_w, bilinear)
         for c in range(cstride):
             k0[x * cstride + c] = sx0 * cstride + c
-            k1[x * cstride + c] = sx1 * cstride + c
             wx[x * cstride + c] = w
+    scratch = n_cols if bilinear else 0
+    blended = np.empty(scratch, np.float32)  # one row, down the columns
+    pairs = np.empty(scratch, np.complex64)  # (blended[k], its neighbour's)
+    gathered = np.empty(n_out if bilinear else 0, np.complex64)  # the pair of each output
+    pair_values, gathered_values = pairs.view(np.float32), gathered.view(np.float32)
     first = x0 * cstride
-    for r in range(n_rows):
-        y = r % height
-        if y < y0 or y >= y1:
-            continue
-        base = r - y
+    n_box_rows = (n_rows // height) * box_h
+    for t in range(n_box_rows):
+        ahead = t + PREFETCH_ROWS
+        if ahead < n_box_rows:
+            sy0, sy1, _ = _source_span_cpu(ahead % box_h, height, box_h, bilinear)
+            plane = (ahead // box_h) * height
+            prefetch_bytes(b[plane + sy0].ctypes.data, row_bytes)
+            if bilinear:
+                prefetch_bytes(b[plane + sy1].ctypes.data, row_bytes)
+        plane = (t // box_h) * height
+        y = y0 + t % box_h
         sy0, sy1, wy = _source_span_cpu(y - y0, height, box_h, bilinear)
-        top, bottom, target = b[base + sy0], b[base + sy1], out[r, first:first + box_w * cstride]
+        top, target = b[plane + sy0], out[plane + y, first:first + n_out]
         if bilinear:
+            bottom = b[plane + sy1]
             for k in range(n_cols):
                 blended[k] = _lerp_cpu(top[k], bottom[k], wy)
-            for k in range(target.shape[0]):
-                v = _lerp_cpu(blended[k0[k]], blended[k1[k]], wx[k])
+            if cstride == 1:  # a constant step: the pairing loop vectorises
+                _pair_with_neighbours(blended, pair_values, 1)
+            elif cstride == 3:
+                _pair_with_neighbours(blended, pair_values, 3)
+            else:
+                _pair_with_neighbours(blended, pair_values, cstride)
+            for k in range(n_out):
+                gathered[k] = pairs[k0[k]]
+            for k in range(n_out):
+                v = _lerp_cpu(gathered_values[2 * k], gathered_values[2 * k + 1], wx[k])
                 target[k] = _quantize_cpu(v) if quantize else v
         elif cstride == 3:  # RGB pixels: one source index per pixel
             for x in range(box_w):
@@ -137,7 +180,7 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
                 target[3 * x + 1] = top[k + 1]
                 target[3 * x + 2] = top[k + 2]
         else:
-            for k in range(target.shape[0]):
+            for k in range(n_out):
                 target[k] = top[k0[k]]
 
 

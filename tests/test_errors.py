@@ -62,6 +62,12 @@ ARRAY_ERRORS = [
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, lam=np.array([np.nan, 0.5],
                                                                               np.float32))),
      ValueError, "lam must lie"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, box=np.array(
+        [[0, 5, 0, 2], [0, 0, 0, 0]]))), ValueError, r"params.box must .* inside the image"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, box=np.array(
+        [[0, 0, 0, 0], [-1, 2, 0, 2]]))), ValueError, r"\[-1, 2, 0, 2\] for sample 1"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, box=np.array(
+        [[3, 1, 0, 2], [0, 0, 0, 0]]))), ValueError, "0 <= start <= stop <= size"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 0, (4, 4)), ValueError, "batch_size"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 2, (4, 4), rng="seed"), TypeError, "rng"),
 ]

@@ -278,6 +278,21 @@ def test_mix_images_equals_reference_for_every_method(dtype, layout):
     np.testing.assert_array_equal(inplace, mixing.reference_mix_images(x, params, layout))
 
 
+@pytest.mark.parametrize("channels", [1, 2, 4])
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_resizemix_any_channel_count_and_the_whole_scale_range(channels, interpolation):
+    """ResizeMix pairs each value with its right-hand pixel's (the step is the
+    channel count): every count, and boxes from a sliver to the whole image."""
+    rng = np.random.default_rng(22)
+    config = only("resizemix", resizemix_interpolation=interpolation, resizemix_scale=(0.05, 1.0))
+    params = sample(config, 16, (19, 26), rng)
+    x = (rng.random((16, 19, 26, channels)) * 255).astype(np.uint8)
+    for data, layout in ((x, "NHWC"), (x.astype(np.float32), "NHWC"),
+                         (np.ascontiguousarray(x.transpose(0, 3, 1, 2)), "NCHW")):
+        np.testing.assert_array_equal(mixing.mix_images(data, params, layout),
+                                      mixing.reference_mix_images(data, params, layout))
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (9, 2), (17, 23)])
 def test_gridmix_cells_narrower_than_a_pixel_and_any_channel_count(shape):
     """GridMix copies whole cell segments: grids finer than the image (empty
