@@ -107,6 +107,59 @@ def _pair_with_neighbours(values, pairs, step):
         pairs[2 * k + 1] = values[k]
 
 
+@njit(inline="always")
+def _pack_planes(b, first, height, lanes, packed):
+    """packed[x] = pixel x of rows ``first + j * height`` (the same pixel of
+    ``lanes`` <= 4 planes), lane j in byte j. Shifts stay uint32: an int64
+    shift would widen the vector loop."""
+    row = b[first]
+    for x in range(packed.shape[0]):
+        packed[x] = np.uint32(row[x])
+    for j in range(1, lanes):
+        row, shift = b[first + j * height], np.uint32(8 * j)
+        for x in range(packed.shape[0]):
+            packed[x] |= np.uint32(row[x]) << shift
+
+
+@njit(inline="always")
+def _unpack_planes(got, out, first, height, lanes, x0):
+    """The inverse of :func:`_pack_planes` into columns [x0, x0 + len(got))."""
+    for j in range(lanes):
+        target, shift = out[first + j * height, x0:x0 + got.shape[0]], np.uint32(8 * j)
+        for x in range(got.shape[0]):
+            target[x] = np.uint8((got[x] >> shift) & np.uint32(0xFF))
+
+
+@njit(cache=True, nogil=True)
+def _nearest_planes_of_bytes(b, out, sx, y0, y1, x0, height):
+    """Nearest ResizeMix of byte planes (one value per column, two or more
+    planes: channels of CHW, frames), the box of ``out`` filled from ``b``
+    (R, L); ``sx``: the source column of each box column. A scalar gather
+    moves one value per load, so the same pixel of up to four planes is
+    packed into a uint32 first (a vectorised pass), gathered once, and
+    unpacked (RGB's three lanes as a constant). Interleaved channels keep
+    one byte gather per channel: packing them is strided, and measured
+    slower (benchmarks/README.md)."""
+    n_planes = b.shape[0] // height
+    box_h, box_w = y1 - y0, sx.shape[0]
+    packed = np.empty(b.shape[1], np.uint32)
+    got = np.empty(box_w, np.uint32)
+    for y in range(y0, y1):
+        sy, _, _ = _source_span_cpu(y - y0, height, box_h, False)
+        for plane in range(0, n_planes, 4):
+            first, lanes = plane * height, min(4, n_planes - plane)
+            if lanes == 3:
+                _pack_planes(b, first + sy, height, 3, packed)
+            else:
+                _pack_planes(b, first + sy, height, lanes, packed)
+            for x in range(box_w):
+                got[x] = packed[sx[x]]
+            if lanes == 3:
+                _unpack_planes(got, out, first + y, height, 3, x0)
+            else:
+                _unpack_planes(got, out, first + y, height, lanes, x0)
+
+
 @njit(cache=True, nogil=True)
 def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize, out):
     """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with partner
@@ -118,7 +171,7 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
     each prefetching the source rows of the box row PREFETCH_ROWS ahead: a
     downscale reads rows scattered through the partner, which the hardware
     prefetcher does not foresee. Nearest gathers each output value from its
-    source row. Bilinear blends an output row's two source rows whole (a
+    source row (byte planes: four to a gather, :func:`_nearest_planes_of_bytes`). Bilinear blends an output row's two source rows whole (a
     vectorised pass), pairs every blended value with its right-hand
     neighbour's (the next pixel's, the last pixel's with itself, as the
     source index rule clamps), gathers one pair per output value, then
@@ -130,6 +183,12 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
     copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * row_bytes)
     box_h, box_w = y1 - y0, x1 - x0
     if box_h <= 0 or box_w <= 0:
+        return
+    if b.itemsize == 1 and not bilinear and cstride == 1 and n_rows >= 2 * height:
+        sx = np.empty(box_w, np.int32)
+        for x in range(box_w):
+            sx[x] = _source_span_cpu(x, width, box_w, False)[0]
+        _nearest_planes_of_bytes(b, out, sx, y0, y1, x0, height)
         return
     n_out = box_w * cstride
     k0 = np.empty(n_out, np.int32)  # source column of each output column

@@ -278,11 +278,12 @@ def test_mix_images_equals_reference_for_every_method(dtype, layout):
     np.testing.assert_array_equal(inplace, mixing.reference_mix_images(x, params, layout))
 
 
-@pytest.mark.parametrize("channels", [1, 2, 4])
+@pytest.mark.parametrize("channels", [1, 2, 4, 6])
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
 def test_resizemix_any_channel_count_and_the_whole_scale_range(channels, interpolation):
     """ResizeMix pairs each value with its right-hand pixel's (the step is the
-    channel count): every count, and boxes from a sliver to the whole image."""
+    channel count) and packs up to four byte planes to a gather: every count,
+    and boxes from a sliver to the whole image."""
     rng = np.random.default_rng(22)
     config = only("resizemix", resizemix_interpolation=interpolation, resizemix_scale=(0.05, 1.0))
     params = sample(config, 16, (19, 26), rng)
