@@ -59,13 +59,40 @@ def reference(x: np.ndarray, pair, mask: np.ndarray, layout: str, samples=None,
     return out
 
 
+@njit(inline="always")
+def _mask_three_byte_planes(a, b, m, out, first):
+    """Three consecutive uint8 planes from ``first`` (RGB of CHW) in one
+    pass: each mask value is loaded, and its complement formed, once for
+    the three. (Wider values stream nine arrays through memory this way,
+    measured slower than a plane at a time: benchmarks/README.md.)"""
+    plane = m.shape[0]
+    a0, a1, a2 = a[first:first + plane], a[first + plane:first + 2 * plane], \
+        a[first + 2 * plane:first + 3 * plane]
+    b0, b1, b2 = b[first:first + plane], b[first + plane:first + 2 * plane], \
+        b[first + 2 * plane:first + 3 * plane]
+    o0, o1, o2 = out[first:first + plane], out[first + plane:first + 2 * plane], \
+        out[first + 2 * plane:first + 3 * plane]
+    for k in range(plane):
+        w = m[k]
+        o0[k] = _blend_byte_cpu(a0[k], b0[k], w)
+        o1[k] = _blend_byte_cpu(a1[k], b1[k], w)
+        o2[k] = _blend_byte_cpu(a2[k], b2[k], w)
+
+
 @njit(cache=True, nogil=True)
 def _mask_planes(a, b, mask, quantize, paste, out):
     """mask_sample_cpu for one channel per column (NCHW planes): each
-    H x W plane and the mask are contiguous, so one long pass per plane."""
+    H x W plane and the mask are contiguous, so long passes over planes
+    (uint8: three at a time where there are three, the mask read once)."""
     a, b, out, m = a.reshape(-1), b.reshape(-1), out.reshape(-1), mask.reshape(-1)
     plane = m.shape[0]
-    for p in range(a.shape[0] // plane):
+    n_planes = a.shape[0] // plane
+    p = 0
+    if quantize and not paste:
+        while p + 3 <= n_planes:
+            _mask_three_byte_planes(a, b, m, out, p * plane)
+            p += 3
+    for p in range(p, n_planes):
         pa, pb = a[p * plane:(p + 1) * plane], b[p * plane:(p + 1) * plane]
         po = out[p * plane:(p + 1) * plane]
         if paste:  # both values loaded first: a select, which vectorises
