@@ -144,6 +144,26 @@ def test_smoothmix_masks_are_the_gaussian_and_lam_their_mean(shape):
                                atol=2e-7)
 
 
+def test_smoothmix_masks_from_any_table_row_equal_the_formula():
+    """Each distinct distance's exp is shared by both sides of an integral
+    centre and by both axes of equal sigma; fractional centres, centres
+    outside the image and unequal sigmas take the value per pixel. All equal
+    the NumPy formula bit for bit."""
+    from gpumix.kernels import shape_mask
+
+    rng = np.random.default_rng(23)
+    rows = np.zeros((12, table.N_COLUMNS))
+    rows[:, table.METHOD] = shape_mask.SMOOTHMIX
+    rows[:, table.CENTRE_Y] = [0, 31, 15, 40, -3, 7.5, 12, 3, 30, 0, 16, 20.25]
+    rows[:, table.CENTRE_X] = [0, 31, 16, -2, 35, 9, 0.5, 31, 3, 16, 16, 8]
+    rows[:, table.SIGMA_Y] = rng.uniform(2, 16, 12)
+    rows[:, table.SIGMA_X] = np.where(np.arange(12) % 2, rows[:, table.SIGMA_Y], 9.5)
+    rows[:, table.SQUARE] = np.arange(12) % 3 == 0
+    for shape in ((32, 32), (20, 33)):
+        out = np.empty((12, *shape), np.float32)
+        np.testing.assert_array_equal(shape_mask.cpu(rows, out), shape_mask.reference(rows, shape))
+
+
 def test_gridmix_masks_are_the_cells_and_lam_the_exact_pixel_fraction():
     h, w = 29, 37  # cells of unequal sizes
     config = only("gridmix", gridmix_grid=(2, 8), gridmix_prob=0.3)
