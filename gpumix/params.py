@@ -117,8 +117,9 @@ class MixParams:
         if b and not (np.all(self.lam >= 0) and np.all(self.lam <= 1)):  # NaN fails too
             raise ValueError(f"params.lam must lie in [0, 1], got {self.lam}")
         lo, hi = self.box[:, 0::2], self.box[:, 1::2]
-        outside = (hi > np.asarray(spatial_shape)) | ((lo < 0) & (hi > 0)) | ((lo > hi) & (lo >= 0))
-        if np.any(outside):  # an unplaced SaliencyMix box, (-h, 0, -w, 0), covers no pixel
+        unplaced = (self.method == SALIENCYMIX)[:, None] & (hi == 0)  # (-h, 0, -w, 0): a size
+        outside = (hi > np.asarray(spatial_shape)) | (lo > hi) | ((lo < 0) & ~unplaced)
+        if np.any(outside):
             i = int(np.flatnonzero(outside.any(axis=1))[0])
             raise ValueError(f"params.box must hold half-open boxes inside the image "
                              f"{tuple(spatial_shape)} (0 <= start <= stop <= size on each "

@@ -113,7 +113,7 @@ def _smooth_profiles_cpu(row, gy, gx):
     equal to :func:`_profile` at its position. With integral centres (as
     sampled) each distinct distance costs one exp, shared by both sides of
     the centre and by both axes when their sigmas are equal (square images):
-    the exps were most of the mask's cost."""
+    the exps are most of a mask's cost."""
     cy, cx = row[table.CENTRE_Y], row[table.CENTRE_X]
     sigma_y, sigma_x = row[table.SIGMA_Y], row[table.SIGMA_X]
     if not (cy == np.floor(cy) and cx == np.floor(cx) and abs(cy) < 2 ** 31

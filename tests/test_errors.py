@@ -68,6 +68,9 @@ ARRAY_ERRORS = [
         [[0, 0, 0, 0], [-1, 2, 0, 2]]))), ValueError, r"\[-1, 2, 0, 2\] for sample 1"),
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, box=np.array(
         [[3, 1, 0, 2], [0, 0, 0, 0]]))), ValueError, "0 <= start <= stop <= size"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(  # a size, as unplaced SaliencyMix
+        PARAMS, method=np.array([4, 0], np.int8), box=np.array([[-2, 0, -2, 0], [0, 0, 0, 0]]))),
+     ValueError, "for sample 0"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 0, (4, 4)), ValueError, "batch_size"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 2, (4, 4), rng="seed"), TypeError, "rng"),
 ]

@@ -316,7 +316,7 @@ def test_resizemix_any_channel_count_and_the_whole_scale_range(channels, interpo
 
 @pytest.mark.parametrize("shape", [(3, 5), (9, 2), (17, 23)])
 def test_gridmix_cells_narrower_than_a_pixel_and_any_channel_count(shape):
-    """GridMix copies whole cell segments: grids finer than the image (empty
+    """GridMix takes whole cell segments: grids finer than the image (empty
     cells), 4 and 1 channels, images and dense maps, all as the mask says."""
     rng = np.random.default_rng(21)
     params = sample(only("gridmix", gridmix_grid=(6, 8)), 9, shape, rng)
