@@ -582,13 +582,11 @@ def prefetch(typingctx, address):
         return None
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        name = "llvm.prefetch.p0"
-        function = builder.module.globals.get(name)
-        if function is None:
-            function = ir.Function(builder.module, ir.FunctionType(
-                ir.VoidType(), [ir.PointerType(), i32, i32, i32]), name)
-        builder.call(function, [builder.inttoptr(args[0], ir.PointerType()), ir.Constant(i32, 0),
+        i32, pointer = ir.IntType(32), cgutils.voidptr_t
+        function = builder.module.declare_intrinsic(  # named for typed or opaque pointers
+            "llvm.prefetch", [pointer], ir.FunctionType(ir.VoidType(), [pointer, i32, i32, i32]))
+        # read (0), keep in every cache level (3), data (1)
+        builder.call(function, [builder.inttoptr(args[0], pointer), ir.Constant(i32, 0),
                                 ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
