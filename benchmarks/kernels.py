@@ -21,7 +21,8 @@ timing one side's calls and then the other's lets a slow phase land on one
 side only (benchmarks/README.md).
 
 Run: ``python -m gpumix.benchmarks.kernels [--quick] [--json PATH]``. Prints a table
-and writes JSON with the machine, versions and commit.
+and writes JSON with the machine, versions and commit. ``--quick`` is a smoke
+run (a small batch, three pairs of 20 ms blocks): its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +52,20 @@ def _time(fn) -> float:
 
 
 BLOCK_S = 0.25  # each side of a pair runs this long, in back-to-back calls
+QUICK_BLOCK_S = 0.02  # --quick: a smoke run of the same timing
 
 
-def _calls_per_block(fn) -> int:
-    return max(1, round(BLOCK_S / max(_time(fn), 1e-6)))
+@dataclass(frozen=True)
+class Pairing:
+    """How comparisons are timed: ``pairs`` alternating blocks of each side,
+    each about ``block_s`` seconds of back-to-back calls."""
+
+    pairs: int
+    block_s: float = BLOCK_S
+
+
+def _calls_per_block(fn, block_s: float) -> int:
+    return max(1, round(block_s / max(_time(fn), 1e-6)))
 
 
 def _block(fn, calls: int) -> float:
@@ -64,16 +76,18 @@ def _block(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def paired(fn, reference, repeats: int) -> tuple[dict, dict, float]:
+def paired(fn, reference, pairing: Pairing) -> tuple[dict, dict, float]:
     """Time ``reference`` and ``fn`` in alternating blocks of back-to-back calls
-    (about BLOCK_S each, so both run warm, as in a loop), ``repeats`` pairs:
+    (about ``pairing.block_s`` each, so both run warm, as in a loop),
+    ``pairing.pairs`` pairs:
     (per-call stats of fn, of reference, median over pairs of reference /
     fn). Alternating blocks cancel the machine's slow phases; single calls
     alternated would make each side start cold after the other."""
     fn(), reference()  # warm-up and compile
-    calls_fn, calls_ref = _calls_per_block(fn), _calls_per_block(reference)
+    calls_fn = _calls_per_block(fn, pairing.block_s)
+    calls_ref = _calls_per_block(reference, pairing.block_s)
     ours, theirs = [], []
-    for _ in range(repeats):
+    for _ in range(pairing.pairs):
         theirs.append(_block(reference, calls_ref))
         ours.append(_block(fn, calls_fn))
     ratio = statistics.median(t / o for t, o in zip(theirs, ours))
@@ -95,7 +109,7 @@ def environment() -> dict:
             "numba": numba.__version__, "torch": torch.__version__, "commit": commit}
 
 
-def bench_cpu_kernels(batch: int, size: int, repeats: int) -> list[dict]:
+def bench_cpu_kernels(batch: int, size: int, pairing: Pairing) -> list[dict]:
     import gpumix
     from gpumix.config import CUTMIX, MIXUP
     from gpumix.params import MixParams
@@ -107,11 +121,11 @@ def bench_cpu_kernels(batch: int, size: int, repeats: int) -> list[dict]:
     box = np.tile(np.array([[size // 4, 3 * size // 4, size // 4, 3 * size // 4]]), (batch, 1))
     for dtype in (np.uint8, np.float32):
         x = rng.integers(0, 256, (batch, 3, size, size)).astype(dtype)
-        rows += _against_copy(x, f"{np.dtype(dtype).name}", pair, lam, box, repeats)
+        rows += _against_copy(x, f"{np.dtype(dtype).name}", pair, lam, box, pairing)
     return rows
 
 
-def _against_copy(x, label: str, pair, lam, box, repeats: int) -> list[dict]:
+def _against_copy(x, label: str, pair, lam, box, pairing: Pairing) -> list[dict]:
     """MixUp and CutMix of the NCHW batch ``x`` against NumPy's copy of it."""
     import gpumix
     from gpumix.config import CUTMIX, MIXUP
@@ -125,7 +139,7 @@ def _against_copy(x, label: str, pair, lam, box, repeats: int) -> list[dict]:
                            box=box if method == CUTMIX else np.zeros((batch, 4), np.int64))
         t, copy, copy_over_mix = paired(
             lambda: gpumix.mix_images(x, params, "NCHW", out=out),
-            lambda: np.copyto(out, x), repeats)
+            lambda: np.copyto(out, x), pairing)
         rows.append({"case": f"cpu {name} {label}", **t,
                      "bandwidth_GBps": moved * x.nbytes / t["median_s"] / 1e9,
                      "copy_bandwidth_GBps": 2 * x.nbytes / copy["median_s"] / 1e9,
@@ -134,7 +148,7 @@ def _against_copy(x, label: str, pair, lam, box, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_beyond_images(repeats: int, quick: bool = False) -> list[dict]:
+def bench_beyond_images(pairing: Pairing, quick: bool = False) -> list[dict]:
     """Video clips against NumPy's copy; 3-D FMix masks against 2-D ones."""
     from gpumix import fmix
 
@@ -148,7 +162,7 @@ def bench_beyond_images(repeats: int, quick: bool = False) -> list[dict]:
     for dtype in (np.uint8, np.float32):  # one box per clip: frames x channels planes
         x = rng.integers(0, 256, (clips, frames * 3, side, side)).astype(dtype)
         rows += _against_copy(x, f"video {clips}x{frames}x3x{side}^2 {np.dtype(dtype).name}",
-                              pair, lam, box, repeats)
+                              pair, lam, box, pairing)
     square = int(round(cube ** 1.5))  # as many pixels as the cube has voxels
     keys = rng.integers(0, 2**62, count)
     makers = {}
@@ -158,14 +172,14 @@ def bench_beyond_images(repeats: int, quick: bool = False) -> list[dict]:
         make = fmix.cpu_mask_maker(shape, 3.0)
         out = np.empty((count, *shape), np.float32)
         makers[len(shape)] = (lambda make=make, half=half, out=out: make(keys, half, half, out))
-    t3, t2, two_over_three = paired(makers[3], makers[2], repeats)
+    t3, t2, two_over_three = paired(makers[3], makers[2], pairing)
     rows.append({"case": f"fmix 3-D masks {count}x{cube}^3 vs 2-D {count}x{square}^2", **t3,
                  "masks_2d_median_s": t2["median_s"], "over_2d": 1.0 / two_over_three,
                  "target_over_2d": 2.0})
     return rows
 
 
-def bench_against_timm(batch: int, size: int, repeats: int) -> list[dict]:
+def bench_against_timm(batch: int, size: int, pairing: Pairing) -> list[dict]:
     import torch
     from timm.data.mixup import Mixup as TimmMixup
 
@@ -180,13 +194,13 @@ def bench_against_timm(batch: int, size: int, repeats: int) -> list[dict]:
         ours = gpumix.torch.Mixup(**kwargs, num_classes=1000, seed=0)
         work = x.clone()
         t_ours, t_timm, speedup = paired(lambda: ours(work, y), lambda: timm_mix(work, y),
-                                         repeats)
+                                         pairing)
         rows.append({"case": f"torch {name} float32: gpumix vs timm", **t_ours,
                      "timm_median_s": t_timm["median_s"], "speedup_vs_timm": speedup})
     return rows
 
 
-def bench_fmix(batch: int, size: int, repeats: int) -> list[dict]:
+def bench_fmix(batch: int, size: int, pairing: Pairing) -> list[dict]:
     import gpumix
     from gpumix.benchmarks import published_fmix
 
@@ -196,12 +210,13 @@ def bench_fmix(batch: int, size: int, repeats: int) -> list[dict]:
     ours, loop, speedup = paired(
         lambda: gpumix.sample(config, batch, (size, size), rng),
         lambda: [published_fmix.sample_mask(1.0, 3.0, (size, size)) for _ in range(batch)],
-        repeats)
+        pairing)
     return [{"case": f"fmix {batch} per-sample masks: gpumix vs published loop", **ours,
              "published_median_s": loop["median_s"], "speedup_vs_published": speedup}]
 
 
-def bench_more_methods(batch: int, size: int, repeats: int, dtypes=(np.uint8, np.float32)):
+def bench_more_methods(batch: int, size: int, pairing: Pairing,
+                       dtypes=(np.uint8, np.float32)):
     import gpumix
     from gpumix import saliency
 
@@ -222,19 +237,20 @@ def bench_more_methods(batch: int, size: int, repeats: int, dtypes=(np.uint8, np
             params = gpumix.sample(config, batch, shape, rng)
             t, t_cut, cut_over_ours = paired(
                 lambda: gpumix.mix_images(x, params, "NCHW", out=out),
-                lambda: gpumix.mix_images(x, cutmix, "NCHW", out=out), repeats)
+                lambda: gpumix.mix_images(x, cutmix, "NCHW", out=out), pairing)
             rows.append({"case": f"cpu {name} {np.dtype(dtype).name} vs cutmix", **t,
                          "cutmix_median_s": t_cut["median_s"],
                          "over_cutmix": 1.0 / cut_over_ours, "target_over_cutmix": 1.5})
             if dtype == np.uint8:
                 times = [_time(lambda: gpumix.sample(config, batch, shape, rng))
-                         for _ in range(repeats)]
+                         for _ in range(pairing.pairs)]
                 rows.append({"case": f"sample {name} params (masks too) x{batch}",
                              **_stats(times)})
     x = rng.integers(0, 256, (batch, size, size, 3), np.uint8)
     samples = np.arange(batch)
     saliency.host_centres(x, "NHWC", samples)
-    times = [_time(lambda: saliency.host_centres(x, "NHWC", samples)) for _ in range(repeats)]
+    times = [_time(lambda: saliency.host_centres(x, "NHWC", samples))
+             for _ in range(pairing.pairs)]
     rows.append({"case": f"saliencymix peaks x{batch} (thumbnails + FFTs)", **_stats(times),
                  "target_s": 0.010})
     return rows
@@ -288,18 +304,20 @@ def write_report(rows: list[dict], settings: dict, path: Path, table: str) -> di
 
 def main(argv=None) -> dict:
     parser = parser_for(__doc__, 15, "results/kernels.json")
-    parser.add_argument("--quick", action="store_true", help="small batch, few repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="small batch, few and short pairs (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.size, args.repeats = 8, 64, 3
-    rows = (bench_cpu_kernels(args.batch_size, args.size, args.repeats)
-            + bench_against_timm(args.batch_size, args.size, args.repeats)
-            + bench_fmix(args.batch_size, args.size, args.repeats)
-            + bench_more_methods(args.batch_size, args.size, args.repeats,
+    pairing = Pairing(args.repeats, QUICK_BLOCK_S if args.quick else BLOCK_S)
+    rows = (bench_cpu_kernels(args.batch_size, args.size, pairing)
+            + bench_against_timm(args.batch_size, args.size, pairing)
+            + bench_fmix(args.batch_size, args.size, pairing)
+            + bench_more_methods(args.batch_size, args.size, pairing,
                                  (np.uint8,) if args.quick else (np.uint8, np.float32))
-            + bench_beyond_images(args.repeats, args.quick))
+            + bench_beyond_images(pairing, args.quick))
     settings = {"batch_size": args.batch_size, "size": args.size, "repeats": args.repeats,
-                "device": "cpu"}
+                "block_s": pairing.block_s, "device": "cpu"}
     return write_report(rows, settings, args.json, format_table(rows))
 
 
