@@ -110,10 +110,6 @@ def environment() -> dict:
 
 
 def bench_cpu_kernels(batch: int, size: int, pairing: Pairing) -> list[dict]:
-    import gpumix
-    from gpumix.config import CUTMIX, MIXUP
-    from gpumix.params import MixParams
-
     rows = []
     rng = np.random.default_rng(0)
     pair = np.arange(batch)[::-1].copy()
