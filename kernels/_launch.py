@@ -415,13 +415,13 @@ def float16_via_float32(cpu_func):
     float16 store does, so the results agree.
     """
 
-    def run(x, *args, out):
+    def run(x, *args, out, **options):
         if x.dtype == np.float16:
             wide_out = out.astype(np.float32)
-            cpu_func(x.astype(np.float32), *args, out=wide_out)
+            cpu_func(x.astype(np.float32), *args, out=wide_out, **options)
             out[...] = wide_out.astype(np.float16)
             return out
-        return cpu_func(x, *args, out=out)
+        return cpu_func(x, *args, out=out, **options)
 
     return run
 

@@ -19,7 +19,9 @@ source column of column k is ``sx * cstride + k % cstride``.
 
 Three versions: :func:`reference` (NumPy), :func:`cpu` (Numba, parallel
 over samples; :func:`resize_sample_cpu` is also the per-sample body of the
-DALI appliers), :func:`cuda`.
+DALI appliers), :func:`cuda`. The CPU version picks a downscale's source
+values with masked compress-stores where the CPU has them (AVX-512 VBMI2)
+and gathers them elsewhere.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda as _cuda_api, float32, int64, njit
 
+from gpumix.kernels import _compress
+from gpumix.kernels._compress import (byte_positions, compress_row, new_plans, plan_row,
+                                      strictly_increasing)
 from gpumix.kernels._element import element_functions
 from gpumix.kernels._launch import (LazyCudaKernel, as_index_array, copy_bytes,
                                     float16_via_float32, prefetch_bytes, run_parallel)
@@ -89,6 +94,7 @@ _cpu = element_functions("cpu")
 _source_span_cpu = _cpu.source_span
 _lerp_cpu = _cpu.lerp
 _quantize_cpu = _cpu.quantize_uint8
+_rounded_byte_cpu = _cpu.rounded_byte
 
 
 PREFETCH_ROWS = 4  # box rows ahead whose source rows a box row asks the cache for
@@ -161,28 +167,114 @@ def _nearest_planes_of_bytes(b, out, sx, y0, y1, x0, height):
 
 
 @njit(cache=True, nogil=True)
-def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize, out):
+def _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quantize):
+    """The box of ``out`` filled from ``b`` by masked compress-stores
+    (gpumix.kernels._compress), where a gather would load one value at a
+    time. A downscale reads a strictly increasing subset of each source
+    row, the same for every row: nearest, one column per output; bilinear,
+    the left taps, and the right taps of every output but those clamped at
+    the last pixel, which take their left tap. So one plan per sample picks
+    a row's values in a few stores. Bilinear then blends the four picked
+    taps down and across in the CUDA kernel's order (uint8: the blend of
+    values in [0, 255] lies in [0, 255.5), so rounding needs no clamp).
+
+    The source rows and weights of the box's rows are found once and
+    reused by every plane: per row, the divisions cost more than the
+    stores. Wider values prefetch the source rows PREFETCH_ROWS ahead (a
+    float32 batch outgrows the last-level cache; for uint8 the prefetches
+    measured slower). Returns False, doing nothing, when the columns do
+    not increase (an upscale)."""
+    n_cols = b.shape[1]
+    width = n_cols // cstride
+    box_h, box_w = y1 - y0, x1 - x0
+    n_out = box_w * cstride
+    left = np.empty(n_out, np.int64)  # source column of each output column
+    right = np.empty(n_out, np.int64)  # its right-hand tap's, where not clamped
+    wx = np.empty(n_out, np.float32)  # the right-hand tap's weight
+    n_right = 0
+    for x in range(box_w):
+        sx0, sx1, w = _source_span_cpu(x, width, box_w, bilinear)
+        for c in range(cstride):
+            left[x * cstride + c] = sx0 * cstride + c
+            wx[x * cstride + c] = w
+            if sx1 != sx0:
+                right[n_right] = sx1 * cstride + c
+                n_right += 1
+    if not strictly_increasing(left):
+        return False
+    row_bytes = np.int64(n_cols * b.itemsize)
+    plans = new_plans(2, row_bytes)  # 0: left taps (nearest: the pixels), 1: right taps
+    plan_row(byte_positions(left, b.itemsize), row_bytes, plans, 0)
+    plan_row(byte_positions(right[:n_right], b.itemsize), row_bytes, plans, 1)
+    rows = np.empty((2, box_h), np.int64)  # the top and bottom source row of each box row
+    wy = np.empty(box_h, np.float32)
+    for y in range(box_h):
+        rows[0, y], rows[1, y], wy[y] = _source_span_cpu(y, height, box_h, bilinear)
+    taps = np.empty((4, n_out if bilinear else 0), b.dtype)  # top/bottom x left/right
+    top_left, bottom_left, top_right, bottom_right = taps[0], taps[1], taps[2], taps[3]
+    at_taps = np.int64(taps.ctypes.data)
+    tap_bytes = np.int64(n_out * b.itemsize)
+    source, target = np.int64(b.ctypes.data), np.int64(out.ctypes.data)
+    first = (y0 * n_cols + x0 * cstride) * b.itemsize  # the box's first value in its plane
+    for plane in range(0, b.shape[0], height):
+        at_plane = source + plane * row_bytes
+        for y in range(box_h):
+            top, bottom = at_plane + rows[0, y] * row_bytes, at_plane + rows[1, y] * row_bytes
+            ahead = min(y + PREFETCH_ROWS, box_h - 1)
+            if b.itemsize > 1:
+                prefetch_bytes(at_plane + rows[0, ahead] * row_bytes, row_bytes)
+                if bilinear:
+                    prefetch_bytes(at_plane + rows[1, ahead] * row_bytes, row_bytes)
+            if not bilinear:
+                compress_row(target + (plane + y) * row_bytes + first, top, plans, 0)
+                continue
+            compress_row(at_taps, top, plans, 0)
+            compress_row(at_taps + tap_bytes, bottom, plans, 0)
+            compress_row(at_taps + 2 * tap_bytes, top, plans, 1)
+            compress_row(at_taps + 3 * tap_bytes, bottom, plans, 1)
+            for k in range(n_right, n_out):  # clamped at the last pixel
+                top_right[k] = top_left[k]
+                bottom_right[k] = bottom_left[k]
+            box_row, w = out[plane + y0 + y, x0 * cstride:x0 * cstride + n_out], wy[y]
+            for k in range(n_out):
+                v = _lerp_cpu(_lerp_cpu(top_left[k], bottom_left[k], w),
+                              _lerp_cpu(top_right[k], bottom_right[k], w), wx[k])
+                box_row[k] = _rounded_byte_cpu(v) if quantize else v
+    return True
+
+
+@njit(cache=True, nogil=True)
+def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize, out,
+                      compress=_compress.NATIVE):
     """One sample's C-contiguous rows (R, L): ``out`` is ``a`` with partner
     ``b`` resized into the box (``out`` must not alias ``b``). The source
     columns and weights of the box's columns are found once per sample with
     the same scalar function the CUDA kernel uses, so values are equal.
 
-    The box's rows are visited plane by plane (channels of CHW, frames),
-    each prefetching the source rows of the box row PREFETCH_ROWS ahead: a
-    downscale reads rows scattered through the partner, which the hardware
-    prefetcher does not foresee. Nearest gathers each output value from its
-    source row (byte planes: four to a gather, :func:`_nearest_planes_of_bytes`). Bilinear blends an output row's two source rows whole (a
-    vectorised pass), pairs every blended value with its right-hand
-    neighbour's (the next pixel's, the last pixel's with itself, as the
-    source index rule clamps), gathers one pair per output value, then
-    blends each pair across (vectorised): the products and sums of the CUDA
-    kernel's bilerp, in its order, with one gather per value, not two."""
+    Where the CPU compresses natively (``compress``, default
+    gpumix.kernels._compress.NATIVE), a downscale picks each box row's
+    values with masked compress-stores (:func:`_resize_by_compress`).
+    Otherwise the box's rows are visited plane by plane (channels of CHW,
+    frames), each prefetching the source rows of the box row PREFETCH_ROWS
+    ahead: a downscale reads rows scattered through the partner, which the
+    hardware prefetcher does not foresee. Nearest gathers each output value
+    from its source row (byte planes: four to a gather,
+    :func:`_nearest_planes_of_bytes`). Bilinear blends an output row's two
+    source rows whole (a vectorised pass), pairs every blended value with
+    its right-hand neighbour's (the next pixel's, the last pixel's with
+    itself, as the source index rule clamps), gathers one pair per output
+    value, then blends each pair across (vectorised): the products and
+    sums of the CUDA kernel's bilerp, in its order, with one gather per
+    value, not two. Both routes give the same values."""
     n_rows, n_cols = a.shape[0], a.shape[1]
     width = n_cols // cstride
     row_bytes = n_cols * b.itemsize
     copy_bytes(out.ctypes.data, a.ctypes.data, n_rows * row_bytes)
     box_h, box_w = y1 - y0, x1 - x0
     if box_h <= 0 or box_w <= 0:
+        return
+    if compress and n_cols * b.itemsize >= _compress.CHUNK_BYTES and \
+            _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quantize):
         return
     if b.itemsize == 1 and not bilinear and cstride == 1 and n_rows >= 2 * height:
         sx = np.empty(box_w, np.int32)
@@ -244,22 +336,25 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
 
 
 @njit(cache=True, nogil=True)
-def _resize_rows_cpu(x, pair, box, samples, height, cstride, bilinear, quantize, out, lo, hi):
+def _resize_rows_cpu(x, pair, box, samples, height, cstride, bilinear, quantize, compress, out,
+                     lo, hi):
     for s in range(lo, hi):
         i = samples[s]
         resize_sample_cpu(x[i], x[pair[i]], box[i, 0], box[i, 1], box[i, 2], box[i, 3], height,
-                          cstride, bilinear, quantize, out[i])
+                          cstride, bilinear, quantize, out[i], compress)
 
 
-def _cpu_any_dtype(x, pair, box, samples, height, cstride, bilinear=False, *, out):
+def _cpu_any_dtype(x, pair, box, samples, height, cstride, bilinear=False, *, out,
+                   compress=_compress.NATIVE):
     samples = as_index_array(samples)
     run_parallel(_resize_rows_cpu, samples.size, x, pair, box, samples, height, cstride,
-                 bilinear, x.dtype == np.uint8, out)
+                 bilinear, x.dtype == np.uint8, compress, out)
     return out
 
 
 cpu = float16_via_float32(_cpu_any_dtype)
-cpu.__doc__ = "Resize the listed samples' partners into their boxes, on the CPU."
+cpu.__doc__ = ("Resize the listed samples' partners into their boxes, on the CPU "
+               "(``compress=False``: gather even where the CPU compresses natively).")
 
 _gpu = element_functions("cuda")
 _source_span_gpu = _gpu.source_span

@@ -5,10 +5,13 @@ float32 (in practice the CPU kernels are bit-exact)."""
 
 import numpy as np
 import pytest
+from numba import njit
 
 import gpumix
 from gpumix import mixing
-from gpumix.kernels import mask_select, soft_targets
+from gpumix.kernels import mask_select, resize_paste, soft_targets
+from gpumix.kernels._compress import compress_row, new_plans, plan_row
+from gpumix.kernels._launch import row_view
 
 DTYPES = [np.uint8, np.float16, np.float32]
 LAYOUTS = ["NCHW", "NHWC"]
@@ -125,3 +128,53 @@ def test_uint8_blend_of_equal_values_is_exact_for_every_value():
     view = row_view(x, "NCHW")
     blend.cpu(view.rows, partner, lam, np.arange(n), out=row_view(out, "NCHW").rows)
     np.testing.assert_array_equal(out, x)
+
+
+@njit(cache=True)
+def _pick_by_plan(row, positions, out):
+    plans = new_plans(1, row.shape[0])
+    plan_row(positions, row.shape[0], plans, 0)
+    compress_row(np.int64(out.ctypes.data), np.int64(row.ctypes.data), plans, 0)
+
+
+@pytest.mark.parametrize("row_bytes", [64, 65, 100, 128, 224, 673])
+def test_compress_plans_pick_exactly_the_chosen_bytes(row_bytes):
+    """A plan's masked stores equal NumPy's indexing by the positions: whole
+    chunks, a row ending mid-chunk (its last chunk overlaps the one before),
+    every byte, one byte, none; nothing is written past the picked bytes."""
+    rng = np.random.default_rng(row_bytes)
+    row = rng.integers(1, 256, row_bytes).astype(np.uint8)
+    for positions in (np.arange(row_bytes), np.array([row_bytes - 1]), np.array([], np.int64),
+                      np.flatnonzero(rng.random(row_bytes) < 0.4),
+                      np.unique((np.arange(row_bytes // 3) * 2.7).astype(np.int64))):
+        out = np.zeros(row_bytes + 8, np.uint8)
+        _pick_by_plan(row, positions.astype(np.int64), out)
+        np.testing.assert_array_equal(out[:positions.size], row[positions])
+        assert not out[positions.size:].any()
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["compress", "gather"])
+@pytest.mark.parametrize("bilinear", [False, True], ids=["nearest", "bilinear"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout,width", [("NCHW", 64), ("NCHW", 97), ("NCHW", 224),
+                                          ("NHWC", 22), ("NHWC", 75)])
+def test_resizemix_routes_match_the_reference(compress, bilinear, dtype, layout, width):
+    """Both CPU routes of ResizeMix (masked compress-stores, gathers) against
+    the NumPy reference, on rows a little over, at and across the 64-byte
+    chunks, for boxes from a sliver to the whole image (the clamped last
+    tap)."""
+    rng = np.random.default_rng(width)
+    n, h = 12, 17
+    shape = (n, 3, h, width) if layout == "NCHW" else (n, h, width, 3)
+    x = rng.integers(0, 256, shape).astype(dtype)
+    boxes = []
+    for scale in np.linspace(0.05, 1.0, n):
+        bh, bw = max(1, int(h * scale)), max(1, int(width * scale))
+        y0, x0 = rng.integers(0, h - bh + 1), rng.integers(0, width - bw + 1)
+        boxes.append((y0, y0 + bh, x0, x0 + bw))
+    box, pair = np.array(boxes, np.int64), rng.permutation(n)
+    out = np.empty_like(x)
+    view, out_view = row_view(x, layout), row_view(out, layout)
+    resize_paste.cpu(view.rows, pair, box, np.arange(n), view.height, view.cstride, bilinear,
+                     out=out_view.rows, compress=compress)
+    np.testing.assert_array_equal(out, resize_paste.reference(x, pair, box, layout, bilinear))
