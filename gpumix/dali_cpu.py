@@ -47,9 +47,14 @@ from gpumix.kernels.table_mix import apply_sample_cpu
 
 @intrinsic
 def _pointer_to(typingctx, address, like):
-    """A pointer to ``like``'s dtype at the int64 ``address``."""
-    array = like.type if isinstance(like, types.Optional) else like  # DALI's may be Optional
-    pointer = types.CPointer(array.dtype)
+    """A pointer at the int64 ``address`` to ``like``'s dtype (an array's,
+    or a NumPy scalar type's such as ``np.uint8``)."""
+    if isinstance(like, types.NumberClass):
+        dtype = like.instance_type
+    else:
+        array = like.type if isinstance(like, types.Optional) else like  # DALI's may be Optional
+        dtype = array.dtype
+    pointer = types.CPointer(dtype)
     signature = pointer(types.int64, like)
 
     def codegen(context, builder, sig, args):
@@ -154,35 +159,123 @@ def apply_sample_half(out, image, partner, row, mask, chw):
         out_flat[k] = _float_to_half(mixed_flat[k])
 
 
-def _run_function(kind: str, with_masks: bool, chw: bool, quantize: bool, mean, inv_std):
+# ------------------------------------------------------------ compiled entries
+# DALI compiles a numba_function's run function in every process, and
+# Numba links every function it calls into it and optimises them all again:
+# for the appliers' bodies, the kernels, that took 7-14 s per operator. So
+# the bodies are compiled once and cached on disk as C entry points on
+# addresses and sizes, and a run function only calls one through its
+# address (about a second to compile, most of it DALI's own wrapper).
+
+@njit(inline="always")
+def _array_at(address, shape, scalar):
+    return carray(_pointer_to(address, scalar), shape)
+
+
+def _mix_normalize_entry(out, image, partner, row, mask, height, width, channels, mean,
+                         inv_std, n_mean, chw, parts):
+    """mix_normalize_sample_cpu of the HWC uint8 sample at ``image`` into
+    float32 ``out`` (CHW where ``chw``); ``parts``: 0 normalise only, 1 mix
+    by the table ``row``, 2 by the row and the FMix ``mask``."""
+    hwc = (height, width, channels)
+    pixels, partners = _array_at(image, hwc, np.uint8), _array_at(partner, hwc, np.uint8)
+    target = _array_at(out, (channels, height, width) if chw else hwc, np.float32)
+    means = _array_at(mean, (n_mean,), np.float32)
+    inv_stds = _array_at(inv_std, (n_mean,), np.float32)
+    if parts == 0:
+        mix_normalize_sample_cpu(target, pixels, pixels, None, None, means, inv_stds, chw != 0)
+        return
+    table_row = _array_at(row, (table.N_COLUMNS,), np.float64)
+    if parts == 1:
+        mix_normalize_sample_cpu(target, pixels, partners, table_row, None, means, inv_stds,
+                                 chw != 0)
+    else:
+        mix_normalize_sample_cpu(target, pixels, partners, table_row,
+                                 _array_at(mask, (height, width), np.float32), means, inv_stds,
+                                 chw != 0)
+
+
+@njit(inline="always")
+def _mix_by_addresses(scalar, half, out, image, partner, row, mask, d0, d1, d2, chw, has_mask):
+    """apply_sample_cpu (apply_sample_half where ``half``: float16 bits as
+    uint16) of the sample at ``image``, shaped (d0, d1, d2), into ``out``."""
+    shape = (d0, d1, d2)
+    pixels, partners = _array_at(image, shape, scalar), _array_at(partner, shape, scalar)
+    target, table_row = _array_at(out, shape, scalar), _array_at(row, (table.N_COLUMNS,),
+                                                                 np.float64)
+    fmix = _array_at(mask, (d1, d2) if chw else (d0, d1), np.float32)
+    quantize = not half and pixels.itemsize == 1  # uint8 rounds
+    if half and has_mask:
+        apply_sample_half(target, pixels, partners, table_row, fmix, chw != 0)
+    elif half:
+        apply_sample_half(target, pixels, partners, table_row, None, chw != 0)
+    elif has_mask:
+        apply_sample_cpu(target, pixels, partners, table_row, fmix, chw != 0, quantize)
+    else:
+        apply_sample_cpu(target, pixels, partners, table_row, None, chw != 0, quantize)
+
+
+def _mix_uint8_entry(out, image, partner, row, mask, d0, d1, d2, chw, has_mask):
+    _mix_by_addresses(np.uint8, False, out, image, partner, row, mask, d0, d1, d2, chw, has_mask)
+
+
+def _mix_float32_entry(out, image, partner, row, mask, d0, d1, d2, chw, has_mask):
+    _mix_by_addresses(np.float32, False, out, image, partner, row, mask, d0, d1, d2, chw, has_mask)
+
+
+def _mix_uint16_entry(out, image, partner, row, mask, d0, d1, d2, chw, has_mask):
+    _mix_by_addresses(np.uint16, True, out, image, partner, row, mask, d0, d1, d2, chw, has_mask)
+
+
+_ENTRIES: dict = {}
+_KEPT: list = []  # arrays whose addresses run functions hold, for the process's lifetime
+
+
+def _entry(name: str):
+    """The compiled entry point ``_{name}_entry`` (all arguments int64), as
+    a ctypes function that jitted code calls through its address; compiled
+    on first use, then loaded from Numba's cache."""
+    if name not in _ENTRIES:
+        from numba import cfunc
+
+        function = globals()[f"_{name}_entry"]
+        signature = types.void(*[types.int64] * function.__code__.co_argcount)
+        _ENTRIES[name] = cfunc(signature, nopython=True, cache=True)(function)
+    return _ENTRIES[name].ctypes
+
+
+def _run_function(kind: str, with_masks: bool, chw: bool, mix_entry: str, mean, inv_std):
     """The per-sample ``run_fn``: numba_function passes exactly its inputs,
-    so each set of them is its own small function (the flags, mean and
-    inv_std are compile-time constants there)."""
+    so each set of them is its own small function, which calls a compiled
+    entry (the flags and the addresses of ``mean`` and ``inv_std`` are
+    compile-time constants there)."""
+    flag = int(chw)
+    entry = _entry(mix_entry if kind == "mix" else "mix_normalize")
+    _KEPT.append((mean, inv_std))  # their addresses are compiled in
+    at_mean, at_inv_std, n_mean = mean.ctypes.data, inv_std.ctypes.data, mean.shape[0]
     if kind == "normalize":
         def run(out, image):
-            mix_normalize_sample_cpu(out, image, image, None, None, mean, inv_std, chw)
+            entry(out.ctypes.data, image.ctypes.data, image.ctypes.data, 0, 0, image.shape[0],
+                  image.shape[1], image.shape[2], at_mean, at_inv_std, n_mean, flag, 0)
     elif kind == "mix_normalize" and with_masks:
         def run(out, image, row, mask):
-            mix_normalize_sample_cpu(out, image, partner_of(image, row), row, mask, mean,
-                                     inv_std, chw)
+            entry(out.ctypes.data, image.ctypes.data, partner_of(image, row).ctypes.data,
+                  row.ctypes.data, mask.ctypes.data, image.shape[0], image.shape[1],
+                  image.shape[2], at_mean, at_inv_std, n_mean, flag, 2)
     elif kind == "mix_normalize":
         def run(out, image, row):
-            mix_normalize_sample_cpu(out, image, partner_of(image, row), row, None, mean,
-                                     inv_std, chw)
-    elif kind == "mix_half" and with_masks:
-        def run(out, image, row, mask):
-            apply_sample_half(out, image, partner_of(image, row), row, mask, chw)
-    elif kind == "mix_half":
-        def run(out, image, row):
-            apply_sample_half(out, image, partner_of(image, row), row, None, chw)
+            entry(out.ctypes.data, image.ctypes.data, partner_of(image, row).ctypes.data,
+                  row.ctypes.data, 0, image.shape[0], image.shape[1], image.shape[2], at_mean,
+                  at_inv_std, n_mean, flag, 1)
     elif with_masks:
         def run(out, image, row, mask):
-            apply_sample_cpu(out, image, partner_of(image, row), row, mask, chw,
-                             quantize)
+            entry(out.ctypes.data, image.ctypes.data, partner_of(image, row).ctypes.data,
+                  row.ctypes.data, mask.ctypes.data, image.shape[0], image.shape[1],
+                  image.shape[2], flag, 1)
     else:
         def run(out, image, row):
-            apply_sample_cpu(out, image, partner_of(image, row), row, None, chw,
-                             quantize)
+            entry(out.ctypes.data, image.ctypes.data, partner_of(image, row).ctypes.data,
+                  row.ctypes.data, 0, image.shape[0], image.shape[1], image.shape[2], flag, 0)
     return run
 
 
@@ -195,8 +288,9 @@ def applier(kind: str, *, layout: str, dtype=None, with_masks: bool = False, mea
     ``layout`` and ``dtype``, uint8 or float32, out alike; float16 as its
     uint16 bits, reinterpreted by the caller), "mix_normalize"
     or "normalize" (HWC uint8 in, float32 ``layout`` out, ``mean``/``std``).
-    Built, and compiled (a few seconds), once per process for each set of
-    options: an ops-API operator can be called in any pipeline."""
+    Built, and compiled (about a second, DALI's wrapper around a cached
+    entry), once per process for each set of options: an ops-API operator
+    can be called in any pipeline."""
     key = (kind, layout, dtype, with_masks, None if mean is None else tuple(mean),
            None if std is None else tuple(std))
     if key not in _APPLIERS:
@@ -215,9 +309,10 @@ def applier(kind: str, *, layout: str, dtype=None, with_masks: bool = False, mea
             in_type, out_type = types.UINT8, types.FLOAT
             setup = _hwc_to_chw_shapes if chw else _same_shapes
         inputs = [(in_type, 3)] + [(types.FLOAT64, 1)] * mixes + [(types.FLOAT, 2)] * with_masks
+        mix_entry = {types.UINT8: "mix_uint8", types.FLOAT: "mix_float32",
+                     types.FLOAT16: "mix_uint16"}.get(dtype)
         _APPLIERS[key] = NumbaFunction(
-            run_fn=_run_function("mix_half" if dtype == types.FLOAT16 else kind, with_masks, chw,
-                                 dtype == types.UINT8, mean32, inv_std32),
+            run_fn=_run_function(kind, with_masks, chw, mix_entry, mean32, inv_std32),
             setup_fn=setup, batch_processing=False, device="cpu", out_types=[out_type],
             outs_ndim=[3], in_types=[t for t, _ in inputs], ins_ndim=[d for _, d in inputs])
     return _APPLIERS[key]

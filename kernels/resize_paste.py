@@ -181,10 +181,10 @@ def _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quant
     The source rows and weights of the box's rows are found once and
     reused by every plane: per row, the divisions cost more than the
     stores. Nearest has a loop of its own with nothing in it but each row's
-    stores (sharing bilinear's loop measured slower). Wider values prefetch the source rows PREFETCH_ROWS ahead (a
-    float32 batch outgrows the last-level cache; for uint8 the prefetches
-    measured slower). Returns False, doing nothing, when the columns do
-    not increase (an upscale)."""
+    stores (sharing bilinear's loop measured slower). Wider values prefetch
+    the source rows PREFETCH_ROWS ahead (a float32 batch outgrows the
+    last-level cache; for uint8 the prefetches measured slower). Returns
+    False, doing nothing, when the columns do not increase (an upscale)."""
     n_cols = b.shape[1]
     width = n_cols // cstride
     box_h, box_w = y1 - y0, x1 - x0
