@@ -166,6 +166,18 @@ def _nearest_planes_of_bytes(b, out, sx, y0, y1, x0, height):
                 _unpack_planes(got, out, first + y, height, lanes, x0)
 
 
+@njit(inline="always")
+def _box_row_sources(height, box_h, bilinear):
+    """The top and bottom source rows (2, box_h) of every box row, and the
+    bottom row's weights, found once per sample for every plane: per row,
+    the divisions cost more than the row's stores."""
+    rows = np.empty((2, box_h), np.int64)
+    weights = np.empty(box_h, np.float32)
+    for y in range(box_h):
+        rows[0, y], rows[1, y], weights[y] = _source_span_cpu(y, height, box_h, bilinear)
+    return rows, weights
+
+
 @njit(cache=True, nogil=True)
 def _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quantize):
     """The box of ``out`` filled from ``b`` by masked compress-stores
@@ -207,10 +219,7 @@ def _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quant
     plans = new_plans(2, row_bytes)  # 0: left taps (nearest: the pixels), 1: right taps
     plan_row(byte_positions(left, b.itemsize), row_bytes, plans, 0)
     plan_row(byte_positions(right[:n_right], b.itemsize), row_bytes, plans, 1)
-    rows = np.empty((2, box_h), np.int64)  # the top and bottom source row of each box row
-    wy = np.empty(box_h, np.float32)
-    for y in range(box_h):
-        rows[0, y], rows[1, y], wy[y] = _source_span_cpu(y, height, box_h, bilinear)
+    rows, wy = _box_row_sources(height, box_h, bilinear)
     taps = np.empty((4, n_out if bilinear else 0), b.dtype)  # top/bottom x left/right
     top_left, bottom_left, top_right, bottom_right = taps[0], taps[1], taps[2], taps[3]
     at_taps = np.int64(taps.ctypes.data)
@@ -303,43 +312,38 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
     gathered = np.empty(n_out if bilinear else 0, np.complex64)  # the pair of each output
     pair_values, gathered_values = pairs.view(np.float32), gathered.view(np.float32)
     first = x0 * cstride
-    n_box_rows = (n_rows // height) * box_h
-    for t in range(n_box_rows):
-        ahead = t + PREFETCH_ROWS
-        if ahead < n_box_rows:
-            sy0, sy1, _ = _source_span_cpu(ahead % box_h, height, box_h, bilinear)
-            plane = (ahead // box_h) * height
-            prefetch_bytes(b[plane + sy0].ctypes.data, row_bytes)
+    rows, wys = _box_row_sources(height, box_h, bilinear)
+    for plane in range(0, n_rows, height):
+        for y in range(box_h):
+            ahead = min(y + PREFETCH_ROWS, box_h - 1)
+            prefetch_bytes(b[plane + rows[0, ahead]].ctypes.data, row_bytes)
             if bilinear:
-                prefetch_bytes(b[plane + sy1].ctypes.data, row_bytes)
-        plane = (t // box_h) * height
-        y = y0 + t % box_h
-        sy0, sy1, wy = _source_span_cpu(y - y0, height, box_h, bilinear)
-        top, target = b[plane + sy0], out[plane + y, first:first + n_out]
-        if bilinear:
-            bottom = b[plane + sy1]
-            for k in range(n_cols):
-                blended[k] = _lerp_cpu(top[k], bottom[k], wy)
-            if cstride == 1:  # a constant step: the pairing loop vectorises
-                _pair_with_neighbours(blended, pair_values, 1)
-            elif cstride == 3:
-                _pair_with_neighbours(blended, pair_values, 3)
+                prefetch_bytes(b[plane + rows[1, ahead]].ctypes.data, row_bytes)
+            top, target = b[plane + rows[0, y]], out[plane + y0 + y, first:first + n_out]
+            if bilinear:
+                bottom, wy = b[plane + rows[1, y]], wys[y]
+                for k in range(n_cols):
+                    blended[k] = _lerp_cpu(top[k], bottom[k], wy)
+                if cstride == 1:  # a constant step: the pairing loop vectorises
+                    _pair_with_neighbours(blended, pair_values, 1)
+                elif cstride == 3:
+                    _pair_with_neighbours(blended, pair_values, 3)
+                else:
+                    _pair_with_neighbours(blended, pair_values, cstride)
+                for k in range(n_out):
+                    gathered[k] = pairs[k0[k]]
+                for k in range(n_out):
+                    v = _lerp_cpu(gathered_values[2 * k], gathered_values[2 * k + 1], wx[k])
+                    target[k] = _quantize_cpu(v) if quantize else v
+            elif cstride == 3:  # RGB pixels: one source index per pixel
+                for x in range(box_w):
+                    k = k0[3 * x]
+                    target[3 * x] = top[k]
+                    target[3 * x + 1] = top[k + 1]
+                    target[3 * x + 2] = top[k + 2]
             else:
-                _pair_with_neighbours(blended, pair_values, cstride)
-            for k in range(n_out):
-                gathered[k] = pairs[k0[k]]
-            for k in range(n_out):
-                v = _lerp_cpu(gathered_values[2 * k], gathered_values[2 * k + 1], wx[k])
-                target[k] = _quantize_cpu(v) if quantize else v
-        elif cstride == 3:  # RGB pixels: one source index per pixel
-            for x in range(box_w):
-                k = k0[3 * x]
-                target[3 * x] = top[k]
-                target[3 * x + 1] = top[k + 1]
-                target[3 * x + 2] = top[k + 2]
-        else:
-            for k in range(n_out):
-                target[k] = top[k0[k]]
+                for k in range(n_out):
+                    target[k] = top[k0[k]]
 
 
 @njit(cache=True, nogil=True)
