@@ -190,9 +190,7 @@ def _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quant
     taps down and across in the CUDA kernel's order (uint8: the blend of
     values in [0, 255] lies in [0, 255.5), so rounding needs no clamp).
 
-    The source rows and weights of the box's rows are found once and
-    reused by every plane: per row, the divisions cost more than the
-    stores. Nearest has a loop of its own with nothing in it but each row's
+    Nearest has a loop of its own with nothing in it but each row's
     stores (sharing bilinear's loop measured slower). Wider values prefetch
     the source rows PREFETCH_ROWS ahead (a float32 batch outgrows the
     last-level cache; for uint8 the prefetches measured slower). Returns
@@ -289,7 +287,7 @@ def resize_sample_cpu(a, b, y0, y1, x0, x1, height, cstride, bilinear, quantize,
     box_h, box_w = y1 - y0, x1 - x0
     if box_h <= 0 or box_w <= 0:
         return
-    if compress and n_cols * b.itemsize >= _compress.CHUNK_BYTES and \
+    if compress and row_bytes >= _compress.CHUNK_BYTES and \
             _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quantize):
         return
     if b.itemsize == 1 and not bilinear and cstride == 1 and n_rows >= 2 * height:
