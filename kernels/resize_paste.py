@@ -216,7 +216,8 @@ def _resize_by_compress(b, out, y0, y1, x0, x1, height, cstride, bilinear, quant
     row_bytes = np.int64(n_cols * b.itemsize)
     plans = new_plans(2, row_bytes)  # 0: left taps (nearest: the pixels), 1: right taps
     plan_row(byte_positions(left, b.itemsize), row_bytes, plans, 0)
-    plan_row(byte_positions(right[:n_right], b.itemsize), row_bytes, plans, 1)
+    if bilinear:
+        plan_row(byte_positions(right[:n_right], b.itemsize), row_bytes, plans, 1)
     rows, wy = _box_row_sources(height, box_h, bilinear)
     taps = np.empty((4, n_out if bilinear else 0), b.dtype)  # top/bottom x left/right
     top_left, bottom_left, top_right, bottom_right = taps[0], taps[1], taps[2], taps[3]
