@@ -20,7 +20,7 @@ In mode "batch" the first sample's draws serve the whole batch.
 
 One mechanism per device. The params are always made on the CPU stage by
 one batch-mode ``numba_function`` that calls the Python step
-(:class:`_ParamsStep`) through Numba's objmode (gpumix/dali_cpu.py): it
+(:class:`_ParamsStep`) back through a ctypes callback (gpumix/dali_cpu.py): it
 outputs the soft targets and one params-table row per sample
 (gpumix.kernels.table), and on CPU pipelines the masks (FMix, SmoothMix,
 GridMix) and the SaliencyMix boxes, read off the samples it is given. Then:
@@ -359,10 +359,7 @@ class _ParamsStep:
 def _sample_at(address: int, shape, dtype) -> np.ndarray:
     """A read-only NumPy view of the sample DALI holds at ``address`` (valid
     while the operator runs: DALI keeps its inputs alive until then)."""
-    import ctypes
-
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    view = np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype).reshape(shape)
+    view = dali_cpu.view_at(address, shape, dtype)
     view.flags.writeable = False
     return view
 

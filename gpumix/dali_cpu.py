@@ -22,22 +22,22 @@ follows a stale pointer, and sets the pipeline's error flag, so
 :func:`raise_pending` reports the batch instead of a silently unmixed sample.
 
 Errors. DALI never sees an exception raised inside a ``numba_function``
-(the params step runs through Numba's objmode), so the params step keeps its
-errors, fills the batch's targets with NaN, and :func:`raise_pending` raises
-them; gpumix.torch.DALIMixLoader calls it after every batch.
+(the params step is called back from compiled code), so the params step
+keeps its errors, fills the batch's targets with NaN, and
+:func:`raise_pending` raises them; gpumix.torch.DALIMixLoader calls it after
+every batch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
-import warnings
 import weakref
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, objmode, types
-from numba.core.errors import NumbaWarning
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from gpumix.kernels import table
@@ -321,8 +321,10 @@ def applier(kind: str, *, layout: str, dtype=None, with_masks: bool = False, mea
 # ---------------------------------------------------------------- params step
 # A batch-mode numba_function that gathers the draws, shapes and addresses in
 # compiled code, calls the Python step (gpumix.dali._ParamsStep) back through
-# objmode, and writes its arrays straight into DALI's outputs: no per-sample
-# conversions, as a python_function would make.
+# a ctypes callback, and writes its arrays straight into DALI's outputs: no
+# per-sample conversions, as a python_function would make. The callback
+# takes the GIL itself (ctypes does), and the compiled side is small: DALI
+# compiles it in every process, where an objmode block took seconds more.
 
 _STEPS = weakref.WeakValueDictionary()  # index -> step; the pipeline holds the step
 _NEXT_INDEX = itertools.count()
@@ -346,11 +348,18 @@ def raise_pending(pipeline) -> None:
                                "saw (give both the same images node)")
 
 
+def view_at(address: int, shape, dtype) -> np.ndarray:
+    """A NumPy view of the ``shape`` array of ``dtype`` at ``address``,
+    valid while whoever owns that memory keeps it."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype).reshape(shape)
+
+
 def _step_outputs(index, draw_table, n_valid, shapes, addresses, has_images):
-    """The objmode side: the step's (targets, table rows, masks, ok). No
-    exception may leave it: it runs on a DALI thread, inside compiled code.
-    A step already gone (a pipeline collected while an iteration it had
-    prefetched still runs) gives ok = 0."""
+    """The Python side: the step's (targets, table rows, masks, ok). No
+    exception may leave it: it runs on a DALI thread, called back from
+    compiled code. A step already gone (a pipeline collected while an
+    iteration it had prefetched still runs) gives ok = 0."""
     step = _STEPS.get(int(index))
     if step is None:
         return _FAILED
@@ -364,6 +373,43 @@ def _step_outputs(index, draw_table, n_valid, shapes, addresses, has_images):
 
 
 _FAILED = (np.zeros((0, 0), np.float32), np.zeros((0, 0)), np.zeros((0, 0, 0), np.float32), 0)
+
+
+def _run_step(index, n, width, at_draws, n_valid, at_shapes, at_addresses, has_images,
+              n_targets, mask_rows, mask_cols, at_results):
+    """The callback: :func:`_step_outputs` of the ``n`` draw vectors at
+    ``at_draws`` (and the samples' shapes and addresses). Writes the
+    addresses of the targets (n, n_targets) float32, the table rows (n,
+    N_COLUMNS) float64 and, where ``mask_rows``, the masks (n, mask_rows,
+    mask_cols) float32 into the three int64 at ``at_results``, and returns
+    1; or 0 (the batch failed). The step holds the arrays until its next
+    batch, so the addresses stay valid while the compiled side copies."""
+    try:
+        targets, rows, masks, ok = _step_outputs(
+            index, view_at(at_draws, (n, width), np.float64), n_valid,
+            view_at(at_shapes, (n, 3), np.int64), view_at(at_addresses, (n,), np.int64),
+            has_images)
+        if not ok:
+            return 0
+        step = _STEPS[int(index)]
+        outputs = [(targets, (n, n_targets), np.float32),
+                   (rows, (n, table.N_COLUMNS), np.float64),
+                   (masks, (n, mask_rows, mask_cols) if mask_rows else masks.shape, np.float32)]
+        for array, shape, dtype in outputs:
+            if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous:
+                step.errors.append(RuntimeError(
+                    f"the params step returned a {array.dtype} array of shape {array.shape} "
+                    f"where DALI's output needs {np.dtype(dtype)} {shape}"))
+                return 0
+        step.held = (targets, rows, masks)
+        view_at(at_results, (3,), np.int64)[:] = [targets.ctypes.data, rows.ctypes.data,
+                                                  masks.ctypes.data if mask_rows else 0]
+        return 1
+    except Exception:  # noqa: BLE001 - nothing may leave a ctypes callback
+        return 0
+
+
+_RUN_STEP = ctypes.CFUNCTYPE(ctypes.c_int64, *[ctypes.c_int64] * 12)(_run_step)
 
 
 @njit(nogil=True)
@@ -386,44 +432,62 @@ def count_valid_cpu(names):
     return n
 
 
-@njit  # no nogil: the objmode call holds the GIL anyway
+@njit(inline="always")
+def _copy_into(target, source):
+    """target[:] = source for 1-D arrays of one length, as a loop: a slice
+    assignment compiles Numba's shape-mismatch messages, seconds of the
+    operator's build in every process."""
+    for k in range(target.shape[0]):
+        target[k] = source[k]
+
+
+@njit(nogil=True)
 def _params_batch(targets_out, rows_out, masks_out, draws, images, names, index):
-    """Gather, call the step back, scatter (see above). ``masks_out`` None
+    """Gather, call the step back, scatter (see above; not cached: the
+    callback's address is compiled in). ``masks_out`` None
     without FMix, ``images`` None on a GPU pipeline's CPU stage (no shapes or
     addresses: the step has the size), ``names`` (source_info) None without
     padding detection."""
     b = len(draws)
-    draw_table = np.empty((b, draws[0].shape[0]), np.float64)
+    width = draws[0].shape[0]
+    draw_table = np.empty((b, width), np.float64)
     for i in range(b):
-        draw_table[i] = draws[i]
+        _copy_into(draw_table[i], draws[i])
     n_valid = b
     if names is not None:
         n_valid = count_valid_cpu(names)
     shapes = np.zeros((b, 3), np.int64)
     addresses = np.zeros(b, np.int64)
-    has_images = images is not None
     if images is not None:
         for i in range(b):
             for d in range(3):
                 shapes[i, d] = images[i].shape[d]
             addresses[i] = images[i].ctypes.data
-    # One objmode block: two, one per branch, made LLVM IR that Numba rejects.
-    with objmode(targets="float32[:, :]", rows="float64[:, :]", masks="float32[:, :, :]",
-                 ok="int64"):
-        targets, rows, masks, ok = _step_outputs(index, draw_table, n_valid, shapes, addresses,
-                                                    has_images)
-    for i in range(b):
-        if ok:
-            targets_out[i][:] = targets[i]
-            rows_out[i][:] = rows[i]
-        else:  # NaN targets; pair 0, a copy, no own address: nothing is mixed
-            targets_out[i][:] = np.nan
-            rows_out[i][:] = 0.0
+    n_targets = targets_out[0].shape[0]
+    mask_rows = mask_cols = 0
+    if masks_out is not None:
+        mask_rows, mask_cols = masks_out[0].shape[0], masks_out[0].shape[1]
+    results = np.zeros(3, np.int64)
+    ok = _RUN_STEP(np.int64(index), b, width, np.int64(draw_table.ctypes.data), n_valid,
+                   np.int64(shapes.ctypes.data), np.int64(addresses.ctypes.data),
+                   np.int64(images is not None), n_targets, mask_rows, mask_cols,
+                   np.int64(results.ctypes.data))
+    if ok:
+        targets = _array_at(results[0], (b, n_targets), np.float32)
+        rows = _array_at(results[1], (b, table.N_COLUMNS), np.float64)
+        for i in range(b):
+            _copy_into(targets_out[i], targets[i])
+            _copy_into(rows_out[i], rows[i])
         if masks_out is not None:
-            if ok:
-                masks_out[i][:, :] = masks[i]
-            else:
-                masks_out[i][:, :] = 0.0
+            masks = _array_at(results[2], (b, mask_rows * mask_cols), np.float32)
+            for i in range(b):
+                _copy_into(masks_out[i].reshape(-1), masks[i])
+        return
+    for i in range(b):  # NaN targets; pair 0, a copy, no own address: nothing is mixed
+        targets_out[i].fill(np.nan)
+        rows_out[i].fill(0.0)
+        if masks_out is not None:
+            masks_out[i].fill(0.0)
 
 
 def _params_run(with_masks: bool, with_images: bool, with_names: bool):
@@ -496,7 +560,7 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
                     images_type=None, layout: str = "HWC", labels_from=None, mask_shape=None):
     """A function ``(draws[, images][, source_info]) -> (targets, rows[,
     masks])`` of DALI nodes running ``step`` (a gpumix.dali._ParamsStep)
-    once per batch through a batch-mode ``numba_function`` and objmode.
+    once per batch through a batch-mode ``numba_function`` and a callback.
     Images are 3-D samples of DALI type ``images_type``. Without images the
     step must know the size. The targets are (K,) per sample, or with
     ``labels_from`` (where the labels start in the draw vector) as wide as
@@ -521,17 +585,14 @@ def params_operator(step, *, num_classes: int, with_masks: bool, with_names: boo
     if key not in _PARAMS_OPERATORS:
         inputs = [(types.FLOAT64, 1), (types.INT32, 1)] + [(images_type, 3)] * with_images \
             + [(types.UINT8, 1)] * with_names
-        with warnings.catch_warnings():  # DALI compiles run_fn with nogil, which objmode ignores
-            warnings.filterwarnings("ignore", message="Code running in object mode",
-                                    category=NumbaWarning)
-            _PARAMS_OPERATORS[key] = NumbaFunction(
-                run_fn=_params_run(with_masks, with_images, with_names),
-                setup_fn=_params_setup(num_classes, with_masks, layout == "CHW", labels_from,
-                                       mask_shape),
-                batch_processing=True, device="cpu",
-                out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
-                outs_ndim=[1, 1] + [2] * with_masks, in_types=[t for t, _ in inputs],
-                ins_ndim=[d for _, d in inputs])
+        _PARAMS_OPERATORS[key] = NumbaFunction(
+            run_fn=_params_run(with_masks, with_images, with_names),
+            setup_fn=_params_setup(num_classes, with_masks, layout == "CHW", labels_from,
+                                   mask_shape),
+            batch_processing=True, device="cpu",
+            out_types=[types.FLOAT, types.FLOAT64] + [types.FLOAT] * with_masks,
+            outs_ndim=[1, 1] + [2] * with_masks, in_types=[t for t, _ in inputs],
+            ins_ndim=[d for _, d in inputs])
     operator = _PARAMS_OPERATORS[key]
 
     def run(draws, *rest):

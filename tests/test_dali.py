@@ -267,6 +267,51 @@ def test_a_collected_step_fails_its_batch_instead_of_raising():
     targets, rows, masks, ok = dali_cpu._step_outputs(unknown, np.zeros((2, 6)), 2, None,
                                                       None, False)
     assert ok == 0 and targets.size == rows.size == masks.size == 0
+    # The ctypes callback the compiled operator calls: 0 for a failed batch,
+    # and the result addresses left alone.
+    draws, shapes, addresses = np.zeros((2, 6)), np.zeros((2, 3), np.int64), np.zeros(2, np.int64)
+    results = np.full(3, -1, np.int64)
+    assert dali_cpu._RUN_STEP(unknown, 2, 6, draws.ctypes.data, 2, shapes.ctypes.data,
+                              addresses.ctypes.data, 0, 10, 0, 0, results.ctypes.data) == 0
+    assert (results == -1).all()
+
+
+def test_the_callback_hands_back_the_steps_arrays_or_a_failed_batch():
+    """The params operator's callback writes the addresses of the step's
+    targets, rows and masks for the compiled side to copy from, and keeps
+    the arrays alive on the step; outputs of the wrong shape for DALI's
+    buffers fail the batch with an error for raise_pending, not a crash."""
+    from gpumix import dali_cpu
+    from gpumix.kernels import table as columns
+
+    class Step:
+        def __init__(self, n_classes):
+            self.errors, self.n_classes = [], n_classes
+
+        def fast_outputs(self, draw_table, n_valid, shapes, addresses):
+            n = len(draw_table)
+            return (np.full((n, self.n_classes), 0.25, np.float32),
+                    np.arange(n * columns.N_COLUMNS, dtype=np.float64).reshape(n, -1),
+                    np.ones((n, 4, 5), np.float32))
+
+    step = Step(3)
+    index = max(dali_cpu._STEPS.keys(), default=0) + 2000
+    dali_cpu._STEPS[index] = step
+    draws, shapes, addresses = np.zeros((2, 6)), np.zeros((2, 3), np.int64), np.zeros(2, np.int64)
+    results = np.zeros(3, np.int64)
+
+    def call(n_targets, mask_rows, mask_cols):
+        return dali_cpu._RUN_STEP(index, 2, 6, draws.ctypes.data, 2, shapes.ctypes.data,
+                                  addresses.ctypes.data, 0, n_targets, mask_rows, mask_cols,
+                                  results.ctypes.data)
+
+    assert call(3, 4, 5) == 1 and not step.errors
+    targets, rows, masks = step.held
+    assert list(results) == [a.ctypes.data for a in (targets, rows, masks)]
+    assert call(3, 0, 0) == 1 and results[2] == 0  # no masks asked for
+    assert call(4, 4, 5) == 0  # DALI's targets are 4 wide, the step's 3
+    assert len(step.errors) == 1 and "(2, 4)" in str(step.errors[0])
+    del dali_cpu._STEPS[index]
 
 
 def test_partner_is_read_only_through_the_buffer_the_step_saw():
