@@ -323,8 +323,8 @@ def applier(kind: str, *, layout: str, dtype=None, with_masks: bool = False, mea
 # compiled code, calls the Python step (gpumix.dali._ParamsStep) back through
 # a ctypes callback, and writes its arrays straight into DALI's outputs: no
 # per-sample conversions, as a python_function would make. The callback
-# takes the GIL itself (ctypes does), and the compiled side is small: DALI
-# compiles it in every process, where an objmode block took seconds more.
+# takes the GIL itself (ctypes does). The compiled side is kept small (no
+# objmode, no slice assignments) because DALI compiles it in every process.
 
 _STEPS = weakref.WeakValueDictionary()  # index -> step; the pipeline holds the step
 _NEXT_INDEX = itertools.count()
