@@ -405,7 +405,10 @@ def _run_step(index, n, width, at_draws, n_valid, at_shapes, at_addresses, has_i
         view_at(at_results, (3,), np.int64)[:] = [targets.ctypes.data, rows.ctypes.data,
                                                   masks.ctypes.data if mask_rows else 0]
         return 1
-    except Exception:  # noqa: BLE001 - nothing may leave a ctypes callback
+    except Exception as error:  # noqa: BLE001 - nothing may leave a ctypes callback
+        step = _STEPS.get(int(index))
+        if step is not None:  # reported by raise_pending(), not lost with the NaN batch
+            step.errors.append(error)
         return 0
 
 
@@ -443,11 +446,10 @@ def _copy_into(target, source):
 
 @njit(nogil=True)
 def _params_batch(targets_out, rows_out, masks_out, draws, images, names, index):
-    """Gather, call the step back, scatter (see above; not cached: the
-    callback's address is compiled in). ``masks_out`` None
+    """Gather, call the step back, scatter (see above). ``masks_out`` None
     without FMix, ``images`` None on a GPU pipeline's CPU stage (no shapes or
     addresses: the step has the size), ``names`` (source_info) None without
-    padding detection."""
+    padding detection. Not cached: the callback's address is compiled in."""
     b = len(draws)
     width = draws[0].shape[0]
     draw_table = np.empty((b, width), np.float64)

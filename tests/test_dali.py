@@ -311,6 +311,9 @@ def test_the_callback_hands_back_the_steps_arrays_or_a_failed_batch():
     assert call(3, 0, 0) == 1 and results[2] == 0  # no masks asked for
     assert call(4, 4, 5) == 0  # DALI's targets are 4 wide, the step's 3
     assert len(step.errors) == 1 and "(2, 4)" in str(step.errors[0])
+    step.fast_outputs = lambda *args: (None, None)  # breaks the callback itself
+    assert call(3, 4, 5) == 0
+    assert len(step.errors) == 2 and isinstance(step.errors[1], ValueError)
     del dali_cpu._STEPS[index]
 
 
