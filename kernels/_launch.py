@@ -490,6 +490,10 @@ if hasattr(os, "register_at_fork"):
 
 
 CHUNKS_PER_WORKER = 4
+# Batches of less data than this (``item_bytes`` per item) run on the
+# calling thread alone: one core mixes them in about the time a pool thread
+# takes to wake (35-55 us here), so waiting for a helper gains nothing.
+MIN_PARALLEL_BYTES = 2 << 20
 
 
 class _Job:
@@ -529,22 +533,25 @@ class _Job:
 _IN_SLICE = threading.local()  # set while a thread runs a slice: nested calls run inline
 
 
-def run_parallel(function, n_items: int, *args, min_items: int = 1) -> None:
+def run_parallel(function, n_items: int, *args, min_items: int = 1,
+                 item_bytes: int = 0) -> None:
     """Call ``function(*args, lo, hi)`` over contiguous slices covering
     ``range(n_items)``, on the calling thread and the pool, concurrently.
 
     ``function`` must release the GIL for the slices to overlap (Numba
     ``nogil`` kernels, ducc0's FFT). Slices hold at least ``min_items``
-    items. There are up to ``CHUNKS_PER_WORKER`` slices per core, claimed
-    dynamically: a pool thread that wakes late (35-55 us here) or is busy
-    with another caller's work takes fewer, so the caller never idles
-    waiting for it. Returns when every slice has run; re-raises the first
+    items; where each item has ``item_bytes`` of data (an image batch's
+    samples), less than MIN_PARALLEL_BYTES in all runs inline. There are up
+    to ``CHUNKS_PER_WORKER`` slices per core, claimed dynamically: a pool
+    thread that wakes late (35-55 us here) or is busy with another caller's
+    work takes fewer, so the caller never idles waiting for it. Returns when every slice has run; re-raises the first
     error of any slice. Called from inside a slice, it runs inline: the
     cores are busy with the outer call already.
     """
     workers = cpu_workers()
     n_chunks = min(n_items // max(1, min_items), workers * CHUNKS_PER_WORKER)
-    if n_chunks <= 1 or workers == 1 or getattr(_IN_SLICE, "active", False):
+    small = 0 < n_items * item_bytes < MIN_PARALLEL_BYTES
+    if n_chunks <= 1 or workers == 1 or small or getattr(_IN_SLICE, "active", False):
         if n_items > 0:
             function(*args, 0, n_items)
         return

@@ -78,7 +78,8 @@ def _blend_rows_cpu(x, pair, lam, samples, quantize, out, lo, hi):
 def cpu(x, pair, lam, samples, *, out):
     """Blend the listed samples of the (B, R, L) array ``x`` into ``out`` on the CPU."""
     samples = as_index_array(samples)
-    run_parallel(_blend_rows_cpu, samples.size, x, pair, lam, samples, x.dtype == np.uint8, out)
+    run_parallel(_blend_rows_cpu, samples.size, x, pair, lam, samples, x.dtype == np.uint8, out,
+                 item_bytes=x[0].nbytes)
     return out
 
 

@@ -84,7 +84,7 @@ def cpu(x, pair, box, samples, height: int, cstride: int, *, out):
     x_bits, out_bits = (x.view(np.uint16), out.view(np.uint16)) if x.dtype == np.float16 \
         else (x, out)
     run_parallel(_paste_rows_cpu, samples.size, x_bits, pair, box, samples, height, cstride,
-                 out_bits)
+                 out_bits, item_bytes=x_bits[0].nbytes)
     return out
 
 

@@ -159,7 +159,7 @@ def _mask_rows_cpu(x, pair, mask, samples, height, cstride, quantize, paste, out
 def _cpu_any_dtype(x, pair, mask, samples, height, cstride, paste=False, *, out):
     samples = as_index_array(samples)
     run_parallel(_mask_rows_cpu, samples.size, x, pair, mask, samples, height, cstride,
-                 x.dtype == np.uint8, paste, out)
+                 x.dtype == np.uint8, paste, out, item_bytes=x[0].nbytes)
     return out
 
 

@@ -198,7 +198,7 @@ def cpu(images, rows, masks, mean, inv_std, chw: bool, *, out):
     ignored mask when no sample uses FMix), ``out`` float32 (B, C, H, W) or
     (B, H, W, C)."""
     run_parallel(_mix_normalize_rows_cpu, images.shape[0], images, rows, masks, mean, inv_std,
-                 chw, out)
+                 chw, out, item_bytes=out[0].nbytes)
     return out
 
 

@@ -358,7 +358,7 @@ def _cpu_any_dtype(x, pair, box, samples, height, cstride, bilinear=False, *, ou
                    compress=_compress.NATIVE):
     samples = as_index_array(samples)
     run_parallel(_resize_rows_cpu, samples.size, x, pair, box, samples, height, cstride,
-                 bilinear, x.dtype == np.uint8, compress, out)
+                 bilinear, x.dtype == np.uint8, compress, out, item_bytes=x[0].nbytes)
     return out
 
 

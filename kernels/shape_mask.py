@@ -257,7 +257,7 @@ def _mix_rows_cpu(x, rows, samples, height, cstride, quantize, paste, out, lo, h
 def _mix_cpu_any_dtype(x, rows, samples, height, cstride, paste=False, *, out):
     samples = as_index_array(samples)
     run_parallel(_mix_rows_cpu, samples.size, x, rows, samples, height, cstride,
-                 x.dtype == np.uint8, paste, out)
+                 x.dtype == np.uint8, paste, out, item_bytes=x[0].nbytes)
     return out
 
 

@@ -49,6 +49,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def batches_in_slices(monkeypatch):
+    """The tests' batches are small, which the CPU kernels would mix on the
+    calling thread alone (gpumix.kernels._launch.MIN_PARALLEL_BYTES): test
+    them in slices across the pool, as large batches run. test_launch.py
+    tests the rule itself."""
+    from gpumix.kernels import _launch
+
+    monkeypatch.setattr(_launch, "MIN_PARALLEL_BYTES", 0)
+
+
 @pytest.fixture
 def no_device_sync():
     """A context factory: inside it, any call of torch's that would wait for

@@ -48,6 +48,16 @@ def test_min_items_bounds_the_number_of_slices():
     assert slices_of(3, min_items=4) == [(0, 3)]
 
 
+def test_a_batch_of_little_data_runs_in_one_slice(several_workers, monkeypatch):
+    from gpumix.kernels import _launch
+
+    monkeypatch.setattr(_launch, "MIN_PARALLEL_BYTES", 64 * 1000)
+    assert slices_of(64, item_bytes=999) == [(0, 64)]  # just under the bound in all
+    at_bound = slices_of(64, item_bytes=1000)
+    assert len(at_bound) == 4 * CHUNKS_PER_WORKER  # as without item_bytes
+    assert at_bound == slices_of(64)
+
+
 def test_an_error_in_any_slice_reaches_the_caller():
     def fail_on_last(lo, hi):
         if hi == 50:
