@@ -544,9 +544,10 @@ def run_parallel(function, n_items: int, *args, min_items: int = 1,
     samples), less than MIN_PARALLEL_BYTES in all runs inline. There are up
     to ``CHUNKS_PER_WORKER`` slices per core, claimed dynamically: a pool
     thread that wakes late (35-55 us here) or is busy with another caller's
-    work takes fewer, so the caller never idles waiting for it. Returns when every slice has run; re-raises the first
-    error of any slice. Called from inside a slice, it runs inline: the
-    cores are busy with the outer call already.
+    work takes fewer, so the caller never idles waiting for it. Returns when
+    every slice has run; re-raises the first error of any slice. Called from
+    inside a slice, it runs inline: the cores are busy with the outer call
+    already.
     """
     workers = cpu_workers()
     n_chunks = min(n_items // max(1, min_items), workers * CHUNKS_PER_WORKER)
