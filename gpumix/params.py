@@ -99,8 +99,8 @@ class MixParams:
         return int(self.pair.shape[0])
 
     def samples(self, *methods: int) -> np.ndarray:
-        """Indices of the samples mixed with one of ``methods`` (int64)."""
-        return np.flatnonzero(mixed_with(self.method, methods)).astype(np.int64)
+        """Indices of the samples mixed with one of ``methods`` (int64, ascending)."""
+        return _indices_of(self.method, _code_set(methods))
 
     def check(self, batch_size: int, spatial_shape: tuple[int, ...]) -> None:
         """ValueError unless these params fit a batch of that size and shape
@@ -112,31 +112,71 @@ class MixParams:
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 raise ValueError(f"params.{name} must have shape {shape}, got {got}")
-        if b and (self.pair.min() < 0 or self.pair.max() >= b):
-            raise ValueError(f"params.pair must index the batch [0, {b}), got {self.pair}")
-        if b and not (np.all(self.lam >= 0) and np.all(self.lam <= 1)):  # NaN fails too
-            raise ValueError(f"params.lam must lie in [0, 1], got {self.lam}")
-        lo, hi = self.box[:, 0::2], self.box[:, 1::2]
-        unplaced = (self.method == SALIENCYMIX)[:, None] & (hi == 0)  # (-h, 0, -w, 0): a size
-        outside = (hi > np.asarray(spatial_shape)) | (lo > hi) | ((lo < 0) & ~unplaced)
-        if np.any(outside):
-            i = int(np.flatnonzero(outside.any(axis=1))[0])
+        fault, i = _first_fault(self.pair, self.lam, self.method, self.box,
+                                np.asarray(spatial_shape, np.int64), SALIENCYMIX)
+        if fault == _BAD_PAIR:
+            raise ValueError(f"params.pair must index the batch [0, {b}), got "
+                             f"{self.pair[i]} for sample {i}")
+        if fault == _BAD_LAM:
+            raise ValueError(f"params.lam must lie in [0, 1], got {self.lam[i]} for sample {i}")
+        if fault == _BAD_BOX:
             raise ValueError(f"params.box must hold half-open boxes inside the image "
                              f"{tuple(spatial_shape)} (0 <= start <= stop <= size on each "
                              f"axis), got {self.box[i].tolist()} for sample {i}")
-        if np.any(mixed_with(self.method, masked_methods(len(spatial_shape)))):
+        if self.samples(*masked_methods(len(spatial_shape))).size:
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)
                 raise ValueError(f"params.mask must have shape {(b, *spatial_shape)}, got {got}")
 
 
-def mixed_with(method: np.ndarray, codes) -> np.ndarray:
-    """Which entries of ``method`` are one of ``codes`` (bool): a comparison
-    per code, cheaper than np.isin's sort for a batch's few codes."""
-    chosen = np.zeros(method.shape, bool)
-    for code in codes:
-        chosen |= method == code
-    return chosen
+_BAD_PAIR, _BAD_LAM, _BAD_BOX = 1, 2, 3  # the faults _first_fault finds
+
+
+@njit(cache=True, nogil=True)
+def _first_fault(pair, lam, method, box, sizes, unplaced_method):
+    """(fault, sample) of the first of MixParams.check's value rules that
+    these arrays break, in the order checked: a partner outside [0, B)
+    (_BAD_PAIR), a lam outside [0, 1] or NaN (_BAD_LAM), a box not inside
+    the image (_BAD_BOX; an unplaced SaliencyMix box's axis is (-side, 0));
+    (0, 0) when none. One compiled pass instead of a NumPy call per rule,
+    which cost more than mixing a small batch."""
+    b = pair.shape[0]
+    for i in range(b):
+        if pair[i] < 0 or pair[i] >= b:
+            return _BAD_PAIR, i
+    for i in range(b):
+        if not (lam[i] >= 0 and lam[i] <= 1):
+            return _BAD_LAM, i
+    for i in range(b):
+        for axis in range(sizes.shape[0]):
+            lo, hi = box[i, 2 * axis], box[i, 2 * axis + 1]
+            unplaced = method[i] == unplaced_method and hi == 0
+            if hi > sizes[axis] or lo > hi or (lo < 0 and not unplaced):
+                return _BAD_BOX, i
+    return 0, 0
+
+
+@functools.lru_cache(maxsize=64)
+def _code_set(codes: tuple) -> np.ndarray:
+    """A read-only lookup table: entry c is True for every method code c in ``codes``."""
+    lookup = np.zeros(max((int(c) for c in codes), default=-1) + 1, bool)
+    lookup[list(codes)] = True
+    lookup.flags.writeable = False
+    return lookup
+
+
+@njit(cache=True, nogil=True)
+def _indices_of(method, wanted):
+    """Indices i, ascending, whose code method[i] is set in the table
+    ``wanted`` (codes past its end are not)."""
+    found = np.empty(method.shape[0], np.int64)
+    n = 0
+    for i in range(method.shape[0]):
+        code = method[i]
+        if 0 <= code < wanted.shape[0] and wanted[code]:
+            found[n] = i
+            n += 1
+    return found[:n]
 
 
 VOLUME_METHODS = (MIXUP, CUTMIX, FMIX)  # the methods defined on three axes

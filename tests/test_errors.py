@@ -62,6 +62,13 @@ ARRAY_ERRORS = [
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, lam=np.array([np.nan, 0.5],
                                                                               np.float32))),
      ValueError, "lam must lie"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, lam=np.array([0.5, -0.0625],
+                                                                              np.float32))),
+     ValueError, r"got -0.0625 for sample 1"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, pair=np.array([1, 2]))),
+     ValueError, r"params.pair must index the batch \[0, 2\), got 2 for sample 1"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, pair=np.array([-1, 0]))),
+     ValueError, "got -1 for sample 0"),
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, box=np.array(
         [[0, 5, 0, 2], [0, 0, 0, 0]]))), ValueError, r"params.box must .* inside the image"),
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, box=np.array(

@@ -4,6 +4,7 @@ NumPy, OpenCV's spectral residual saliency, and the label contract (the
 partner's target weight is the mask mean or pixel fraction); plus choosing
 methods by name."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -63,6 +64,17 @@ def test_timm_style_arguments_are_unchanged():
 def test_method_options_are_validated(options, error, match):
     with pytest.raises(error, match=match):
         MixConfig(**options)
+
+
+@pytest.mark.parametrize("codes", [(), (0,), (2,), (1, 4), (3, 5, 6), (0, 1, 2, 3, 4, 5, 6, 7),
+                                   (9,), (2, 200)])
+@pytest.mark.parametrize("dtype", [np.int8, np.int64])
+def test_samples_lists_exactly_the_samples_of_the_given_methods(codes, dtype):
+    method = np.random.default_rng(len(codes)).integers(-1, 9, 257).astype(dtype)
+    params = dataclasses.replace(sample(MixConfig(), 257, (4, 4), 0), method=method)
+    got = params.samples(*codes)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.flatnonzero(np.isin(method, codes)))
 
 
 # ------------------------------------------------------------------ ResizeMix
