@@ -75,14 +75,14 @@ def _check_number(name: str, value, low: float, high: float = math.inf, *, high_
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     ok = low <= value and (value < high if high_open else value <= high)
-    if not ok or math.isnan(value):
-        bracket = ")" if high_open else "]"
+    if not ok or not math.isfinite(value):  # NaN and inf too, whatever the bounds
+        bracket = ")" if high_open or high == math.inf else "]"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
 
 
 def _check_range(name: str, value, low: float, high: float, *, integer=False) -> tuple:
     """A (lo, hi) pair with low <= lo <= hi <= high, as floats (ints if ``integer``)."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
+    if not isinstance(value, (tuple, list, np.ndarray)) or len(value) != 2:
         raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}")
     for k, v in enumerate(value):
         if integer and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
@@ -154,14 +154,8 @@ class MixConfig:
         _check_choice("box_placement", self.box_placement, BOX_PLACEMENTS)
         _check_choice("cutmix_axes", self.cutmix_axes, CUTMIX_AXES)
         if self.cutmix_minmax is not None:
-            if len(self.cutmix_minmax) != 2:
-                raise ValueError(f"cutmix_minmax must be (lo, hi), got {self.cutmix_minmax!r}")
-            lo, hi = self.cutmix_minmax
-            _check_number("cutmix_minmax[0]", lo, 0.0, 1.0)
-            _check_number("cutmix_minmax[1]", hi, 0.0, 1.0)
-            if lo > hi:
-                raise ValueError(f"cutmix_minmax must have lo <= hi, got {self.cutmix_minmax!r}")
-            object.__setattr__(self, "cutmix_minmax", (float(lo), float(hi)))
+            object.__setattr__(self, "cutmix_minmax",
+                               _check_range("cutmix_minmax", self.cutmix_minmax, 0.0, 1.0))
         fields = {"resizemix_scale": _check_range("resizemix_scale", self.resizemix_scale,
                                                   0.0, 1.0),
                   "smoothmix_sigma": _check_range("smoothmix_sigma", self.smoothmix_sigma,

@@ -332,7 +332,7 @@ class _ParamsStep:
             spatial = self._spatial_shape([tuple(int(n) for n in s) for s in shapes], dtype)
         params, labels = self._params(draw_table, n_valid, spatial)
         label_params = dataclasses.replace(
-            params, lam=mixing.label_weights(self.targets.label_lam, params.lam))
+            params, lam=mixing.label_weights(self.targets.label_lam, params))
         targets = self._targets(labels, label_params)
         rows = to_table(params, spatial, self.config,
                         labels if self.targets.kind == "classes" else None,
@@ -645,8 +645,9 @@ def mix(images, labels, *, num_classes: int, layout: str = "HWC", size=None,
     mixed with its sample's lam as gpumix.mix_targets does.
     ``split_targets``: ``(y_a, y_b, lam)`` in place of the targets (the
     labels, their partners', each sample's label weight, float32 (1,)).
-    ``label_lam``: the label weight, a number or a function of the pixels'
-    lam (NumPy arrays in and out). ``return_clean`` (RegMixup): the unmixed
+    ``label_lam``: the label weight of the mixed samples, a number or a
+    function of the pixels' lam (NumPy arrays in and out, values in [0, 1]).
+    ``return_clean`` (RegMixup): the unmixed
     images (the input node) and their own targets follow the targets.
     ``size=(H, W)`` is required with ``device="gpu"`` (the CPU stage cannot
     read the GPU images' shapes) and for FMix. ``options``: every

@@ -80,9 +80,12 @@ def check_images(images, layout: str, name: str = "images") -> tuple[int, ...]:
                          f"{tuple(images.shape)})")
     if images.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one sample, got shape {tuple(images.shape)}")
-    if layout in VOLUME_LAYOUTS:
-        return volume_shape(images.shape, layout)
-    return spatial_shape(images.shape, layout)
+    spatial = volume_shape(images.shape, layout) if layout in VOLUME_LAYOUTS \
+        else spatial_shape(images.shape, layout)
+    if min(spatial) < 1:
+        raise ValueError(f"{name} must have at least one pixel on each spatial axis of "
+                         f"{layout}, got shape {tuple(images.shape)}")
+    return spatial
 
 
 def check_labels(labels, batch_size: int, num_classes: int) -> np.ndarray:
@@ -421,6 +424,10 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
         y[i]   = targets[i] * (1 - smoothing) + smoothing * toward   (smoothing first)
         out[i] = lam[i] * y[i] + (1 - lam[i]) * y[pair[i]]            (float32, MixUp's blend)
 
+    A row whose lam is 1 (unmixed, or an empty box) is y[i] exactly and one
+    whose lam is 0 is y[pair[i]] exactly, taken rather than blended: a NaN or
+    inf in a target that weighs nothing would otherwise reach the result
+    (0 * inf is NaN).
     ``toward``: where smoothing pulls, 1 / K for probabilities (rows keep
     summing to 1), 0.5 for multi-label targets (timm's ``multi_label``);
     needed only with ``smoothing``. NumPy arrays run the CPU blend kernel,
@@ -444,18 +451,35 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
                 y = y * keep + pull
             if out is None:
                 out = cp.empty(shape, cp.float32)
-            pair, lam, samples = upload_many([(params.pair, np.int64), (params.lam, np.float32),
-                                              (np.arange(b), np.int64)], stream)
-        blend.cuda(y.reshape(b, 1, width), pair, lam, samples,
-                   out=as_cupy(out).reshape(b, 1, width), stream=stream)
+            source, blended = _target_sources(params)
+            pair, lam, samples, taken = upload_many(
+                [(params.pair, np.int64), (params.lam, np.float32), (blended, np.int64),
+                 (source, np.int64)], stream)
+            flat_out = as_cupy(out).reshape(b, width)
+            flat_out[...] = y.reshape(b, width)[taken]
+        if blended.size:
+            blend.cuda(y.reshape(b, 1, width), pair, lam, samples,
+                       out=flat_out.reshape(b, 1, width), stream=stream)
         return out
     y = np.asarray(targets, np.float32)
     if smoothing:
         y = y * keep + pull
     out = np.empty(shape, np.float32) if out is None else out
-    blend.cpu(np.ascontiguousarray(y).reshape(b, 1, width), params.pair, params.lam,
-              np.arange(b), out=out.reshape(b, 1, width))
+    source, blended = _target_sources(params)
+    y = np.ascontiguousarray(y).reshape(b, width)
+    np.take(y, source, axis=0, out=out.reshape(b, width))
+    if blended.size:
+        blend.cpu(y.reshape(b, 1, width), params.pair, params.lam, blended,
+                  out=out.reshape(b, 1, width))
     return out
+
+
+def _target_sources(params: MixParams) -> tuple[np.ndarray, np.ndarray]:
+    """(whose target each row takes whole: its own, or its partner's where
+    lam is 0; the rows to blend instead, those with lam strictly inside (0, 1))."""
+    lam = np.asarray(params.lam, np.float32)
+    source = np.where(lam <= 0, params.pair, np.arange(params.batch_size)).astype(np.int64)
+    return source, np.flatnonzero((lam > 0) & (lam < 1)).astype(np.int64)
 
 
 TARGET_KINDS = ("classes", "dense", "multi_label", "regression")
@@ -472,15 +496,23 @@ def target_smoothing(kind: str, smoothing: float, num_classes: int):
     return 0.0, None
 
 
-def label_weights(label_lam, lam) -> np.ndarray:
-    """The targets' weight of the primary (float32, lam's shape): lam itself
-    (``label_lam`` None), a fixed number, or an array-to-array function of lam."""
-    lam = np.asarray(lam, np.float32)
+def label_weights(label_lam, params: MixParams) -> np.ndarray:
+    """The targets' weight of the primary (float32, one per sample): lam
+    itself (``label_lam`` None), a fixed number, or an array-to-array
+    function of lam, in [0, 1]. A sample left unmixed (method NONE) keeps
+    weight 1 whatever ``label_lam`` says: its target stays its own."""
+    lam = np.asarray(params.lam, np.float32)
     if label_lam is None:
         return lam
     if callable(label_lam):
-        return np.broadcast_to(np.asarray(label_lam(lam.copy()), np.float32), lam.shape).copy()
-    return np.full(lam.shape, label_lam, np.float32)
+        weights = np.broadcast_to(np.asarray(label_lam(lam.copy()), np.float32), lam.shape).copy()
+        if not np.all((weights >= 0) & (weights <= 1)):  # NaN fails too
+            bad = weights[~((weights >= 0) & (weights <= 1))][0]
+            raise ValueError(f"label_lam must map lam to weights in [0, 1], got {bad}")
+    else:
+        weights = np.full(lam.shape, label_lam, np.float32)
+    weights[params.method == NONE] = 1.0
+    return weights
 
 
 # ------------------------------------------------------- the params table

@@ -190,8 +190,9 @@ def masked_methods(rank: int) -> tuple[int, ...]:
 
 def check_shape(spatial_shape) -> None:
     """ValueError unless ``spatial_shape`` is (H, W) or (D, H, W)."""
-    if len(spatial_shape) not in (2, 3):
-        raise ValueError(f"spatial_shape must be (H, W) or (D, H, W), got {tuple(spatial_shape)}")
+    if len(spatial_shape) not in (2, 3) or min(spatial_shape) < 1:
+        raise ValueError(f"spatial_shape must be (H, W) or (D, H, W) of sizes >= 1, got "
+                         f"{tuple(spatial_shape)}")
 
 
 def check_rank(config: MixConfig, spatial_shape) -> None:
@@ -314,17 +315,20 @@ def pairing(config: MixConfig, batch_size: int, permutation=None) -> np.ndarray:
     return np.asarray(permutation, np.int64)
 
 
-def partner_weights(config: MixConfig, labels=None, weights=None) -> np.ndarray:
+def partner_weights(config: MixConfig, labels=None, weights=None,
+                    batch_size: int | None = None) -> np.ndarray:
     """The (B, B) weights of a label-aware pairing (zero diagonal): c-mixup's
     Gaussian kernel of the label distance, cross-class's 1 where the classes
-    differ, or the caller's ``weights``."""
+    differ, or the caller's ``weights`` (B x B when ``batch_size`` is given)."""
     if config.pairing == "weights":
         if weights is None:
             raise ValueError("pairing='weights' needs pair_weights, a (B, B) matrix")
         w = np.array(weights, np.float64)
-        if w.ndim != 2 or w.shape[0] != w.shape[1] or not np.all(w >= 0):
-            raise ValueError(f"pair_weights must be a non-negative (B, B) matrix, got shape "
-                             f"{w.shape}")
+        square = w.ndim == 2 and w.shape[0] == w.shape[1]
+        if not square or not np.all(w >= 0) or batch_size not in (None, w.shape[0]):
+            size = "B" if batch_size is None else batch_size
+            raise ValueError(f"pair_weights must be a non-negative ({size}, {size}) matrix, "
+                             f"got shape {w.shape}")
     else:
         if labels is None:
             raise ValueError(f"pairing={config.pairing!r} needs the labels")
@@ -661,7 +665,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         smooth = None if smooth is None else np.repeat(smooth, batch_size, axis=0)
         grid = None if grid is None else np.repeat(grid, batch_size, axis=0)
     if pair is None and config.pairing in LABEL_PAIRINGS:
-        pair = pairs_from_weights(partner_weights(config, labels, pair_weights),
+        pair = pairs_from_weights(partner_weights(config, labels, pair_weights, batch_size),
                                   draws.partner_u)
     return MixParams(
         pair=pairing(config, batch_size, draws.permutation) if pair is None

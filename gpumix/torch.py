@@ -58,8 +58,9 @@ returned as the clean batch, with its plain (smoothed) targets.
 Label-aware pairings (``pairing=`` "c-mixup", "cross-class", "weights";
 gpumix.config) draw partners from ``target`` (read back from CUDA: one
 wait) or from ``pair_weights=``, a (B, B) matrix given with the call.
-``label_lam``: the label weight as a function of the pixels' lam (an
-array-to-array callable) or a fixed number; ``mixup_lam=0.5`` fixes
+``label_lam``: the label weight of the mixed samples as a function of the
+pixels' lam (an array-to-array callable, values in [0, 1]) or a fixed
+number (an unmixed sample keeps its own label); ``mixup_lam=0.5`` fixes
 MixUp's own lam (Midpoint Mixup). On CUDA class ids take the one-launch
 path; the other kinds take one more launch (the blend kernel), and split
 class ids are not range-checked there.
@@ -261,6 +262,12 @@ class Mixup:
             raise ValueError("x must not require grad: mixing is a data transform")
         view, layout = _layout_view(x, self.five_d)
         kind = self._kind_of(target, x.shape[0])
+        if kind != "classes" and not self.split_targets:  # values mixed through NumPy / CuPy
+            if target.requires_grad:
+                raise ValueError("target must not require grad: mixing is a data transform "
+                                 "(detach it first)")
+            if target.dtype == torch.bfloat16:  # neither NumPy nor CuPy has bfloat16
+                target = target.float()
         if target.device != x.device:
             raise ValueError(f"target is on {target.device} but x on {x.device}")
         shape = mixing.check_images(view, layout, "x")
@@ -271,7 +278,7 @@ class Mixup:
                                           self.config.saliencymix_saliency)
         self.last_params = params
         label_params = params if self.label_lam is None else dataclasses.replace(
-            params, lam=mixing.label_weights(self.label_lam, params.lam))
+            params, lam=mixing.label_weights(self.label_lam, params))
         if x.is_cuda and len(shape) == 2:
             out, targets = self._call_cuda(x, view, layout, shape, target, params, kind,
                                            label_params)

@@ -27,6 +27,9 @@ CONFIG_ERRORS = [
     (dict(box_placement="centre"), ValueError, "box_placement"),
     (dict(cutmix_minmax=(0.8, 0.2)), ValueError, "cutmix_minmax"),
     (dict(cutmix_minmax=(0.1,)), ValueError, "cutmix_minmax"),
+    (dict(cutmix_minmax=0.5), ValueError, r"cutmix_minmax must be a pair \(lo, hi\)"),
+    (dict(mixup_alpha=float("inf")), ValueError, r"mixup_alpha must be in \[0.0, inf\)"),
+    (dict(cutmix_alpha=float("nan")), ValueError, "cutmix_alpha"),
     (dict(max_soft=0.7), ValueError, "max_soft"),
     (dict(method_weights=(1, 1)), ValueError, "method_weights"),
     (dict(method_weights=(1, -1, 0)), ValueError, "method_weights"),
@@ -79,6 +82,9 @@ ARRAY_ERRORS = [
         PARAMS, method=np.array([4, 0], np.int8), box=np.array([[-2, 0, -2, 0], [0, 0, 0, 0]]))),
      ValueError, "for sample 0"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 0, (4, 4)), ValueError, "batch_size"),
+    (lambda: gpumix.sample(gpumix.MixConfig(), 2, (0, 4)), ValueError, "sizes >= 1"),
+    (lambda: gpumix.mix_images(np.zeros((2, 3, 4, 0), np.uint8), PARAMS), ValueError,
+     "at least one pixel"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 2, (4, 4), rng="seed"), TypeError, "rng"),
 ]
 
@@ -108,6 +114,10 @@ TORCH_ERRORS = [
      ValueError, "grad"),
     (lambda m: m(np.zeros((2, 3, 4, 4), np.float32), torch.zeros(2, dtype=torch.long)),
      TypeError, "torch tensors"),
+    (lambda m: m(torch.zeros(2, 3, 4, 4), torch.full((2, 10), 0.1, requires_grad=True)),
+     ValueError, "target must not require grad"),
+    (lambda m: m(torch.zeros(2, 3, 0, 4), torch.zeros(2, dtype=torch.long)),
+     ValueError, r"x must have at least one pixel on each spatial axis of NCHW"),
 ]
 
 

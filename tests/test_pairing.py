@@ -74,6 +74,9 @@ def test_the_torch_module_draws_partners_from_its_targets_or_a_matrix():
     (dict(pairing="weights"), {}, "needs pair_weights"),
     (dict(pairing="flip"), {"pair_weights": np.ones((4, 4))}, "for pairing='weights'"),
     (dict(pairing="weights"), {"pair_weights": -np.ones((4, 4))}, "non-negative"),
+    (dict(pairing="weights"), {"pair_weights": np.ones((3, 3))},
+     r"pair_weights must be a non-negative \(4, 4\) matrix, got shape \(3, 3\)"),
+    (dict(pairing="weights"), {"pair_weights": np.ones((5, 5))}, r"\(4, 4\) matrix"),
 ])
 def test_pairing_inputs_are_checked(options, call, match):
     with pytest.raises(ValueError, match=match):

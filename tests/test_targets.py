@@ -4,6 +4,8 @@ mixed per term, a label weight apart from the pixels' lam, and a fixed MixUp
 lam. References: timm's ``mixup_target``, the class-id soft targets, and the
 formulas evaluated here."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,52 @@ def test_label_lam_weighs_the_labels_not_the_pixels(label_lam):
     np.testing.assert_allclose(targets.numpy()[np.arange(6), y.numpy()], weight, atol=1e-6)
 
 
+@pytest.mark.parametrize("label_lam", [0.5, lambda lam: lam * 0.5])
+@pytest.mark.parametrize("split", [False, True])
+def test_unmixed_samples_keep_their_own_labels_whatever_label_lam_says(label_lam, split):
+    """prob=0.5 leaves some samples unmixed: their targets stay their own
+    one-hots (split: weight 1), while the mixed ones take ``label_lam``."""
+    x, y = torch.rand(16, 3, 8, 8), torch.arange(16) % K
+    mixup = Mixup(mixup_alpha=1.0, prob=0.5, num_classes=K, label_smoothing=0.0, mode="elem",
+                  label_lam=label_lam, split_targets=split, seed=3)
+    _, targets = mixup(x, y)
+    unmixed = mixup.last_params.method == 0
+    assert 0 < unmixed.sum() < 16
+    lam = mixup.last_params.lam
+    expected = np.where(unmixed, 1.0, 0.5 if label_lam == 0.5 else lam * 0.5)
+    weights = targets[2].numpy() if split else targets.numpy()[np.arange(16), y.numpy()]
+    np.testing.assert_allclose(weights, expected, atol=1e-6)
+
+
+def test_a_label_lam_function_must_return_weights_in_0_1():
+    mixup = Mixup(mixup_alpha=1.0, num_classes=K, label_lam=lambda lam: lam + 1, seed=0)
+    with pytest.raises(ValueError, match=r"label_lam must map lam to weights in \[0, 1\]"):
+        mixup(torch.rand(4, 3, 8, 8), torch.arange(4))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_target_that_weighs_nothing_never_reaches_the_result(bad):
+    """0 * inf is NaN: rows with lam 1 take their own target whole, rows
+    with lam 0 their partner's, so a NaN or inf elsewhere stays there."""
+    values = np.array([[1.0], [2.0], [3.0], [bad]], np.float32)
+    params = gpumix.sample(MixConfig(prob=0.0), 4, (4, 4), 0)  # nothing mixed: lam 1
+    np.testing.assert_array_equal(gpumix.mix_targets(values, params), values)
+    partners = dataclasses.replace(params, lam=np.zeros(4, np.float32),
+                                   method=np.full(4, MIXUP, np.int8))
+    np.testing.assert_array_equal(gpumix.mix_targets(values, partners), values[params.pair])
+    halves = dataclasses.replace(partners, lam=np.full(4, 0.5, np.float32))
+    mixed = gpumix.mix_targets(values, halves)
+    np.testing.assert_array_equal(np.isfinite(mixed[:, 0]), [False, True, True, False])
+
+
+def test_bfloat16_dense_targets_are_mixed_as_float32():
+    y, x = torch.softmax(torch.rand(6, K), 1).bfloat16(), torch.rand(6, 3, 8, 8)
+    _, got = Mixup(seed=1, num_classes=K)(x.clone(), y)
+    _, expected = Mixup(seed=1, num_classes=K)(x.clone(), y.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_midpoint_mixup_fixes_lam():
     params = gpumix.sample(MixConfig(mixup_alpha=1.0, mixup_lam=0.5, mode="elem"), 50, (4, 4), 8)
     assert set(params.method.tolist()) == {MIXUP}
@@ -139,7 +187,8 @@ def test_mix_targets_refuses_class_ids_and_needs_a_direction_to_smooth():
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["dense", "multi_label", "regression", "split"])
 def test_cuda_targets_equal_the_cpu_module_without_a_sync(kind, no_device_sync):
-    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, mode="elem")
+    # prob < 1: unmixed rows are taken whole, mixed ones blended
+    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, num_classes=K, mode="elem", prob=0.75)
     y = {"dense": torch.softmax(torch.rand(8, K), 1), "multi_label": (torch.rand(8, K) < .3).float(),
          "regression": torch.rand(8, 2), "split": torch.arange(8)}[kind]
     if kind == "split":
