@@ -58,6 +58,8 @@ sample, and the iterator trims it. Pass ``source_info`` (``fn.get_property(
 encoded, key="source_info")``) and the trailing repeats are treated as
 padding: they pair with themselves, and the real samples pair only among
 themselves (the permutation restricted to them, :func:`restrict_pairing`).
+A reader given the same path twice would make real repeats look like
+padding: spell repeats apart first (gpumix.pipelines.distinct_paths).
 """
 
 from __future__ import annotations

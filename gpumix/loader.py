@@ -14,15 +14,20 @@ Last batch (``last_batch_policy``), for N samples and batch size B:
 
     policy     len(loader)      the epoch's last batch
     "partial"  ceil(N / B)      the N mod B real samples, mixed among themselves
-    "drop"     floor(N / B)     dropped when N mod B != 0
+    "drop"     floor(N / B)     dropped when N mod B != 0 (read, not returned)
     "fill"     ceil(N / B)      full size: the real samples mixed among
                                 themselves, then repeats of the last sample
                                 (unmixed, their targets its smoothed one-hot)
 
 Every sample is a primary exactly once per epoch (with "drop", all but the
 dropped tail). A loop left early (``break``) resumes where it stopped, like a
-generator; call ``reset()`` to start the next epoch instead. ``train=False`` gives the validation pipeline (resize, centre
-crop, no mixing) yielding ``(images, labels)``.
+generator; call ``reset()`` to start the next epoch instead. ``train=False``
+gives the validation pipeline (resize so that both sides cover the crop /
+0.875, centre crop, no mixing) yielding ``(images, labels)``. Targets have
+``num_classes`` columns: by default the number of class folders (empty ones
+included) or, with a file list, its largest label + 1. A file listed more
+than once is read under distinct spellings of its path
+(gpumix.pipelines.distinct_paths), so no repeat is taken for padding.
 
 Errors: a missing or empty folder fails at construction; an image DALI cannot
 decode fails the iteration with a RuntimeError naming the file (found by
@@ -43,8 +48,12 @@ when both are left out, from torch.distributed's rank and world size. The
 reader shuffles the whole dataset every epoch with ``seed`` (the same on all
 ranks), so an epoch's shards are disjoint and cover the data; each shard's
 last batch is padded by DALI and the padding is dropped (policy "partial") or
-left unmixed ("fill"). Mixing draws from a per-rank pipeline seed derived
-from ``seed`` and the rank (:func:`rank_seed`).
+left unmixed ("fill"). Every rank makes the same number of steps, those of
+the largest shard (N in the table is ceil(N_all / num_shards)), so a rank
+whose shard is one sample smaller gets a last batch one sample short: with
+"partial" it may hold no sample at all. Use "fill" where every step must
+see B samples on every rank. Mixing draws from a per-rank pipeline seed
+derived from ``seed`` and the rank (:func:`rank_seed`).
 
 Resumption: ``state_dict()`` returns DALI's checkpoint (reader position,
 random operators' states, iterator counters); a loader built with
@@ -183,11 +192,12 @@ class DALIMixLoader:
         else:
             files, labels = pipelines.read_file_list(file_list)
             self.classes = None
-        inferred = max(labels) + 1
-        self.num_classes = inferred if num_classes is None else num_classes
-        if min(labels) < 0 or inferred > self.num_classes:
+        top = max(labels) + 1  # a folder's classes include the empty ones
+        default = top if self.classes is None else len(self.classes)
+        self.num_classes = default if num_classes is None else num_classes
+        if min(labels) < 0 or top > self.num_classes:
             raise ValueError(f"labels must be in [0, num_classes={self.num_classes}), "
-                             f"the data has labels up to {inferred - 1}")
+                             f"the data has labels up to {top - 1}")
         self.files = files
         self.shard_id, self.num_shards = shard_id, num_shards
         self.batch_size = batch_size
@@ -204,6 +214,16 @@ class DALIMixLoader:
         self._size = size
         self.last_batch_policy = last_batch_policy
         self.num_threads = num_threads
+        largest_shard = -(-len(files) // num_shards)
+        if last_batch_policy == "drop" and largest_shard < batch_size:
+            raise ValueError(f"last_batch_policy='drop' leaves no batch: batch_size="
+                             f"{batch_size} exceeds the {largest_shard} samples of a shard "
+                             f"({len(files)} samples in {num_shards} shard(s))")
+        # "drop" runs as DALI's "partial" and leaves out the epoch's short last
+        # batch itself (module docstring); only when the largest shard does not
+        # fill its last batch is there one on every rank.
+        self._drop_short = last_batch_policy == "drop" and largest_shard % batch_size != 0
+        self._drop_length = largest_shard // batch_size
 
         from nvidia.dali import types
 
@@ -247,7 +267,8 @@ class DALIMixLoader:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        policy = {"partial": LastBatchPolicy.PARTIAL, "drop": LastBatchPolicy.DROP,
+        # DALI's own DROP repeats the padding of uneven shards in the next epoch
+        policy = {"partial": LastBatchPolicy.PARTIAL, "drop": LastBatchPolicy.PARTIAL,
                   "fill": LastBatchPolicy.FILL}[self.last_batch_policy]
         return DALIGenericIterator(self._pipe, self._outputs,
                                    reader_name=pipelines.READER_NAME, last_batch_policy=policy,
@@ -333,7 +354,7 @@ class DALIMixLoader:
 
     # ------------------------------------------------------------ public
     def __len__(self) -> int:
-        return len(self._iterator)
+        return self._drop_length if self.last_batch_policy == "drop" else len(self._iterator)
 
     def __iter__(self):
         while True:
@@ -345,8 +366,11 @@ class DALIMixLoader:
                 self._read = 0
                 return
             self._mid_epoch = True
-            self._read += batch[0]["images"].shape[0]
+            samples = batch[0]["images"].shape[0]
+            self._read += samples
             dali_cpu.raise_pending(self._pipe)  # the fast params step's errors
+            if self._drop_short and samples < self.batch_size:
+                continue  # "drop": the epoch's last batch, read and left out
             yield self._to_torch(batch[0])
 
     def reset(self) -> None:

@@ -88,6 +88,24 @@ def reading_order(n_files: int, *, shuffle: bool, reader_seed: int = 0) -> np.nd
     return np.arange(n_files)
 
 
+def distinct_paths(files) -> list[str]:
+    """``files`` with every repeat of a path spelled differently: one "./"
+    more before the file name per earlier occurrence (the same file). The
+    mixing step takes trailing repeats of a batch's last ``source_info`` for
+    the reader's padding (gpumix.dali), so a file listed twice (oversampling)
+    must not read as one."""
+    seen: dict[str, int] = {}
+    distinct = []
+    for path in files:
+        count = seen.get(path, 0)
+        seen[path] = count + 1
+        if count:
+            head, name = os.path.split(path)
+            path = os.path.join(head, *["."] * count, name)
+        distinct.append(path)
+    return distinct
+
+
 def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int,
             reader_seed: int = 0):
     """The file reader. Shuffling is global and epoch-dependent
@@ -96,13 +114,15 @@ def _reader(files, labels, *, shuffle: bool, shard_id: int, num_shards: int,
     is a seeded permutation of the list made here."""
     from nvidia.dali import fn
 
+    files = distinct_paths(files)
     if shuffle:
         order = reading_order(len(files), shuffle=True, reader_seed=reader_seed)
         files = [files[i] for i in order]
         labels = [labels[i] for i in order]
+    seed = dict(shuffle_after_epoch_seed=reader_seed) if shuffle else {}
     return fn.readers.file(files=files, labels=labels, shuffle_after_epoch=shuffle,
-                           shuffle_after_epoch_seed=reader_seed, shard_id=shard_id,
-                           num_shards=num_shards, pad_last_batch=True, name=READER_NAME)
+                           shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+                           name=READER_NAME, **seed)
 
 
 def _decode(encoded, device: str, random_crop: bool = False):
@@ -206,7 +226,9 @@ def val_graph(files, labels, *, size, device: str, dtype, shard_id: int = 0,
     encoded, label = _reader(files, labels, shuffle=False, shard_id=shard_id,
                              num_shards=num_shards)
     images = _decode(encoded, device)
-    images = fn.resize(images, resize_shorter=round(min(size) / 0.875),
+    # Both sides at least the crop's / 0.875, the aspect ratio kept: the
+    # shorter side of a square crop's resize, and a non-square crop always fits.
+    images = fn.resize(images, size=[round(n / 0.875) for n in size], mode="not_smaller",
                        interp_type=types.INTERP_TRIANGULAR)
     images = _normalize(images, dtype=dtype, layout=layout, crop=list(size))
     label = fn.cast(label, dtype=types.INT64)

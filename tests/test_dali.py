@@ -2,6 +2,7 @@
 the operator against the NumPy reference on the params it returns, the
 loader's epoch accounting, determinism, checkpoints, faults, training."""
 
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from nvidia.dali import fn, pipeline_def, types
 from scipy import stats
 
 import gpumix.dali as gdali
-from gpumix import mixing
+from gpumix import mixing, pipelines
 from gpumix.config import FMIX, MIXUP
 from gpumix.datasets import make_image_folder
 from gpumix.params import MixParams
@@ -479,6 +480,69 @@ def test_epoch_accounting(id_file_list, policy, expected_len):
             assert images.shape[0] == N_FILES % 4
         if policy == "fill":
             assert images.shape[0] == 4
+
+
+@pytest.mark.parametrize("batch_size,expected_len", [(4, 2), (3, 3), (11, 1)])
+def test_drop_over_uneven_shards_reads_each_epoch_whole(id_file_list, batch_size, expected_len):
+    """21 samples in two shards (10 and 11): every rank makes the same
+    number of steps, those of the larger shard, each epoch is read once with
+    no repeat, and the next epoch starts where it should (DALI's own DROP
+    returned the padding of the smaller shard as the next epoch's batch)."""
+    loaders = [DALIMixLoader(file_list=id_file_list, batch_size=batch_size, size=16,
+                             mixup_alpha=1.0, mode="elem", last_batch_policy="drop",
+                             return_params=True, shard_id=rank, num_shards=2, seed=3)
+               for rank in range(2)]
+    for epoch_index in range(3):
+        seen = []
+        for loader in loaders:
+            assert len(loader) == expected_len
+            batches = [params["labels"].tolist() for _, _, params in loader]
+            assert len(batches) == expected_len
+            # a batch holds batch_size samples, or one fewer at the smaller shard's end
+            assert all(len(b) >= batch_size - 1 for b in batches)
+            assert all(len(b) == batch_size for b in batches[:-1])
+            seen += [label for b in batches for label in b]
+        assert len(seen) == len(set(seen)), f"epoch {epoch_index} repeats a sample"
+        assert len(seen) >= 2 * expected_len * batch_size - 1
+
+
+def test_a_file_listed_twice_is_not_taken_for_padding(jpeg_folder, tmp_path):
+    """Oversampling: the last file of a full batch listed twice in a row. Its
+    repeat is a real sample, mixed with its roll partner, not padding."""
+    files = sorted(str(p) for p in jpeg_folder.rglob("*.jpg"))[:7]
+    listing = tmp_path / "twice.txt"
+    listing.write_text("".join(f"{f} {i}\n" for i, f in enumerate(files + files[-1:])))
+    loader = DALIMixLoader(file_list=listing, batch_size=4, size=16, shuffle=False,
+                           mixup_alpha=1.0, pairing="roll", return_params=True, seed=0)
+    batches = [params for _, _, params in loader]
+    assert [b["labels"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for params in batches:
+        assert params["pair"].tolist() == [3, 0, 1, 2]
+
+
+def test_distinct_paths_spell_repeats_apart(jpeg_folder):
+    files = [str(p) for p in sorted(jpeg_folder.rglob("*.jpg"))[:2]]
+    a, b = files
+    spelled = pipelines.distinct_paths([a, a, b, a])
+    assert len(set(spelled)) == 4
+    assert spelled[0] == a and spelled[2] == b
+    assert all(os.path.samefile(p, q) for p, q in zip(spelled, [a, a, b, a]))
+
+
+@pytest.mark.parametrize("size", [(16, 24), (24, 16)])
+def test_validation_crops_any_shape(jpeg_folder, size):
+    loader = DALIMixLoader(jpeg_folder, batch_size=4, size=size, train=False)
+    images, labels = next(iter(loader))
+    assert tuple(images.shape) == (4, 3, *size)
+
+
+def test_empty_class_folders_keep_their_target_columns(tmp_path):
+    root = make_image_folder(tmp_path / "data", num_classes=2, per_class=2, size=(16, 16))
+    (root / "zz_empty").mkdir()
+    loader = DALIMixLoader(root, batch_size=4, size=16, mixup_alpha=1.0)
+    assert loader.classes[-1] == "zz_empty" and loader.num_classes == 3
+    _, targets = next(iter(loader))
+    assert tuple(targets.shape) == (4, 3)
 
 
 def epoch(loader):

@@ -158,6 +158,8 @@ def loader_errors(folder, tmp):
         (lambda: DALIMixLoader(folder, mixup_alpha=-1), ValueError, "mixup_alpha"),
         (lambda: DALIMixLoader(folder, prob=2), ValueError, "prob"),
         (lambda: DALIMixLoader(folder, shard_id=2, num_shards=2), ValueError, "shard_id"),
+        (lambda: DALIMixLoader(folder, batch_size=4, num_shards=2, last_batch_policy="drop"),
+         ValueError, r"'drop' leaves no batch: batch_size=4 exceeds the 3 samples of a shard"),
         (lambda: DALIMixLoader(folder, num_shards=0), ValueError, "num_shards"),
         (lambda: DALIMixLoader(folder, train=False, mixup_alpha=0.5), ValueError, "train=True"),
         (lambda: DALIMixLoader(folder, file_list=bad_list), ValueError, "exactly one"),
