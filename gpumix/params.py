@@ -41,8 +41,8 @@ Methods beyond MixUp, CutMix and FMix (gpumix.config.METHODS):
   primary's pixels.
 * SaliencyMix: CutMix's box size from lam ~ Beta(saliencymix_alpha), placed
   later on the partner's saliency peak (gpumix.saliency); the box always lies
-  inside the image, so lam = 1 - box area / (H W) is known before the
-  images are.
+  inside the image, so lam = 1 - box area / (H W) (the drawn lam without
+  ``correct_lam``) is known before the images are.
 
 :func:`to_table` and :func:`from_table` convert MixParams to and from the
 params table of gpumix.kernels.table (one float64 row per sample), the form
