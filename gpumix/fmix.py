@@ -139,10 +139,17 @@ def _irfftn(spectrum, shape, xp, out=None):
 
 
 def frequency_shape(shape, reference_compatible: bool = False) -> tuple[int, ...]:
-    """Shape of one spectrum (without the trailing re/im axis of 2)."""
+    """Shape of one spectrum (without the trailing re/im axis of 2). The
+    published code's extra column of an odd last axis is there only where
+    ``fftfreq`` has it (not for a last axis of 1); its real and imaginary
+    parts come from rows 0 and 1 of the first axis, which must exist."""
     *full_axes, last = shape
+    if reference_compatible and shape[0] < 2:
+        raise ValueError(f"reference_compatible FMix masks need at least 2 pixels along the "
+                         f"first axis (the published code reads its rows 0 and 1), got shape "
+                         f"{tuple(shape)}")
     extra = 2 if (reference_compatible and last % 2 == 1) else 1
-    return (*full_axes, last // 2 + extra)
+    return (*full_axes, min(last // 2 + extra, max(last, 1)))
 
 
 def frequency_magnitude(shape, xp=np, reference_compatible: bool = False):

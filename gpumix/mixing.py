@@ -29,8 +29,11 @@ of T * C * H rows), each (D, H, W) mask as D * H mask rows (NTCHW: repeated
 for every channel), and CutMix's cuboids are applied as their hard masks
 (gpumix.params). The kernels never learn the rank.
 
-Kernels never write their input: in place (``out is images``) the kernels read
-a snapshot (one copy, into ``scratch`` when given) and write ``images``.
+Kernels never write their input: in place (an ``out`` that shares memory with
+``images``, such as ``images`` itself) the kernels read a snapshot (one copy,
+into ``scratch`` when given) and write ``out``. Every ``out`` and ``scratch``
+must be C-contiguous and of the input's shape and dtype (ValueError
+otherwise): the kernels write their memory directly.
 """
 
 from __future__ import annotations
@@ -284,20 +287,65 @@ def _snapshot(x, scratch, stream):
 
 def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=None,
            masked=MASK_METHODS):
-    if out is x:  # in place: kernels read a snapshot, so partners are never half-written
-        source = _snapshot(x, scratch, stream)
-        target = x
+    if out is not None:
+        check_out(out, x.shape, x.dtype)
+    if out is not None and shares_memory(out, x):  # in place: kernels read a snapshot
+        if scratch is not None:
+            check_out(scratch, x.shape, x.dtype, "scratch")
+            if shares_memory(scratch, x) or shares_memory(scratch, out):
+                raise ValueError("scratch must not share memory with images or out")
+        source, target = _snapshot(x, scratch, stream), out
     else:
         source = x
         target = _empty_like(x, stream) if out is None else out
-    if tuple(target.shape) != tuple(x.shape) or numpy_dtype(target.dtype) != numpy_dtype(x.dtype):
-        raise ValueError(f"out must match the input's shape {tuple(x.shape)} and dtype "
-                         f"{x.dtype}, got {tuple(target.shape)} {target.dtype}")
     if is_cuda_array(x):
         _run_cuda(source, params, layout, target, paste, stream, masked)
     else:
         _run_cpu(source, params, layout, target, paste, masked)
     return target
+
+
+def check_out(out, shape, dtype, name: str = "out") -> None:
+    """ValueError unless ``out`` (NumPy, CUDA or torch) has ``shape`` and
+    ``dtype`` and is C-contiguous: the kernels write its memory directly, so
+    a strided view would be written through a copy and lose the result."""
+    shape, dtype = tuple(shape), numpy_dtype(dtype)
+    if tuple(out.shape) != shape or numpy_dtype(out.dtype) != dtype:
+        raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if isinstance(out, np.ndarray):
+        contiguous = out.flags.c_contiguous
+    elif hasattr(out, "is_contiguous"):  # a torch tensor
+        contiguous = out.is_contiguous()
+    else:
+        contiguous = as_cupy(out).flags.c_contiguous
+    if not contiguous:
+        raise ValueError(f"{name} must be C-contiguous: the kernels use its memory directly")
+
+
+def shares_memory(a, b) -> bool:
+    """Whether two arrays (both NumPy, or both on a CUDA device) may overlap."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    if is_cuda_array(a) and is_cuda_array(b):
+        (a0, a1), (b0, b1) = _device_span(a), _device_span(b)
+        return a0 < b1 and b0 < a1
+    return False
+
+
+def _device_span(x) -> tuple[int, int]:
+    """[first, end) device addresses of a CUDA array's elements."""
+    interface = x.__cuda_array_interface__
+    start = interface["data"][0]
+    shape = tuple(interface["shape"])
+    itemsize = np.dtype(interface["typestr"]).itemsize
+    if 0 in shape:
+        return start, start
+    strides = interface.get("strides") or tuple(
+        int(np.prod(shape[k + 1:], dtype=np.int64)) * itemsize for k in range(len(shape)))
+    low = sum(min(0, (n - 1) * st) for n, st in zip(shape, strides))
+    high = sum(max(0, (n - 1) * st) for n, st in zip(shape, strides))
+    return start + low, start + high + itemsize
 
 
 def _as_planes(x, layout: str):
@@ -330,11 +378,13 @@ def _mix_volumes(images, params: MixParams, layout: str, out, stream, scratch):
     planes, plane_layout = _as_planes(images, layout)
     if out is None:
         out = _empty_like(images, stream)
+    check_out(out, images.shape, images.dtype)  # here, where errors quote the shapes given
     target = planes if out is images else _as_planes(out, layout)[0]
     flat = dataclasses.replace(
         params, box=np.zeros((params.batch_size, 4), np.int64),
         mask=_plane_masks(params.mask, layout, images.shape[2]))
     if scratch is not None:
+        check_out(scratch, images.shape, images.dtype, "scratch")
         scratch = _as_planes(scratch, layout)[0]
     _apply(planes, flat, plane_layout, target, False, stream, scratch, masked_methods(3))
     return out
@@ -355,7 +405,7 @@ def mix_images(images, params: MixParams, layout: str = "NCHW", *, out=None, str
     params.check(images.shape[0], shape)
     if layout in VOLUME_LAYOUTS:
         return _mix_volumes(images, params, layout, out, stream, scratch)
-    params = saliency.place_boxes(images, params, layout, stream=stream)
+    params = saliency.place_boxes(images, params, layout, params.saliency, stream=stream)
     return _apply(images, params, layout, out, paste=False, stream=stream, scratch=scratch)
 
 
@@ -397,12 +447,17 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
                                  f"got {low if low < 0 else high}")
             if out is None:
                 out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
+            check_out(out, (params.batch_size, num_classes), np.float32)
         pair, lam = upload_many([(params.pair, np.int64), (params.lam, np.float32)], stream)
         targets_kernel.cuda(labels_dev, pair, lam, num_classes, smoothing, out=as_cupy(out),
                             stream=stream)
         return out
     labels = check_labels(labels, params.batch_size, num_classes)
+    if out is not None:
+        check_out(out, (params.batch_size, num_classes), np.float32)
     return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)
+
+
 
 
 def check_dense_targets(targets, batch_size: int, name: str = "targets") -> None:
@@ -451,6 +506,7 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
                 y = y * keep + pull
             if out is None:
                 out = cp.empty(shape, cp.float32)
+            check_out(out, shape, np.float32)  # y is a copy: out may be the targets
             source, blended = _target_sources(params)
             pair, lam, samples, taken = upload_many(
                 [(params.pair, np.int64), (params.lam, np.float32), (blended, np.int64),
@@ -461,10 +517,13 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
             blend.cuda(y.reshape(b, 1, width), pair, lam, samples,
                        out=flat_out.reshape(b, 1, width), stream=stream)
         return out
-    y = np.asarray(targets, np.float32)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    check_out(out, shape, np.float32)
+    # a copy where out is the targets themselves: rows are read after others are written
+    y = np.array(targets, np.float32, copy=shares_memory(out, targets) or None)
     if smoothing:
         y = y * keep + pull
-    out = np.empty(shape, np.float32) if out is None else out
     source, blended = _target_sources(params)
     y = np.ascontiguousarray(y).reshape(b, width)
     np.take(y, source, axis=0, out=out.reshape(b, width))

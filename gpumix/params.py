@@ -28,6 +28,8 @@ CUDA kernels, DALI operators, the torch module):
                                square), or None
     grid    (B, 3)    int64    GridMix (n, cells_low, cells_high), or None
     bilinear          bool     ResizeMix resizes bilinearly (else nearest)
+    saliency          str      the saliency map SaliencyMix boxes are placed on
+                               (gpumix.config.SALIENCY_METHODS)
 
 Methods beyond MixUp, CutMix and FMix (gpumix.config.METHODS):
 
@@ -75,7 +77,8 @@ from numba import njit
 
 from gpumix import fmix
 from gpumix.config import (BOX_PLACEMENTS, CUTMIX, FMIX, GRIDMIX, LABEL_PAIRINGS, MASK_METHODS,
-                           MAX_GRID, MIXUP, NONE, RESIZEMIX, SALIENCYMIX, SMOOTHMIX, MixConfig)
+                           MAX_GRID, METHODS, MIXUP, NONE, RESIZEMIX, SALIENCYMIX, SMOOTHMIX,
+                           MixConfig)
 from gpumix.kernels import shape_mask, table
 
 
@@ -93,6 +96,7 @@ class MixParams:
     smooth: np.ndarray | None = None
     grid: np.ndarray | None = None
     bilinear: bool = False
+    saliency: str = "spectral_residual"
 
     @property
     def batch_size(self) -> int:
@@ -113,7 +117,10 @@ class MixParams:
             if got != shape:
                 raise ValueError(f"params.{name} must have shape {shape}, got {got}")
         fault, i = _first_fault(self.pair, self.lam, self.method, self.box,
-                                np.asarray(spatial_shape, np.int64), SALIENCYMIX)
+                                np.asarray(spatial_shape, np.int64), SALIENCYMIX, LAST_CODE)
+        if fault == _BAD_METHOD:
+            raise ValueError(f"params.method must hold method codes 0 to {LAST_CODE} "
+                             f"(gpumix.config), got {self.method[i]} for sample {i}")
         if fault == _BAD_PAIR:
             raise ValueError(f"params.pair must index the batch [0, {b}), got "
                              f"{self.pair[i]} for sample {i}")
@@ -129,18 +136,23 @@ class MixParams:
                 raise ValueError(f"params.mask must have shape {(b, *spatial_shape)}, got {got}")
 
 
-_BAD_PAIR, _BAD_LAM, _BAD_BOX = 1, 2, 3  # the faults _first_fault finds
+LAST_CODE = len(METHODS)  # method codes run from NONE (0) to this
+_BAD_METHOD, _BAD_PAIR, _BAD_LAM, _BAD_BOX = 1, 2, 3, 4  # the faults _first_fault finds
 
 
 @njit(cache=True, nogil=True)
-def _first_fault(pair, lam, method, box, sizes, unplaced_method):
+def _first_fault(pair, lam, method, box, sizes, unplaced_method, last_code):
     """(fault, sample) of the first of MixParams.check's value rules that
-    these arrays break, in the order checked: a partner outside [0, B)
-    (_BAD_PAIR), a lam outside [0, 1] or NaN (_BAD_LAM), a box not inside
-    the image (_BAD_BOX; an unplaced SaliencyMix box's axis is (-side, 0));
-    (0, 0) when none. One compiled pass instead of a NumPy call per rule,
-    which cost more than mixing a small batch."""
+    these arrays break, in the order checked: a method code outside [0,
+    last_code] (_BAD_METHOD), a partner outside [0, B) (_BAD_PAIR), a lam
+    outside [0, 1] or NaN (_BAD_LAM), a box not inside the image (_BAD_BOX;
+    an unplaced SaliencyMix box's axis is (-side, 0), the side at most the
+    axis); (0, 0) when none. One compiled pass instead of a NumPy call per
+    rule, which cost more than mixing a small batch."""
     b = pair.shape[0]
+    for i in range(b):
+        if method[i] < 0 or method[i] > last_code:
+            return _BAD_METHOD, i
     for i in range(b):
         if pair[i] < 0 or pair[i] >= b:
             return _BAD_PAIR, i
@@ -150,7 +162,7 @@ def _first_fault(pair, lam, method, box, sizes, unplaced_method):
     for i in range(b):
         for axis in range(sizes.shape[0]):
             lo, hi = box[i, 2 * axis], box[i, 2 * axis + 1]
-            unplaced = method[i] == unplaced_method and hi == 0
+            unplaced = method[i] == unplaced_method and hi == 0 and lo >= -sizes[axis]
             if hi > sizes[axis] or lo > hi or (lo < 0 and not unplaced):
                 return _BAD_BOX, i
     return 0, 0
@@ -201,7 +213,6 @@ def check_rank(config: MixConfig, spatial_shape) -> None:
     check_shape(spatial_shape)
     if len(spatial_shape) == 2:
         return
-    from gpumix.config import METHODS
 
     others = [name for code, name in enumerate(METHODS, 1)
               if config.enabled[code - 1] and code not in VOLUME_METHODS]
@@ -679,6 +690,7 @@ def params_from_draws(config: MixConfig, spatial_shape, draws: Draws, batch_size
         smooth=smooth,
         grid=grid,
         bilinear=config.resizemix_interpolation == "bilinear",
+        saliency=config.saliencymix_saliency,
     )
 
 

@@ -81,6 +81,25 @@ ARRAY_ERRORS = [
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(  # a size, as unplaced SaliencyMix
         PARAMS, method=np.array([4, 0], np.int8), box=np.array([[-2, 0, -2, 0], [0, 0, 0, 0]]))),
      ValueError, "for sample 0"),
+    (lambda: gpumix.mix_images(GOOD, PARAMS, out=np.zeros((2, 4, 4, 3), np.uint8).transpose(
+        0, 3, 1, 2)), ValueError, "out must be C-contiguous"),
+    (lambda: gpumix.mix_images(GOOD, PARAMS, out=np.zeros((2, 3, 4, 4), np.float32)),
+     ValueError, r"out must have shape \(2, 3, 4, 4\) and dtype uint8"),
+    (lambda x=GOOD.copy(): gpumix.mix_images(x, PARAMS, out=x,  # in place
+                                             scratch=np.zeros((2, 3, 4, 4), np.float32)),
+     ValueError, "scratch must have shape"),
+    (lambda: gpumix.soft_targets(np.array([0, 1]), PARAMS, 10, out=np.zeros((1, 10), np.float32)),
+     ValueError, r"out must have shape \(2, 10\) and dtype float32"),
+    (lambda: gpumix.mix_targets(np.zeros((2, 3), np.float32), PARAMS,
+                                out=np.zeros((2, 3), np.float64)), ValueError, "dtype float32"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(PARAMS, method=np.array([9, 0], np.int8))),
+     ValueError, "params.method must hold method codes 0 to 7"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(  # a SaliencyMix size over the image
+        PARAMS, method=np.array([7, 0], np.int8), box=np.array([[-5, 0, -2, 0], [0, 0, 0, 0]]))),
+     ValueError, "inside the image"),
+    (lambda: gpumix.sample(gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0,
+                                            reference_compatible=True), 2, (1, 7)),
+     ValueError, "reference_compatible FMix masks need at least 2 pixels"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 0, (4, 4)), ValueError, "batch_size"),
     (lambda: gpumix.sample(gpumix.MixConfig(), 2, (0, 4)), ValueError, "sizes >= 1"),
     (lambda: gpumix.mix_images(np.zeros((2, 3, 4, 0), np.uint8), PARAMS), ValueError,

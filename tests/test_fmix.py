@@ -23,7 +23,7 @@ def published_grey(normals_one, shape, decay_power):
     return np.real(np.fft.irfftn(complex_spectrum, (h, w), axes=(-2, -1)))[0]
 
 
-@pytest.mark.parametrize("shape", [(32, 32), (24, 31), (17, 40)])
+@pytest.mark.parametrize("shape", [(32, 32), (24, 31), (17, 40), (7, 1), (6, 1), (2, 5)])
 def test_reference_compatible_grey_matches_published_maths(shape):
     rng = np.random.default_rng(0)
     freq = fmix.frequency_shape(shape, reference_compatible=True)

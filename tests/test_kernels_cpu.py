@@ -76,6 +76,27 @@ def test_in_place_equals_out_of_place():
     np.testing.assert_array_equal(x, expected)
 
 
+def test_an_out_sharing_the_input_memory_is_mixed_in_place():
+    """Another view of the same memory (a torch tensor's .numpy() twice, or
+    x[:]) is in place too: the kernels must read a snapshot."""
+    rng = np.random.default_rng(6)
+    x = make_images(rng, (8, 3, 16, 12), np.uint8, "NCHW")
+    params = gpumix.sample(gpumix.MixConfig(mode="elem", **CONFIGS["all"]), 8, (16, 12), rng)
+    expected = mixing.reference_mix_images(x, params, "NCHW")
+    view = x[:]
+    assert gpumix.mix_images(x, params, "NCHW", out=view) is view
+    np.testing.assert_array_equal(x, expected)
+
+
+def test_mix_targets_in_place_equals_out_of_place():
+    rng = np.random.default_rng(7)
+    targets = rng.dirichlet(np.ones(5), 9).astype(np.float32)
+    params = gpumix.sample(gpumix.MixConfig(mode="elem"), 9, (4, 4), rng)
+    expected = gpumix.mix_targets(targets, params)
+    assert gpumix.mix_targets(targets, params, out=targets) is targets
+    np.testing.assert_array_equal(targets, expected)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
 def test_soft_targets_kernel_matches_reference(smoothing):
     rng = np.random.default_rng(5)

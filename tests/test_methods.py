@@ -279,6 +279,11 @@ def test_fine_grained_saliency_uses_opencv():
     params = sample(only("saliencymix", saliencymix_saliency="fine_grained"), 3, (40, 48), 11)
     placed = saliency.place_boxes(images, params, "NHWC", "fine_grained")
     assert np.all(placed.box[:, 0] >= 0) and np.all(placed.box[:, 1] <= 40)
+    # mix_images places the params' unplaced boxes by the map they were sampled with
+    assert params.saliency == "fine_grained"
+    np.testing.assert_array_equal(mixing.mix_images(images, params, "NHWC"),
+                                  mixing.mix_images(images, placed, "NHWC"))
+    assert not np.array_equal(placed.box, saliency.place_boxes(images, params, "NHWC").box)
 
 
 def test_dense_maps_need_placed_saliency_boxes():

@@ -42,6 +42,15 @@ def test_volumes_mix_like_the_slicing_reference(layout, dtype):
     np.testing.assert_array_equal(in_place, expected)
 
 
+def test_a_volume_out_of_another_shape_is_refused_by_its_own_shape():
+    x = batch((2, 1, 2, 6, 5), np.float32)
+    params = sample(MixConfig(**ALL3), 2, (2, 6, 5), 0)
+    wrong = np.zeros((2, 1, 3, 4, 5), np.float32)  # as many planes' rows, other axes
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 1, 2, 6, 5\) .* got "
+                                         r"\(2, 1, 3, 4, 5\)"):
+        gpumix.mix_images(x, params, "NCDHW", out=wrong)
+
+
 def test_a_cuboid_replaces_exactly_its_voxels_in_every_channel():
     x = batch((2, 3, 8, 8, 8), np.float32)
     params = sample(MixConfig(method_weights={"cutmix": 1}, cutmix_alpha=1.0, mode="elem"),
