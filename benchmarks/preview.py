@@ -98,8 +98,9 @@ def _video_row(axes, images, seed: int) -> None:
 
     frames, size = len(axes), images.shape[-1]
     step = max(1, size // (4 * frames))
-    clips = torch.stack([torch.stack([torch.roll(images[k], t * step, dims=-1)
-                                      for t in range(frames)]) for k in (0, 1)]).contiguous()
+    sources = [images[k % len(images)] for k in (0, 1)]  # a one-image folder: itself twice
+    clips = torch.stack([torch.stack([torch.roll(source, t * step, dims=-1)
+                                      for t in range(frames)]) for source in sources]).contiguous()
     mixup = Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem", five_d="video_3d",
                   num_classes=2, label_smoothing=0.0, seed=seed)
     mixed, targets = mixup(clips, torch.tensor([0, 1]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,31 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _output_folder(path) -> Path:
+    """``path`` made (with its parents) before any work, so a folder that
+    cannot be written fails at once, not after the measurements."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out: cannot write into {str(folder)!r} ({error.strerror})") from error
+    return folder
 
 
 def environment() -> dict:
@@ -86,6 +112,12 @@ def cmd_bench(args) -> int:
 
     data = _data_folder(args)
     _, _, classes = dataset_files(data)
+    known = [c.key for c in throughput.configurations(None)]
+    unknown = [key for key in args.only or () if key not in known]
+    if unknown:
+        raise ValueError(f"--only: unknown configuration {', '.join(unknown)}; the keys are "
+                         f"{' '.join(known)}")
+    out = _output_folder(args.out)
     if args.quick:
         args.batches, args.repeats, args.warmup, args.settle = 2, 2, 1, 0.0
         args.batch_size = min(args.batch_size, 16)
@@ -99,8 +131,6 @@ def cmd_bench(args) -> int:
     print(throughput.format_table(rows))
     paired = throughput.paired_ratios(rows)
     print(throughput.format_paired(paired))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join(["gpumix"] + sys.argv[1:]),
               "settings": {k: v for k, v in vars(settings).items()},
               "environment": environment(), "results": rows, "paired_ratios": paired}
@@ -115,7 +145,8 @@ def cmd_bench(args) -> int:
 def cmd_kernels(args) -> int:
     from gpumix.benchmarks import kernels
 
-    argv = ["--json", str(Path(args.out) / "kernels.json")] + (["--quick"] if args.quick else [])
+    argv = ["--json", str(_output_folder(args.out) / "kernels.json")] + \
+        (["--quick"] if args.quick else [])
     kernels.main(argv)
     return 0
 
@@ -127,6 +158,7 @@ def cmd_preview(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":  # the picture is a PNG whatever the name says
         out = out.with_name(out.name + ".png")
+    _output_folder(out.parent)
     path = write_preview(data, out, columns=args.columns, size=args.size, seed=args.seed)
     print(f"wrote {path}")
     return 0
@@ -146,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--batches", type=_positive, default=10, help="batches per timed pass")
     bench.add_argument("--repeats", type=_positive, default=7, help="timed passes")
     bench.add_argument("--warmup", type=_positive, default=3, help="untimed batches first")
-    bench.add_argument("--settle", type=float, default=1.0,
+    bench.add_argument("--settle", type=_seconds, default=1.0,
                        help="seconds of pause after each pass (loaders refill their queues)")
     bench.add_argument("--only", nargs="+",
                        help="configuration keys (a a0 b c d-mixup ...; e-resizemix, "
@@ -166,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
                          help="PNG file to write (.png is added when missing)")
     preview.add_argument("--columns", type=_positive, default=6)
     preview.add_argument("--size", type=_positive, default=160)
-    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--seed", type=_seed, default=0)
     preview.add_argument("--quick", action="store_true", help="use the small built-in dataset")
     preview.set_defaults(run=cmd_preview)
 
@@ -179,7 +211,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         # bad data or arguments: one clear line, not a traceback
         print(f"gpumix {args.command}: {error}", file=sys.stderr)
         return 2

@@ -116,24 +116,53 @@ class MixParams:
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 raise ValueError(f"params.{name} must have shape {shape}, got {got}")
-        fault, i = _first_fault(self.pair, self.lam, self.method, self.box,
-                                np.asarray(spatial_shape, np.int64), SALIENCYMIX, LAST_CODE)
-        if fault == _BAD_METHOD:
-            raise ValueError(f"params.method must hold method codes 0 to {LAST_CODE} "
-                             f"(gpumix.config), got {self.method[i]} for sample {i}")
-        if fault == _BAD_PAIR:
-            raise ValueError(f"params.pair must index the batch [0, {b}), got "
-                             f"{self.pair[i]} for sample {i}")
-        if fault == _BAD_LAM:
-            raise ValueError(f"params.lam must lie in [0, 1], got {self.lam[i]} for sample {i}")
-        if fault == _BAD_BOX:
-            raise ValueError(f"params.box must hold half-open boxes inside the image "
-                             f"{tuple(spatial_shape)} (0 <= start <= stop <= size on each "
-                             f"axis), got {self.box[i].tolist()} for sample {i}")
+        check_values(self.pair, self.lam, self.method, self.box, spatial_shape, "params.{}")
         if self.samples(*masked_methods(len(spatial_shape))).size:
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)
                 raise ValueError(f"params.mask must have shape {(b, *spatial_shape)}, got {got}")
+
+
+def check_values(pair, lam, method, box, spatial_shape, name: str) -> None:
+    """ValueError unless every sample's method code, partner, lam and box
+    are valid for a batch of ``len(pair)`` images of ``spatial_shape``
+    (:func:`_first_fault`'s rules); ``name`` formats each field's name in
+    the message ("params.{}", or a table's "table column {}")."""
+    b = pair.shape[0]
+    fault, i = _first_fault(pair, lam, method, box, np.asarray(spatial_shape, np.int64),
+                            SALIENCYMIX, LAST_CODE)
+    if fault == _BAD_METHOD:
+        raise ValueError(f"{name.format('method')} must hold method codes 0 to {LAST_CODE} "
+                         f"(gpumix.config), got {method[i]} for sample {i}")
+    if fault == _BAD_PAIR:
+        raise ValueError(f"{name.format('pair')} must index the batch [0, {b}), got "
+                         f"{pair[i]} for sample {i}")
+    if fault == _BAD_LAM:
+        raise ValueError(f"{name.format('lam')} must lie in [0, 1], got {lam[i]} for sample {i}")
+    if fault == _BAD_BOX:
+        raise ValueError(f"{name.format('box')} must hold half-open boxes inside the image "
+                         f"{tuple(spatial_shape)} (0 <= start <= stop <= size on each "
+                         f"axis), got {box[i].tolist()} for sample {i}")
+
+
+def check_table(rows: np.ndarray, spatial_shape) -> None:
+    """ValueError unless the params table ``rows`` (gpumix.kernels.table)
+    fits a batch of ``len(rows)`` images of ``spatial_shape`` (H, W): every
+    row made for that size, its values valid as MixParams.check asks, and
+    GridMix's n in [1, MAX_GRID]. The kernels index memory with these values."""
+    h, w = (int(s) for s in spatial_shape)
+    made_for = rows[:, [table.HEIGHT, table.WIDTH]]
+    other = np.flatnonzero(np.any(made_for != (h, w), axis=1))
+    if other.size:
+        i = int(other[0])
+        raise ValueError(f"images are {h} x {w} but table row {i} was made for size="
+                         f"{tuple(int(v) for v in made_for[i])}")
+    check_values(rows[:, table.PAIR], rows[:, table.LAM], rows[:, table.METHOD],
+                 rows[:, table.Y0:table.X1 + 1], (h, w), "table column {}")
+    grid = rows[:, table.GRID][rows[:, table.METHOD] == GRIDMIX]
+    if np.any((grid < 1) | (grid > MAX_GRID)):
+        raise ValueError(f"table column grid must be in [1, {MAX_GRID}] for GridMix rows, "
+                         f"got {grid[(grid < 1) | (grid > MAX_GRID)][0]}")
 
 
 LAST_CODE = len(METHODS)  # method codes run from NONE (0) to this

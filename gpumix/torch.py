@@ -67,12 +67,14 @@ class ids are not range-checked there.
 
 Randomness: one NumPy generator per module, seeded by ``seed`` (or drawn
 from ``generator``, a torch.Generator); the same seed gives the same
-sequence of batches.
+sequence of batches. Threads may share a module (each keeps its own
+in-place snapshot); they then share its sequence, in the order they call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import torch
@@ -82,8 +84,8 @@ from gpumix.config import SALIENCYMIX, MixConfig, _check_choice as check_choice,
     _check_number as check_number
 from gpumix.kernels import mix_normalize as fused, table, table_mix
 from gpumix.kernels.soft_targets import smoothing_values
-from gpumix.params import as_numpy_generator, draw, params_from_draws, to_table
-from gpumix.kernels._launch import StreamHandle
+from gpumix.params import as_numpy_generator, check_table, draw, params_from_draws, to_table
+from gpumix.kernels._launch import StreamHandle, scratch
 
 __all__ = ["Mixup", "apply", "DALIMixLoader", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -165,8 +167,10 @@ class Mixup:
         self.rng = as_numpy_generator(generator if generator is not None else seed)
         self.mixup_enabled = True  # timm's switch for turning mixing off late in training
         self.last_params = None
-        self._scratch = None  # reused snapshot for in-place CPU mixing (NumPy)
-        self._cuda_scratch = None  # reused snapshot for in-place CUDA mixing by cycles
+        # reused snapshots for in-place CUDA mixing by cycles, one per calling
+        # thread (threads may share a module); the CPU's live in gpumix's
+        # per-thread scratch store
+        self._cuda_scratch = {}
         self._label_flag = None  # pinned int32: set by the CUDA kernel on a bad label
 
     def check(self) -> None:
@@ -297,7 +301,8 @@ class Mixup:
         source = view.numpy()
         mixing.mix_images(source, params, layout,
                           out=source if self._in_place else out_view.numpy(),
-                          scratch=self._scratch_like(source) if self._in_place else None)
+                          scratch=scratch("gpumix.torch.Mixup snapshot", source.shape,
+                                          source.dtype) if self._in_place else None)
         return self._with_clean(out, targets, x, target, kind)
 
     @property
@@ -352,12 +357,6 @@ class Mixup:
         return torch.from_numpy(mixing.mix_targets(target.numpy(), label_params,
                                                    smoothing=smoothing, toward=toward))
 
-    def _scratch_like(self, array: np.ndarray) -> np.ndarray:
-        scratch = self._scratch
-        if scratch is None or scratch.shape != array.shape or scratch.dtype != array.dtype:
-            scratch = self._scratch = np.empty_like(array)
-        return scratch
-
     def _call_cuda(self, x, view, layout, spatial_shape, target, params, kind, label_params):
         """One pinned upload of the table, one launch (after the masks with FMix)
         that writes class-id targets too; other targets take one more launch."""
@@ -377,13 +376,13 @@ class Mixup:
             self.config.pairing == "flip" or table_mix.is_involution(params.pair))  # i <-> j
         source = view
         if self._in_place and not by_pairs:  # cycles longer than two: mix from a snapshot
-            scratch = self._cuda_scratch
-            if scratch is None or scratch.shape != view.shape or scratch.dtype != view.dtype \
-                    or scratch.device != x.device:
-                scratch = self._cuda_scratch = torch.empty_like(
+            snapshot = self._cuda_scratch.get(threading.get_ident())
+            if snapshot is None or snapshot.shape != view.shape or snapshot.dtype != view.dtype \
+                    or snapshot.device != x.device:
+                snapshot = self._cuda_scratch[threading.get_ident()] = torch.empty_like(
                     view, memory_format=torch.contiguous_format)
-            scratch.copy_(view)
-            source = scratch
+            snapshot.copy_(view)
+            source = snapshot
         labels = target if with_labels else torch.zeros(1, dtype=torch.int64, device=x.device)
         masks = mix_cuda(runtime.DeviceArray.of(source), runtime.DeviceArray.of(out_view),
                          rows, params, layout, runtime.DeviceArray.of(labels),
@@ -454,13 +453,20 @@ def _host_table(table_like) -> np.ndarray:
 _CONSTANTS: dict = {}
 
 
+def _as_values(values) -> np.ndarray:
+    """A number, sequence, array or tensor (such as torch's (C, 1, 1)) as flat float32."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, np.float32).reshape(-1)
+
+
 def _normalization(mean, std, channels: int):
     """(mean, 1 / std) as float32 arrays of one or ``channels`` values, checked."""
-    key = (tuple(np.atleast_1d(mean).tolist()), tuple(np.atleast_1d(std).tolist()), channels)
+    mean_values, std_values = _as_values(mean), _as_values(std)
+    key = (mean_values.tobytes(), std_values.tobytes(), channels)
     if key not in _CONSTANTS:
-        mean32 = np.atleast_1d(np.asarray(mean, np.float32))
-        std32 = np.atleast_1d(np.asarray(std, np.float32))
-        if mean32.ndim != 1 or mean32.shape != std32.shape or mean32.size not in (1, channels):
+        mean32, std32 = mean_values, std_values
+        if mean32.shape != std32.shape or mean32.size not in (1, channels):
             raise ValueError(f"mean and std must hold one value or one per channel "
                              f"({channels}), got {mean32.tolist()} and {std32.tolist()}")
         if not np.all(np.isfinite(mean32)) or not np.all(std32 > 0):
@@ -472,7 +478,12 @@ def _normalization(mean, std, channels: int):
 
 def identity_table(batch_size: int, size) -> np.ndarray:
     """A params table that mixes nothing (every sample its own partner, no
-    method): :func:`apply` with it only normalises."""
+    method): :func:`apply` with it only normalises. ``size``: H or (H, W)."""
+    size = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 0 or len(size) != 2 \
+            or min(size) < 1:
+        raise ValueError(f"identity_table needs batch_size >= 0 and size H or (H, W) >= 1, "
+                         f"got {batch_size!r} and {size!r}")
     rows = np.zeros((batch_size, table.N_COLUMNS), np.float64)
     rows[:, table.PAIR] = np.arange(batch_size)
     rows[:, table.LAM] = 1.0
@@ -514,15 +525,21 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
     if dtype not in (torch.float32, torch.float16):
         raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     b, h, w, c = images.shape
+    if min(h, w, c) < 1:
+        raise ValueError(f"images must have at least one row, column and channel, got shape "
+                         f"{tuple(images.shape)}")
     rows = _host_table(table_like)
     if rows.shape[0] != b:
         raise ValueError(f"table has {rows.shape[0]} rows for a batch of {b} images")
-    made_for = (int(rows[0, table.HEIGHT]), int(rows[0, table.WIDTH])) if b else (h, w)
-    if made_for != (h, w):
-        raise ValueError(f"images are {h} x {w} but the table was made for size={made_for}")
+    check_table(rows, (h, w))
     mean32, inv_std32 = _normalization(mean, std, c)
     chw = not channels_last
     shape = (b, c, h, w) if chw else (b, h, w, c)
+    if b == 0:  # nothing to mix: an empty batch of the output's shape
+        out = torch.empty(shape, dtype=dtype, device=images.device)
+        result = out if chw else out.permute(0, 3, 1, 2)
+        empty_boxes = torch.empty((0, 4), dtype=torch.int64, device=images.device)
+        return (result, None, empty_boxes) if return_applied else result
     if images.is_cuda:
         launcher = runtime.active_launcher()
         out = torch.empty(shape, dtype=dtype, device=images.device)

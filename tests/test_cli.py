@@ -127,6 +127,36 @@ def test_bad_cli_arguments_fail_clearly(tmp_path):
     assert result.returncode != 0 and "positive" in result.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["bench", "--only", "c", "zzz"], "--only: unknown configuration zzz; the keys are a a0"),
+    (["bench", "--only", "c", "--out", "{file}/sub"], "--out: cannot write into"),
+    (["kernels", "--out", "{file}"], "--out: cannot write into"),
+    (["preview", "--out", "{file}/grid.png"], "--out: cannot write into"),
+])
+def test_cli_argument_errors_come_before_any_work(tiny_folder, tmp_path, capsys, args, message):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = [a.format(file=afile) for a in args]
+    data = ["--data", str(tiny_folder)] if args[0] != "kernels" else []
+    assert cli.main([*args, *data]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["bench", "--settle", "-1"], ["bench", "--settle", "nan"],
+                                  ["preview", "--seed", "-5"]])
+def test_cli_refuses_bad_numbers_while_parsing(args, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert f"argument {args[1]}" in capsys.readouterr().err
+
+
+def test_preview_of_a_one_image_folder(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "one", num_classes=1, per_class=1, size=(40, 48))
+    gpumix_here(capsys, "preview", "--data", folder, "--out", tmp_path / "one.png",
+                "--columns", "2", "--size", "32")
+    assert (tmp_path / "one.png").is_file()
+
+
 @pytest.mark.parametrize("make", [lambda s: throughput.torchvision_timm(s),
                                   throughput.torchvision_fast_collate],
                          ids=["timm-mixup", "timm-fast-collate"])

@@ -127,6 +127,31 @@ def test_apply_checks_its_inputs():
         apply(torch.zeros((3, 8, 6, 3), dtype=torch.uint8), rows)
     with pytest.raises(ValueError, match="one value or one per channel"):
         apply(images, rows, mean=[1, 2], std=[1, 2])
+    # the table's values index memory: each is checked, never trusted
+    for column, value, match in [(table.PAIR, 2, r"table column pair must index the batch"),
+                                 (table.METHOD, 42, "method codes 0 to 7"),
+                                 (table.X1, 7, "table column box must hold half-open boxes"),
+                                 (table.HEIGHT, 9, r"table row 1 was made for size=\(9, 6\)")]:
+        bad = rows.copy()
+        bad[1, column] = value
+        if column == table.X1:
+            bad[1, table.METHOD] = 2  # CutMix
+        with pytest.raises(ValueError, match=match):
+            apply(images, bad)
+
+
+def test_apply_takes_torch_shaped_constants_and_empty_batches():
+    from gpumix.torch import IMAGENET_MEAN, IMAGENET_STD, apply, identity_table
+
+    _, rows, _ = table_for(2, 8, 6, mixup_alpha=1.0)
+    images = torch.randint(0, 256, (2, 8, 6, 3), dtype=torch.uint8)
+    as_columns = apply(images, rows, mean=torch.tensor(IMAGENET_MEAN).view(3, 1, 1),
+                       std=torch.tensor(IMAGENET_STD).view(3, 1, 1))
+    torch.testing.assert_close(as_columns, apply(images, rows), rtol=0, atol=0)
+    empty = apply(images[:0], identity_table(0, (8, 6)))
+    assert tuple(empty.shape) == (0, 3, 8, 6) and empty.dtype == torch.float32
+    with pytest.raises(ValueError, match="identity_table needs"):
+        identity_table(3, (8, 8, 8))
 
 
 @pytest.mark.cuda

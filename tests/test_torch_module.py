@@ -127,3 +127,31 @@ def test_cuda_fmix_masks_have_exactly_k_ones():
         masks = m.last_params.mask.get()
         np.testing.assert_array_equal(masks.reshape(8, -1).sum(1),
                                       np.round(m.last_params.lam * 1024))
+
+
+def test_threads_sharing_one_module_never_see_each_others_pixels():
+    """In place on the CPU, each call mixes from a snapshot: one per calling
+    thread, so two threads sharing a module keep their batches apart."""
+    import threading
+
+    mixup = gpumix.torch.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, mode="elem",
+                               pairing="permutation", num_classes=4, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    low = [torch.randint(0, 128, (16, 3, 64, 64), dtype=torch.uint8, generator=generator)
+           for _ in range(30)]
+    high = [torch.randint(128, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=generator)
+            for _ in range(30)]
+    crossed = []
+
+    def run(batches, own_half):
+        for x in batches:
+            out, _ = mixup(x, torch.zeros(16, dtype=torch.long))
+            crossed.append(bool(((out >= 128) != own_half).any()))
+
+    threads = [threading.Thread(target=run, args=(low, False)),
+               threading.Thread(target=run, args=(high, True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(crossed) == 60 and not any(crossed)
