@@ -128,14 +128,18 @@ def check_values(pair, lam, method, box, spatial_shape, name: str) -> None:
     are valid for a batch of ``len(pair)`` images of ``spatial_shape``
     (:func:`_first_fault`'s rules); ``name`` formats each field's name in
     the message ("params.{}", or a table's "table column {}")."""
-    b = pair.shape[0]
     fault, i = _first_fault(pair, lam, method, box, np.asarray(spatial_shape, np.int64),
                             SALIENCYMIX, LAST_CODE)
+    _raise_fault(fault, i, pair, lam, method, box, spatial_shape, name)
+
+
+def _raise_fault(fault, i, pair, lam, method, box, spatial_shape, name: str) -> None:
+    """The ValueError of a fault :func:`_first_fault` found at sample ``i``."""
     if fault == _BAD_METHOD:
         raise ValueError(f"{name.format('method')} must hold method codes 0 to {LAST_CODE} "
                          f"(gpumix.config), got {method[i]} for sample {i}")
     if fault == _BAD_PAIR:
-        raise ValueError(f"{name.format('pair')} must index the batch [0, {b}), got "
+        raise ValueError(f"{name.format('pair')} must index the batch [0, {len(pair)}), got "
                          f"{pair[i]} for sample {i}")
     if fault == _BAD_LAM:
         raise ValueError(f"{name.format('lam')} must lie in [0, 1], got {lam[i]} for sample {i}")
@@ -151,22 +155,20 @@ def check_table(rows: np.ndarray, spatial_shape) -> None:
     row made for that size, its values valid as MixParams.check asks, and
     GridMix's n in [1, MAX_GRID]. The kernels index memory with these values."""
     h, w = (int(s) for s in spatial_shape)
-    made_for = rows[:, [table.HEIGHT, table.WIDTH]]
-    other = np.flatnonzero(np.any(made_for != (h, w), axis=1))
-    if other.size:
-        i = int(other[0])
-        raise ValueError(f"images are {h} x {w} but table row {i} was made for size="
-                         f"{tuple(int(v) for v in made_for[i])}")
-    check_values(rows[:, table.PAIR], rows[:, table.LAM], rows[:, table.METHOD],
-                 rows[:, table.Y0:table.X1 + 1], (h, w), "table column {}")
-    grid = rows[:, table.GRID][rows[:, table.METHOD] == GRIDMIX]
-    if np.any((grid < 1) | (grid > MAX_GRID)):
+    fault, i = _table_fault(rows, np.array([h, w], np.int64))
+    if fault == _BAD_SIZE:
+        made_for = (int(rows[i, table.HEIGHT]), int(rows[i, table.WIDTH]))
+        raise ValueError(f"images are {h} x {w} but table row {i} was made for size={made_for}")
+    if fault == _BAD_GRID:
         raise ValueError(f"table column grid must be in [1, {MAX_GRID}] for GridMix rows, "
-                         f"got {grid[(grid < 1) | (grid > MAX_GRID)][0]}")
+                         f"got {rows[i, table.GRID]} for sample {i}")
+    _raise_fault(fault, i, rows[:, table.PAIR], rows[:, table.LAM], rows[:, table.METHOD],
+                 rows[:, table.Y0:table.X1 + 1], (h, w), "table column {}")
 
 
 LAST_CODE = len(METHODS)  # method codes run from NONE (0) to this
 _BAD_METHOD, _BAD_PAIR, _BAD_LAM, _BAD_BOX = 1, 2, 3, 4  # the faults _first_fault finds
+_BAD_SIZE, _BAD_GRID = 5, 6  # and those of a params table's other columns
 
 
 @njit(cache=True, nogil=True)
@@ -194,6 +196,26 @@ def _first_fault(pair, lam, method, box, sizes, unplaced_method, last_code):
             unplaced = method[i] == unplaced_method and hi == 0 and lo >= -sizes[axis]
             if hi > sizes[axis] or lo > hi or (lo < 0 and not unplaced):
                 return _BAD_BOX, i
+    return 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _table_fault(rows, sizes):
+    """(fault, row) of the first rule a params table breaks: a row made for
+    another size (_BAD_SIZE), then :func:`_first_fault`'s rules on its
+    columns, then a GridMix n outside [1, MAX_GRID] (_BAD_GRID); (0, 0) when
+    none. One compiled pass: :func:`gpumix.torch.apply` runs it every batch."""
+    for i in range(rows.shape[0]):
+        if rows[i, table.HEIGHT] != sizes[0] or rows[i, table.WIDTH] != sizes[1]:
+            return _BAD_SIZE, i
+    fault, i = _first_fault(rows[:, table.PAIR], rows[:, table.LAM], rows[:, table.METHOD],
+                            rows[:, table.Y0:table.X1 + 1], sizes, SALIENCYMIX, LAST_CODE)
+    if fault != 0:
+        return fault, i
+    for i in range(rows.shape[0]):
+        n = rows[i, table.GRID]
+        if rows[i, table.METHOD] == GRIDMIX and not (1 <= n <= MAX_GRID):
+            return _BAD_GRID, i
     return 0, 0
 
 
