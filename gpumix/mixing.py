@@ -597,7 +597,7 @@ def launch_masks(rows, device_rows, shape, stream: int, launcher):
     masks = launcher.fmix_masks(rows, shape, stream)
     if shape_mask.uses_shape_masks(rows):
         if masks is None:
-            masks = launcher.empty((len(rows), *shape), np.float32)
+            masks = launcher.empty((len(rows), *shape), np.float32, stream)
         grid, block = row_grid(len(rows) * shape[0], shape[1])
         runtime.launch(shape_mask.cuda_kernel, grid, block, stream, (device_rows, masks),
                        launcher)

@@ -232,11 +232,17 @@ class CudaLauncher:
         copy.copy_(pinned, non_blocking=True)
         return DeviceArray(copy.data_ptr(), host.shape, host.strides, host.dtype, copy)
 
-    def empty(self, shape, dtype) -> DeviceArray:
-        """A zeroed device array on the current device (placeholders)."""
+    def empty(self, shape, dtype, stream: int | None = None) -> DeviceArray:
+        """A zeroed device array on the current device, allocated and zeroed
+        on ``stream`` (None: CuPy's current stream, for placeholders no
+        kernel reads), so that kernels there are ordered after the zeroing
+        and the memory pool reuses the block only after them."""
         import cupy
 
-        return DeviceArray.of(cupy.zeros(shape, dtype))
+        from gpumix.kernels._launch import cupy_stream
+
+        with cupy_stream(stream):
+            return DeviceArray.of(cupy.zeros(shape, dtype))
 
     def fmix_masks(self, rows, shape, stream: int):
         """FMix masks of a host params table on ``stream``, or None without FMix."""
@@ -266,7 +272,8 @@ class RecordingLauncher:
     """Does everything a launch does on the host, then records it instead.
 
     ``launches``: (kernel name, grid, block, stream, parameter values) per
-    launch; ``uploads``: the bytes of each upload; the last ``keep`` of each
+    launch; ``uploads``: the bytes of each upload; ``allocations``: (shape,
+    stream) of each device array asked for; the last ``keep`` of each
     (at least), so that a long timed run reuses freed host memory as the
     pinned allocator of a real upload does, instead of timing fresh pages.
     ``launch_count`` and ``upload_count`` count them all. Any call that would
@@ -276,6 +283,7 @@ class RecordingLauncher:
     def __init__(self, keep: int = 256):
         self.launches: list = []
         self.uploads: list = []
+        self.allocations: list = []
         self.launch_count = self.upload_count = 0
         self.keep = keep
         self._buffers = {}
@@ -304,11 +312,12 @@ class RecordingLauncher:
         self._record(self.uploads, host)
         return DeviceArray.on_host(host)
 
-    def empty(self, shape, dtype) -> DeviceArray:
+    def empty(self, shape, dtype, stream: int | None = None) -> DeviceArray:
         """A host buffer kept per shape and dtype (never read), as a device
         pool hands back its blocks: a fresh host allocation of a batch's
         masks would time the host's memory, not the path."""
         key = (tuple(np.atleast_1d(shape).tolist()), np.dtype(dtype).str)
+        self._record(self.allocations, (key[0], stream))
         if key not in self._buffers:
             self._buffers[key] = np.zeros(shape, dtype)
         return DeviceArray.on_host(self._buffers[key])

@@ -30,8 +30,9 @@ kernel (gpumix.kernels.table_mix) mixes every sample and writes the soft
 targets on torch's current stream; masks are made on the GPU first (FMix:
 normals kernel, cuFFT, selection; SmoothMix and GridMix: one kernel), and
 SaliencyMix boxes placed there (thumbnails, cuFFT, arg-max, one kernel). Nothing waits for the device: labels are
-checked by the kernel, which sets a flag in pinned memory; the next call,
-or :meth:`Mixup.check` (which waits), raises a ValueError for it, and the
+checked by the kernel, which sets a flag in pinned memory; a later call
+(the first after the kernel has run) or :meth:`Mixup.check` (which waits
+for the stream of the module's last CUDA call) raises a ValueError for it, and the
 bad rows of the targets are NaN.
 
 In place (default, like timm): ``x`` is overwritten and returned. On CUDA
@@ -73,6 +74,7 @@ in-place snapshot); they then share its sequence, in the order they call.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -132,6 +134,14 @@ def _cuda_stream() -> StreamHandle:
     return StreamHandle(torch.cuda.current_stream().cuda_stream)
 
 
+def _device_of(tensor: torch.Tensor):
+    """A context making a CUDA tensor's device current, so that the stream,
+    the compiled kernels, the memory pool and the cached constants used are
+    that device's (torch lets a tensor live on another device than the
+    current one); nothing for a CPU tensor."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class Mixup:
     """timm-compatible MixUp / CutMix / FMix for torch batches: ``x, t = mixup(x, y)``."""
 
@@ -172,11 +182,13 @@ class Mixup:
         # per-thread scratch store
         self._cuda_scratch = {}
         self._label_flag = None  # pinned int32: set by the CUDA kernel on a bad label
+        self._flag_stream = None  # the stream of the last call that may set it
 
     def check(self) -> None:
-        """Wait for this module's CUDA work and raise if a label was out of range."""
+        """Wait for this module's last CUDA call (its stream) and raise if a
+        label was out of range."""
         if self._label_flag is not None:
-            torch.cuda.current_stream().synchronize()
+            self._flag_stream.synchronize()
             self._raise_label_error()
 
     def _raise_label_error(self) -> None:
@@ -275,6 +287,11 @@ class Mixup:
         if target.device != x.device:
             raise ValueError(f"target is on {target.device} but x on {x.device}")
         shape = mixing.check_images(view, layout, "x")
+        with _device_of(x):
+            return self._mix(x, target, view, layout, shape, kind, pair_weights)
+
+    def _mix(self, x, target, view, layout, shape, kind, pair_weights):
+        """__call__ once its inputs are checked (on x's device when CUDA)."""
         labels, pair_weights = self._pairing_inputs(target, pair_weights)
         params = self.sample_params(x.shape[0], shape, x.device, labels, pair_weights)
         if not x.is_cuda:
@@ -365,6 +382,7 @@ class Mixup:
         if self._label_flag is None:
             self._label_flag = launcher.flag()
             self._label_flag_view = runtime.DeviceArray.on_host(self._label_flag)
+        self._flag_stream = torch.cuda.current_stream()  # where this call's kernel runs
         b = x.shape[0]
         rows = to_table(params, spatial_shape, self.config, label_lam=label_params.lam)
         with_labels = kind == "classes" and not self.split_targets
@@ -456,7 +474,10 @@ _CONSTANTS: dict = {}
 def _as_values(values) -> np.ndarray:
     """A number, sequence, array or tensor (such as torch's (C, 1, 1)) as flat float32."""
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
+        if values.is_cuda:  # reading it back would wait for the device at every call
+            raise ValueError("mean and std must be numbers, sequences or CPU tensors, not "
+                             "CUDA tensors")
+        values = values.detach().numpy()
     return np.asarray(values, np.float32).reshape(-1)
 
 
@@ -543,9 +564,10 @@ def apply(images: torch.Tensor, table_like, *, mean=IMAGENET_MEAN, std=IMAGENET_
     if images.is_cuda:
         launcher = runtime.active_launcher()
         out = torch.empty(shape, dtype=dtype, device=images.device)
-        masks, device_rows = handoff_cuda(runtime.DeviceArray.of(images), rows, mean32,
-                                          inv_std32, chw, runtime.DeviceArray.of(out),
-                                          _cuda_stream().ptr, images.device, launcher)
+        with _device_of(images):
+            masks, device_rows = handoff_cuda(runtime.DeviceArray.of(images), rows, mean32,
+                                              inv_std32, chw, runtime.DeviceArray.of(out),
+                                              _cuda_stream().ptr, images.device, launcher)
         masks = None if masks is None else torch.as_tensor(masks.owner, device=images.device)
         applied = device_rows.owner.view(torch.float64).reshape(b, table.N_COLUMNS)
     else:

@@ -307,10 +307,11 @@ class _PinnedSlot:
         self.event = cp.cuda.Event(disable_timing=True)
 
 
-# One ring for the process, not one per thread: DALI runs python_function
-# callbacks on threads whose Python state (threading.local included) is new
-# at every call.
-_STAGING = {"slots": [None] * STAGING_SLOTS, "next": 0, "retired": []}
+# One ring per device for the process, not one per thread: DALI runs
+# python_function callbacks on threads whose Python state (threading.local
+# included) is new at every call. Per device: a slot's event can only be
+# recorded on a stream of the device it was made on.
+_STAGING: dict = {}
 _STAGING_LOCK = threading.Lock()
 
 
@@ -321,16 +322,18 @@ def _staged_copy(parts, offsets, total: int, stream):
     import cupy as cp
 
     with _STAGING_LOCK:
-        i = _STAGING["next"]
-        _STAGING["next"] = (i + 1) % STAGING_SLOTS
-        slot = _STAGING["slots"][i]
+        ring = _STAGING.setdefault(cp.cuda.runtime.getDevice(),
+                                   {"slots": [None] * STAGING_SLOTS, "next": 0, "retired": []})
+        i = ring["next"]
+        ring["next"] = (i + 1) % STAGING_SLOTS
+        slot = ring["slots"][i]
         # A slot whose last copy is still queued is replaced, never waited for,
         # and kept until that copy is done (its memory must not be reused).
         if slot is None or slot.buffer.size < total or not slot.event.done:
             if slot is not None:
-                _STAGING["retired"].append(slot)
-            slot = _STAGING["slots"][i] = _PinnedSlot(max(total, 4096))
-        _STAGING["retired"] = [old for old in _STAGING["retired"] if not old.event.done]
+                ring["retired"].append(slot)
+            slot = ring["slots"][i] = _PinnedSlot(max(total, 4096))
+        ring["retired"] = [old for old in ring["retired"] if not old.event.done]
         for part, offset in zip(parts, offsets):
             slot.buffer[offset:offset + part.nbytes] = part.reshape(-1).view(np.uint8)
         device = cp.empty(total, cp.uint8)

@@ -12,7 +12,8 @@ import gpumix
 from gpumix import runtime
 from gpumix.kernels import table
 from gpumix.params import sample, to_table
-from gpumix.torch import IMAGENET_MEAN, IMAGENET_STD, _normalization, handoff_cuda, mix_cuda
+from gpumix.torch import (IMAGENET_MEAN, IMAGENET_STD, Mixup, _normalization, handoff_cuda,
+                          mix_cuda)
 
 
 @pytest.fixture
@@ -98,6 +99,8 @@ def test_new_methods_place_boxes_and_make_masks_before_the_one_mix_launch(no_syn
     labels, targets = host(b, np.int64), host((b, 10), np.float32)
     mix_cuda(x, out, rows, params, "NCHW", labels, targets,
              runtime.DeviceArray.on_host(no_sync.flag()), config, False, 5, None, no_sync)
+    # the masks are allocated (and zeroed) on the stream whose kernels fill and read them
+    assert ((b, h, w), 5) in no_sync.allocations
     assert [entry[0] for entry in no_sync.launches] == [
         "saliency_peaks", "_place_cuda", "_masks_cuda", "_table_mix_cuda"]
     assert {entry[3] for entry in no_sync.launches} == {5}
@@ -176,8 +179,6 @@ def test_apply_on_cuda_equals_the_cpu_twin_without_a_sync(channels_last, methods
 @pytest.mark.parametrize("methods", ["timm", "more"])
 @pytest.mark.parametrize("pairing", ["flip", "roll"])
 def test_cuda_mixup_makes_no_sync_and_equals_the_cpu_module(pairing, methods, no_device_sync):
-    from gpumix.torch import Mixup
-
     options = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem", num_classes=10,
                    pairing=pairing, **(MORE if methods == "more" else {}))
     x = torch.rand(32, 3, 24, 20)
@@ -207,3 +208,30 @@ def test_cuda_launcher_hands_the_record_to_the_driver():
     with pytest.raises(Exception) as raised:
         runtime.CudaLauncher().launch(SimpleNamespace(ptr=0), (1, 2), 128, 0, record)
     assert not isinstance(raised.value, TypeError), raised.value
+
+
+@pytest.mark.cuda
+def test_a_second_device_mixes_on_its_own_stream_and_staging_ring():
+    """A tensor on cuda:1 while cuda:0 is current: the call runs on cuda:1
+    (its stream, kernels, pool) and equals the CPU module; the pinned
+    staging ring keeps one set of slots per device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    import cupy as cp
+
+    from gpumix.kernels._launch import STAGING_SLOTS, upload_many
+
+    options = dict(mixup_alpha=1.0, cutmix_alpha=1.0, method_weights={"mixup": 1, "cutmix": 1,
+                   "smoothmix": 1, "gridmix": 1}, num_classes=10, mode="elem")
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
+    expected = Mixup(seed=4, **options)(x.clone(), y)
+    with torch.cuda.device(0):
+        got = Mixup(seed=4, **options)(x.to("cuda:1"), y.to("cuda:1"))
+    for a, b in zip(got, expected):
+        assert a.device == torch.device("cuda:1")
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
+    for device in (0, 1, 0):
+        with cp.cuda.Device(device):
+            for k in range(STAGING_SLOTS + 1):
+                (copy,) = upload_many([(np.arange(k + 5), np.int64)])
+                np.testing.assert_array_equal(copy.get(), np.arange(k + 5))
