@@ -44,24 +44,25 @@ def _data_folder(args) -> Path:
     return data
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _integer(low: int, kind: str):
+    """An argparse type: an int of at least ``low`` (``kind`` names the range)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a {kind} integer, got {text}")
+        return value
+
+    return parse
+
+
+_positive, _seed = _integer(1, "positive"), _integer(0, "non-negative")
 
 
 def _seconds(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
 
 
