@@ -458,8 +458,6 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
     return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)
 
 
-
-
 def check_dense_targets(targets, batch_size: int, name: str = "targets") -> None:
     """TypeError / ValueError unless ``targets`` is a float (B,) or (B, D) array."""
     kind = numpy_dtype(targets.dtype)
@@ -483,6 +481,7 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
     whose lam is 0 is y[pair[i]] exactly, taken rather than blended: a NaN or
     inf in a target that weighs nothing would otherwise reach the result
     (0 * inf is NaN).
+
     ``toward``: where smoothing pulls, 1 / K for probabilities (rows keep
     summing to 1), 0.5 for multi-label targets (timm's ``multi_label``);
     needed only with ``smoothing``. NumPy arrays run the CPU blend kernel,
@@ -565,9 +564,10 @@ def label_weights(label_lam, params: MixParams) -> np.ndarray:
         return lam
     if callable(label_lam):
         weights = np.broadcast_to(np.asarray(label_lam(lam.copy()), np.float32), lam.shape).copy()
-        if not np.all((weights >= 0) & (weights <= 1)):  # NaN fails too
-            bad = weights[~((weights >= 0) & (weights <= 1))][0]
-            raise ValueError(f"label_lam must map lam to weights in [0, 1], got {bad}")
+        outside = ~((weights >= 0) & (weights <= 1))  # NaN too
+        if outside.any():
+            raise ValueError(f"label_lam must map lam to weights in [0, 1], got "
+                             f"{weights[outside][0]}")
     else:
         weights = np.full(lam.shape, label_lam, np.float32)
     weights[params.method == NONE] = 1.0

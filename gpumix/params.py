@@ -181,20 +181,20 @@ def _first_fault(pair, lam, method, box, sizes, unplaced_method, last_code):
     axis); (0, 0) when none. One compiled pass instead of a NumPy call per
     rule, which cost more than mixing a small batch."""
     b = pair.shape[0]
-    for i in range(b):
-        if method[i] < 0 or method[i] > last_code:
+    for i in range(b):  # each test is of what is valid, so NaN (a float table's) fails
+        if not (0 <= method[i] <= last_code):
             return _BAD_METHOD, i
     for i in range(b):
-        if pair[i] < 0 or pair[i] >= b:
+        if not (0 <= pair[i] < b):
             return _BAD_PAIR, i
     for i in range(b):
-        if not (lam[i] >= 0 and lam[i] <= 1):
+        if not (0 <= lam[i] <= 1):
             return _BAD_LAM, i
     for i in range(b):
         for axis in range(sizes.shape[0]):
             lo, hi = box[i, 2 * axis], box[i, 2 * axis + 1]
-            unplaced = method[i] == unplaced_method and hi == 0 and lo >= -sizes[axis]
-            if hi > sizes[axis] or lo > hi or (lo < 0 and not unplaced):
+            unplaced = method[i] == unplaced_method and hi == 0 and -sizes[axis] <= lo <= 0
+            if not (unplaced or 0 <= lo <= hi <= sizes[axis]):
                 return _BAD_BOX, i
     return 0, 0
 
