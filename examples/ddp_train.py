@@ -31,9 +31,11 @@ def main():
     if cuda:
         torch.cuda.set_device(device)
 
+    # "drop": every rank makes the same steps, none of them on a short batch
     loader = DALIMixLoader(args.data, batch_size=args.batch_size, size=128, seed=args.seed,
                            mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem",
-                           device="gpu" if cuda else "cpu", num_threads=4)
+                           device="gpu" if cuda else "cpu", num_threads=4,
+                           last_batch_policy="drop")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(16, loader.num_classes)).to(device)

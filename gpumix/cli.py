@@ -28,7 +28,8 @@ def builtin_dataset(quick: bool = False) -> Path:
     from gpumix.datasets import make_image_folder
 
     spec = BUILTIN["quick" if quick else "full"]
-    cache = Path(os.environ.get("GPUMIX_CACHE", Path.home() / ".cache" / "gpumix"))
+    setting = os.environ.get("GPUMIX_CACHE", "").strip()  # empty: unset
+    cache = Path(os.path.expanduser(setting)) if setting else Path.home() / ".cache" / "gpumix"
     h, w = spec["size"]
     root = cache / f"builtin-{spec['num_classes']}x{spec['per_class']}-{h}x{w}"
     return make_image_folder(root, spec["num_classes"], spec["per_class"], spec["size"])

@@ -5,10 +5,16 @@
 low-frequency fields as colour channels, plus a class-dependent tint and
 stripes so classes differ), saved as real JPEGs with Pillow. The same
 arguments always give the same files; an existing complete folder is reused.
+The files are written into a temporary folder beside ``root``, which is then
+renamed into place: an interrupted run leaves no half folder, and of two
+processes making the same folder at once one wins and the other reuses it.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +38,40 @@ def _image(rng: np.random.Generator, label: int, num_classes: int, size) -> np.n
 
 def make_image_folder(root, num_classes: int = 10, per_class: int = 50, size=(256, 320),
                       seed: int = 0, quality: int = 90) -> Path:
-    """Write (or reuse) the dataset; returns ``root``."""
+    """Write (or reuse) the dataset; returns ``root``. ValueError when
+    ``root`` already holds other files (another dataset, say): they are
+    never mixed with these nor deleted."""
     from PIL import Image
 
     root = Path(root)
     if num_classes < 1 or per_class < 1:
         raise ValueError(f"num_classes and per_class must be >= 1, got {num_classes}, "
                          f"{per_class}")
-    marker = root / f".complete-{num_classes}-{per_class}-{size[0]}x{size[1]}-{seed}"
-    if marker.exists():
+    marker = f".complete-{num_classes}-{per_class}-{size[0]}x{size[1]}-{seed}" + (
+        "" if quality == 90 else f"-q{quality}")
+    if (root / marker).exists():
         return root
-    rng = np.random.default_rng(seed)
-    for label in range(num_classes):
-        folder = root / f"class_{label:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            pixels = _image(rng, label, num_classes, size)
-            Image.fromarray(pixels).save(folder / f"img_{index:04d}.jpg", quality=quality)
-    marker.touch()
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{str(root)!r} holds other files (another dataset, or one left "
+                         f"unfinished): remove it or choose another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        rng = np.random.default_rng(seed)
+        for label in range(num_classes):
+            folder = staging / f"class_{label:02d}"
+            folder.mkdir()
+            for index in range(per_class):
+                pixels = _image(rng, label, num_classes, size)
+                Image.fromarray(pixels).save(folder / f"img_{index:04d}.jpg", quality=quality)
+        (staging / marker).touch()
+        try:
+            if root.exists():
+                root.rmdir()  # empty (checked above)
+            os.rename(staging, root)
+        except OSError:
+            if not (root / marker).exists():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root

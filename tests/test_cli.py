@@ -169,3 +169,25 @@ def test_timm_baselines_produce_soft_targets_that_sum_to_one(tiny_folder, make):
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     torch.testing.assert_close(t.sum(1), torch.ones(4), rtol=0, atol=1e-5)
     assert torch.all(t.max(1).values < 1.0)  # smoothed (and mixed): soft, not one-hot
+
+
+def test_the_built_in_dataset_is_made_once_whole_and_never_mixed_with_another(tmp_path):
+    """Two makers at once: one folder, whole, no staging left behind; the same
+    arguments again reuse it; other arguments for the same folder are refused."""
+    import threading
+
+    root = tmp_path / "cache" / "data"
+    threads = [threading.Thread(target=make_image_folder, args=(root, 2, 3, (24, 32)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    assert files == [f"class_{c:02d}/img_{i:04d}.jpg" for c in range(2) for i in range(3)]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["data"]  # no staging folder
+    first = {f: (root / f).read_bytes() for f in files}
+    assert make_image_folder(root, 2, 3, (24, 32)) == root
+    assert {f: (root / f).read_bytes() for f in files} == first
+    with pytest.raises(ValueError, match="holds other files"):
+        make_image_folder(root, 3, 5, (24, 32))
