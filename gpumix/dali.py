@@ -267,7 +267,11 @@ class _ParamsStep:
             if values.shape[1] != 1:
                 raise ValueError(f"labels must be one class id per sample for "
                                  f"targets='classes', got {values.shape[1]} values")
-            return mixing.check_labels(values[:, 0].astype(np.int64), len(values), k)
+            ids = values[:, 0]  # the draw vector holds them as float64
+            fractional = ids != np.floor(ids)  # NaN too
+            if fractional.any():
+                raise TypeError(f"labels must be integer class ids, got {ids[fractional][0]}")
+            return mixing.check_labels(ids.astype(np.int64), len(values), k)
         if kind in ("dense", "multi_label") and values.shape[1] != k:
             raise ValueError(f"labels must be {k} values per sample (num_classes) for "
                              f"targets={kind!r}, got {values.shape[1]}")
@@ -810,13 +814,17 @@ def normalize(images, *, mean, std, output_layout: str = "CHW", dtype=None,
     :func:`gpumix.pipelines.train_graph`). On the CPU with float32 output it
     is the applier of :func:`mix_normalize` with mixing off, which took 1.4
     against 5.6 ms per batch of 64 at 224 px for ``crop_mirror_normalize``
-    here; otherwise DALI's own operator."""
+    here; otherwise DALI's own operator (``device="gpu"``: on the GPU, CPU
+    images moved there first). One mean and std, or one per channel: the
+    fused applier writes NaN for any other count (DALI's operator raises).
+    """
     from nvidia.dali import fn, types
 
     dtype = types.FLOAT if dtype is None else dtype
     fused, mean, std = _normalize_options(mean, std, output_layout, dtype, device)
     if not fused:
-        return fn.crop_mirror_normalize(images, dtype=dtype, output_layout=output_layout,
+        return fn.crop_mirror_normalize(images.gpu() if device == "gpu" else images,
+                                        dtype=dtype, output_layout=output_layout,
                                         mean=mean, std=std)
     applier = dali_cpu.applier("normalize", layout=output_layout, mean=mean, std=std)
     return fn.reshape(applier(images), layout=output_layout)

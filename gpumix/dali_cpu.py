@@ -383,8 +383,13 @@ def _run_step(index, n, width, at_draws, n_valid, at_shapes, at_addresses, has_i
     N_COLUMNS) float64 and, where ``mask_rows``, the masks (n, mask_rows,
     mask_cols) float32 into the three int64 at ``at_results``, and returns
     1; or 0 (the batch failed). The step holds the arrays until its next
-    batch, so the addresses stay valid while the compiled side copies."""
+    batch, so the addresses stay valid while the compiled side copies.
+    ``width`` -1: the samples' draw vectors differ in length (their labels
+    do), reported as the batch's error."""
     try:
+        if width < 0:
+            raise ValueError("labels: every sample of a batch must have as many label values "
+                             "(one class id, or a target vector of one length)")
         targets, rows, masks, ok = _step_outputs(
             index, view_at(at_draws, (n, width), np.float64), n_valid,
             view_at(at_shapes, (n, 3), np.int64), view_at(at_addresses, (n,), np.int64),
@@ -452,9 +457,14 @@ def _params_batch(targets_out, rows_out, masks_out, draws, images, names, index)
     padding detection. Not cached: the callback's address is compiled in."""
     b = len(draws)
     width = draws[0].shape[0]
-    draw_table = np.empty((b, width), np.float64)
-    for i in range(b):
-        _copy_into(draw_table[i], draws[i])
+    for i in range(1, b):
+        if draws[i].shape[0] != width:  # labels of different lengths: the step reports it
+            width = -1
+            break
+    draw_table = np.empty((b, max(width, 0)), np.float64)
+    if width >= 0:
+        for i in range(b):
+            _copy_into(draw_table[i], draws[i])
     n_valid = b
     if names is not None:
         n_valid = count_valid_cpu(names)

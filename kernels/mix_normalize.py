@@ -124,7 +124,11 @@ def mix_normalize_sample_cpu(out, image, partner, row, mask, mean, inv_std, chw)
     """Mix one HWC uint8 sample with its partner by its table ``row`` and
     normalise it into ``out`` (CHW or HWC float32). ``row`` None: normalise
     only; ``mask``: the FMix mask, None when FMix is off (SmoothMix and
-    GridMix masks are made here from the row)."""
+    GridMix masks are made here from the row). A ``mean`` of neither one
+    value nor one per channel normalises nothing: the sample is NaN."""
+    if mean.shape[0] != 1 and mean.shape[0] != image.shape[2]:
+        out.fill(np.nan)
+        return
     if row is not None:
         if shape_mask.is_shape_method(np.int64(row[table.METHOD])):
             own = np.empty((image.shape[0], image.shape[1]), np.float32)

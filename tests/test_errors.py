@@ -245,6 +245,49 @@ def test_dali_operator_bad_batches_fail_at_run_time(samples, layout, pattern):
         gpumix.dali.raise_pending(p)
 
 
+@pytest.mark.parametrize("labels,kind,error,pattern", [
+    ([np.array([1.0, 2.0, 3.0], np.float32), np.array([7.0], np.float32)], "regression",
+     ValueError, "as many label values"),
+    ([np.array([1.7], np.float32), np.array([2.0], np.float32)], "classes",
+     TypeError, "integer class ids, got 1.7"),
+], ids=["ragged-labels", "fractional-class-ids"])
+def test_dali_operator_bad_labels_fail_at_run_time(labels, kind, error, pattern):
+    from nvidia.dali import fn, pipeline_def
+
+    import gpumix.dali
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: [np.zeros((4, 4, 3), np.uint8)] * 2,
+                                    batch=True, layout="HWC")
+        label = fn.external_source(source=lambda: labels, batch=True)
+        return gpumix.dali.mix(images, label, num_classes=3, targets=kind, mixup_alpha=1.0)
+
+    p = pipe()
+    p.build()
+    _, targets = p.run()  # NaN targets, the error kept for raise_pending
+    assert all(np.isnan(np.array(t)).all() for t in targets)
+    with pytest.raises(error, match=pattern):
+        gpumix.dali.raise_pending(p)
+
+
+def test_fused_normalize_with_a_mean_per_other_channel_count_is_nan():
+    from nvidia.dali import fn, pipeline_def
+
+    import gpumix.dali
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: [np.full((4, 4, 4), 200, np.uint8)] * 2,
+                                    batch=True, layout="HWC")
+        return gpumix.dali.normalize(images, mean=[1.0, 2.0, 3.0], std=[1.0, 1.0, 1.0])
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    assert all(np.isnan(np.array(sample)).all() for sample in out)
+
+
 def test_gpu_device_without_cuda_is_a_clear_error(small_folder):
     from gpumix.torch import DALIMixLoader
 
