@@ -29,11 +29,13 @@ params table (gpumix.kernels.table), uploaded through pinned memory, and ONE
 kernel (gpumix.kernels.table_mix) mixes every sample and writes the soft
 targets on torch's current stream; masks are made on the GPU first (FMix:
 normals kernel, cuFFT, selection; SmoothMix and GridMix: one kernel), and
-SaliencyMix boxes placed there (thumbnails, cuFFT, arg-max, one kernel). Nothing waits for the device: labels are
-checked by the kernel, which sets a flag in pinned memory; a later call
-(the first after the kernel has run) or :meth:`Mixup.check` (which waits
-for the stream of the module's last CUDA call) raises a ValueError for it, and the
-bad rows of the targets are NaN.
+SaliencyMix boxes placed there (thumbnails, cuFFT, arg-max, one kernel).
+Nothing waits for the device: labels are checked by the kernel, which sets
+a flag in pinned memory; a later call (the first after the kernel has run)
+or :meth:`Mixup.check` (which waits for the stream of the module's last
+CUDA call) raises a ValueError for it, and the bad rows of the targets are
+NaN. A tensor on another device than the current one is mixed on its own
+device (that device is made current for the call).
 
 In place (default, like timm): ``x`` is overwritten and returned. On CUDA
 with an involutive pairing (the default "flip") and ResizeMix off the kernel
@@ -483,10 +485,9 @@ def _as_values(values) -> np.ndarray:
 
 def _normalization(mean, std, channels: int):
     """(mean, 1 / std) as float32 arrays of one or ``channels`` values, checked."""
-    mean_values, std_values = _as_values(mean), _as_values(std)
-    key = (mean_values.tobytes(), std_values.tobytes(), channels)
+    mean32, std32 = _as_values(mean), _as_values(std)
+    key = (mean32.tobytes(), std32.tobytes(), channels)
     if key not in _CONSTANTS:
-        mean32, std32 = mean_values, std_values
         if mean32.shape != std32.shape or mean32.size not in (1, channels):
             raise ValueError(f"mean and std must hold one value or one per channel "
                              f"({channels}), got {mean32.tolist()} and {std32.tolist()}")
