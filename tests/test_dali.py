@@ -506,6 +506,22 @@ def test_drop_over_uneven_shards_reads_each_epoch_whole(id_file_list, batch_size
         assert len(seen) >= 2 * expected_len * batch_size - 1
 
 
+def test_drop_over_shards_resumes_bit_for_bit(id_file_list):
+    """A checkpoint after the first batch: the resumed loader reads the rest
+    of the epoch (its short tail left out) and the next, as an unbroken run."""
+    options = dict(file_list=id_file_list, batch_size=4, size=16, mixup_alpha=1.0,
+                   mode="elem", last_batch_policy="drop", shard_id=1, num_shards=2, seed=5)
+    whole = DALIMixLoader(**options)
+    expected = [x.clone() for _ in range(2) for x, _ in whole]
+    part = DALIMixLoader(**options)
+    first, _ = next(iter(part))
+    resumed = DALIMixLoader(checkpoint=part.state_dict(), **options)
+    got = [first.clone()] + [x.clone() for _ in range(2) for x, _ in resumed]
+    assert len(got) == len(expected) == 2 * len(whole)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_file_listed_twice_is_not_taken_for_padding(jpeg_folder, tmp_path):
     """Oversampling: the last file of a full batch listed twice in a row. Its
     repeat is a real sample, mixed with its roll partner, not padding."""
