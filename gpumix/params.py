@@ -117,6 +117,11 @@ class MixParams:
             if got != shape:
                 raise ValueError(f"params.{name} must have shape {shape}, got {got}")
         check_values(self.pair, self.lam, self.method, self.box, spatial_shape, "params.{}")
+        if self.grid is not None:
+            n = np.asarray(self.grid)[np.asarray(self.method) == GRIDMIX, 0]
+            if np.any((n < 1) | (n > MAX_GRID)):
+                raise ValueError(f"params.grid must give GridMix samples n in [1, {MAX_GRID}], "
+                                 f"got {n[(n < 1) | (n > MAX_GRID)][0]}")
         if self.samples(*masked_methods(len(spatial_shape))).size:
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)
@@ -191,10 +196,16 @@ def _first_fault(pair, lam, method, box, sizes, unplaced_method, last_code):
         if not (0 <= lam[i] <= 1):
             return _BAD_LAM, i
     for i in range(b):
+        # a SaliencyMix box with a negative start is a size on every axis, else placed
+        unplaced = False
+        if method[i] == unplaced_method:
+            for axis in range(sizes.shape[0]):
+                unplaced = unplaced or box[i, 2 * axis] < 0
         for axis in range(sizes.shape[0]):
             lo, hi = box[i, 2 * axis], box[i, 2 * axis + 1]
-            unplaced = method[i] == unplaced_method and hi == 0 and -sizes[axis] <= lo <= 0
-            if not (unplaced or 0 <= lo <= hi <= sizes[axis]):
+            valid = (hi == 0 and -sizes[axis] <= lo <= 0) if unplaced \
+                else 0 <= lo <= hi <= sizes[axis]
+            if not valid:
                 return _BAD_BOX, i
     return 0, 0
 

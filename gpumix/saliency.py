@@ -104,11 +104,13 @@ def peaks(maps, spatial_shape, xp=np):
 
 
 def unplaced(method, box) -> np.ndarray:
-    """Indices of the SaliencyMix rows whose box is not placed yet."""
+    """Indices of the SaliencyMix rows whose box is not placed yet: a
+    negative start on any axis (``(-h, 0, -w, 0)`` holds the sides)."""
     method = np.asarray(method)
     if SALIENCYMIX not in set(method.tolist()):
         return np.zeros(0, np.int64)
-    return np.flatnonzero((method == SALIENCYMIX) & (np.asarray(box)[:, 0] < 0))
+    negative = np.any(np.asarray(box)[:, 0::2] < 0, axis=1)
+    return np.flatnonzero((method == SALIENCYMIX) & negative)
 
 
 def _fine_grained_peaks(images, layout, samples, spatial_shape):

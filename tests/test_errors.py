@@ -97,6 +97,12 @@ ARRAY_ERRORS = [
     (lambda: gpumix.mix_images(GOOD, dataclasses.replace(  # a SaliencyMix size over the image
         PARAMS, method=np.array([7, 0], np.int8), box=np.array([[-5, 0, -2, 0], [0, 0, 0, 0]]))),
      ValueError, "inside the image"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(  # placed on y, a size on x
+        PARAMS, method=np.array([7, 0], np.int8), box=np.array([[1, 3, -2, 0], [0, 0, 0, 0]]))),
+     ValueError, r"\[1, 3, -2, 0\] for sample 0"),
+    (lambda: gpumix.mix_images(GOOD, dataclasses.replace(
+        PARAMS, method=np.array([6, 0], np.int8), grid=np.array([[0, 1, 0], [0, 0, 0]]))),
+     ValueError, r"params.grid must give GridMix samples n in \[1, 8\], got 0"),
     (lambda: gpumix.sample(gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0,
                                             reference_compatible=True), 2, (1, 7)),
      ValueError, "reference_compatible FMix masks need at least 2 pixels"),
