@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,7 +33,11 @@ def builtin_dataset(quick: bool = False) -> Path:
     cache = Path(os.path.expanduser(setting)) if setting else Path.home() / ".cache" / "gpumix"
     h, w = spec["size"]
     root = cache / f"builtin-{spec['num_classes']}x{spec['per_class']}-{h}x{w}"
-    return make_image_folder(root, spec["num_classes"], spec["per_class"], spec["size"])
+    try:
+        return make_image_folder(root, spec["num_classes"], spec["per_class"], spec["size"])
+    except ValueError:  # gpumix's own folder, left unfinished by an older version: remade
+        shutil.rmtree(root)
+        return make_image_folder(root, spec["num_classes"], spec["per_class"], spec["size"])
 
 
 def _data_folder(args) -> Path:
