@@ -19,16 +19,22 @@ normalisation, float32 NCHW batches with soft targets unless said):
     e  gpumix MixUp+CutMix / FMix   per-sample ("elem") mixing inside DALI
 
 Timing: round-robin over configurations, ``repeats`` passes each; a pass
-reads ``warmup`` untimed batches, then times ``batches`` batches; images/s
+reads ``warmup`` untimed batches (at least 2 per thread + 1: a DataLoader
+keeps 2 per worker ready), then times ``batches`` batches; images/s
 per pass, median and min/max, and the speed-up against ``a``. CUDA work is
 timed with CUDA events. Every loader refills its prefetch queue in the
 background after its pass (DALI's pipeline, the DataLoader's workers), so
 each pass is followed by a pause of ``settle`` seconds: otherwise that refill
-runs during the next configuration's timed pass and is charged to it.
+runs during the next configuration's timed pass and is charged to it (and
+after the loaders are built, before the first round). The gpumix loaders
+drop the epoch's short last batch as the DataLoaders do (``drop_last``), and
+gpumix's own CPU kernels get ``threads`` threads (``GPUMIX_NUM_THREADS``,
+unless set), the budget the loaders have.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -108,9 +114,10 @@ def dali_loader(settings, mixing, **options):
     gpumix.benchmarks.baselines."""
     from gpumix.torch import DALIMixLoader
 
+    # "drop", as the DataLoaders' drop_last: a short batch costs a full one's work
     loader = DALIMixLoader(settings.data, batch_size=settings.batch_size, size=settings.size,
                            num_threads=settings.threads, device=settings.device,
-                           mixing=mixing, seed=0, **options)
+                           mixing=mixing, seed=0, last_batch_policy="drop", **options)
     return lambda: iter(loader)
 
 
@@ -204,12 +211,18 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
     whatever the loader prefetched while another configuration ran."""
     configs = [c for c in configurations(settings)
                if (c.key in only if only else not c.optional)]
+    # gpumix's CPU kernels (FMix masks, saliency) get the loaders' thread budget
+    os.environ.setdefault("GPUMIX_NUM_THREADS", str(settings.threads))
+    # Untimed batches before each pass: at least every batch the loaders keep
+    # ready (a DataLoader prefetches 2 per worker), so no pass starts ahead.
+    warmup = max(settings.warmup, 2 * settings.threads + 1)
     states = {}
     for config in configs:  # build, compile and fill every loader once
         factory = config.make(settings)
         state = {"factory": factory}
-        _take(factory, settings.warmup, state)
+        _take(factory, warmup, state)
         states[config.key] = state
+    time.sleep(getattr(settings, "settle", 0.0))  # the last built refills before round 1
     bar = progress_factory(total=len(configs) * settings.repeats) if progress_factory else None
     rates = {c.key: [] for c in configs}
     for _ in range(settings.repeats):
@@ -217,7 +230,7 @@ def run(settings, only=None, progress_factory=None) -> list[dict]:
             state = states[config.key]
             if bar is not None:
                 bar.set_description(config.name)
-            _take(state["factory"], settings.warmup, state)
+            _take(state["factory"], warmup, state)
             x, _ = state["last"]
             clock = _Clock(getattr(x, "is_cuda", False))
             state["images"] = 0
