@@ -154,7 +154,9 @@ def test_preview_of_a_one_image_folder(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "one", num_classes=1, per_class=1, size=(40, 48))
     gpumix_here(capsys, "preview", "--data", folder, "--out", tmp_path / "one.png",
                 "--columns", "2", "--size", "32")
-    assert (tmp_path / "one.png").is_file()
+    with Image.open(tmp_path / "one.png") as png:
+        assert png.format == "PNG" and png.size == preview_size(2)
+        assert np.asarray(png.convert("RGB")).std() > 10  # not a blank canvas
 
 
 @pytest.mark.parametrize("make", [lambda s: throughput.torchvision_timm(s),

@@ -67,12 +67,15 @@ def test_target_vectors_are_mixed_like_mix_targets(kind):
     expected = mixing.mix_targets(labels, params, smoothing=smoothing, toward=toward)
     np.testing.assert_array_equal(targets, expected)
     np.testing.assert_array_equal(images, mixing.reference_mix_images(IMAGES, params, "NHWC"))
+    # the formula written out: smoothed towards 1/K (dense), 0.5 (multi-label,
+    # timm's), never (regression), then blended by the pixels' lam
+    toward_value = {"dense": 1 / K, "multi_label": 0.5, "regression": None}[kind]
+    smoothed = labels if toward_value is None else labels * 0.9 + 0.1 * toward_value
+    lam = params.lam[:, None]
+    np.testing.assert_allclose(targets, lam * smoothed + (1 - lam) * smoothed[params.pair],
+                               atol=1e-6)
     if kind == "dense":
         np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
-    if kind == "regression":  # never smoothed: lam * y + (1 - lam) * y[partner]
-        lam = params.lam[:, None]
-        np.testing.assert_allclose(targets, lam * labels + (1 - lam) * labels[params.pair],
-                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["classes", "dense"])
@@ -153,7 +156,10 @@ def test_mix_params_makes_vector_targets_and_clean_ones_for_the_hand_off():
     params = from_table(rows)
     np.testing.assert_array_equal(targets, mixing.mix_targets(labels, params, smoothing=0.1,
                                                               toward=0.5))
-    np.testing.assert_allclose(clean_targets, labels * 0.9 + 0.05, rtol=0, atol=1e-7)
+    smoothed, lam = labels * 0.9 + 0.05, params.lam[:, None]  # timm's multi-label smoothing
+    np.testing.assert_allclose(targets, lam * smoothed + (1 - lam) * smoothed[params.pair],
+                               atol=1e-6)
+    np.testing.assert_allclose(clean_targets, smoothed, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind,labels,match", [

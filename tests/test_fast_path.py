@@ -205,9 +205,10 @@ def test_cuda_launcher_hands_the_record_to_the_driver():
 
     _, rows, _ = table_for(2, 4, 4, mixup_alpha=1.0)
     record = runtime.LaunchRecord((host((2, 4, 4, 3), np.uint8), rows.shape[0], True))
-    with pytest.raises(Exception) as raised:
+    # the driver's refusal: no driver library here (cuda.pathfinder's
+    # DynamicLibNotFoundError), cuLaunchKernel's error code on a GPU machine
+    with pytest.raises(RuntimeError, match="cuLaunchKernel failed|NVIDIA driver"):
         runtime.CudaLauncher().launch(SimpleNamespace(ptr=0), (1, 2), 128, 0, record)
-    assert not isinstance(raised.value, TypeError), raised.value
 
 
 @pytest.mark.cuda

@@ -95,14 +95,17 @@ def test_masks_in_one_two_and_three_dimensions_have_exactly_k_ones(shape):
 
 def test_hard_mask_lam_is_k_over_n_and_k_rounds_both_ways():
     config = gpumix.MixConfig(mixup_alpha=0.0, fmix_alpha=1.0, mode="elem")
-    ks = set()
+    rounded = set()  # how k sits against the drawn lam * N: above (ceil), below (floor)
     for seed in range(30):
+        drawn = gpumix.draw(config, 8, (7, 9), np.random.default_rng(seed)).lam_fmix
         params = gpumix.sample(config, 8, (7, 9), np.random.default_rng(seed))
+        assert params.method.tolist() == [FMIX] * 8
         for i in range(8):
             k = int(params.mask[i].sum())
             assert params.lam[i] == np.float32(k / 63)
-            ks.add(k - params.lam[i] * 63)
-    assert params.method.tolist() == [FMIX] * 8
+            assert np.floor(drawn[i] * 63) <= k <= np.ceil(drawn[i] * 63)
+            rounded.add(np.sign(k - drawn[i] * 63))
+    assert {-1.0, 1.0} <= rounded  # both ways, each with probability 1/2
 
 
 def test_soft_masks_ramp_and_lam_is_their_mean():

@@ -3,6 +3,8 @@
 Same params into both; uint8 and masks must be equal, float within 1 ulp of
 float32 (in practice the CPU kernels are bit-exact)."""
 
+import zlib
+
 import numpy as np
 import pytest
 from numba import njit
@@ -44,7 +46,7 @@ def assert_close(actual, expected):
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("mode", ["batch", "elem"])
 def test_mix_images_matches_reference(dtype, layout, shape, name, mode):
-    rng = np.random.default_rng(hash((name, mode, shape)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((name, mode, shape)).encode()))  # per run too
     x = make_images(rng, shape, dtype, layout)
     config = gpumix.MixConfig(mode=mode, pairing="permutation", num_classes=3, **CONFIGS[name])
     spatial = (shape[2], shape[3])

@@ -95,6 +95,8 @@ def test_resize_paste_kernel_equals_its_cpu_twin(bilinear, dtype):
     twin = np.zeros_like(view.rows)
     resize_paste.cpu(view.rows, pair, box, samples, view.height, view.cstride, bilinear, out=twin)
     np.testing.assert_array_equal(out, twin)
+    np.testing.assert_array_equal(out.reshape(x.shape),  # and the NumPy oracle
+                                  resize_paste.reference(x, pair, box, "NCHW", bilinear))
 
 
 @pytest.mark.parametrize("shape", ["circle", "square"])
@@ -123,6 +125,7 @@ def test_saliency_thumbnails_and_placement_equal_their_cpu_twins():
     twin = np.zeros_like(out)
     thumbs.cpu(view.rows, samples, view.height, view.cstride, 3, out=twin)
     np.testing.assert_array_equal(out, twin)
+    np.testing.assert_array_equal(out, thumbs.reference(x, "NCHW", samples, 16))
 
     rows = np.zeros((5, table.N_COLUMNS))
     sizes = np.array([[4, 6], [21, 30], [1, 1]])
