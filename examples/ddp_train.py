@@ -31,7 +31,8 @@ def main():
     if cuda:
         torch.cuda.set_device(device)
 
-    # "drop": every rank makes the same steps, none of them on a short batch
+    # "drop": every rank makes the same steps, none on an empty batch (a rank
+    # whose shard is one sample smaller may end on a batch one sample short)
     loader = DALIMixLoader(args.data, batch_size=args.batch_size, size=128, seed=args.seed,
                            mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem",
                            device="gpu" if cuda else "cpu", num_threads=4,

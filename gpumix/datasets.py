@@ -65,6 +65,7 @@ def make_image_folder(root, num_classes: int = 10, per_class: int = 50, size=(25
                 pixels = _image(rng, label, num_classes, size)
                 Image.fromarray(pixels).save(folder / f"img_{index:04d}.jpg", quality=quality)
         (staging / marker).touch()
+        staging.chmod(0o755)  # mkdtemp's folder is private; a cache may be shared
         try:
             if root.exists():
                 root.rmdir()  # empty (checked above)

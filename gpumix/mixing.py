@@ -305,14 +305,17 @@ def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=
     return target
 
 
-def check_out(out, shape, dtype, name: str = "out") -> None:
+def check_out(out, shape, dtype, name: str = "out", contiguous: bool = True) -> None:
     """ValueError unless ``out`` (NumPy, CUDA or torch) has ``shape`` and
-    ``dtype`` and is C-contiguous: the kernels write its memory directly, so
-    a strided view would be written through a copy and lose the result."""
+    ``dtype`` and, with ``contiguous``, is C-contiguous: the image kernels
+    write a row view of its memory, so a strided one would be written
+    through a copy and lose the result."""
     shape, dtype = tuple(shape), numpy_dtype(dtype)
     if tuple(out.shape) != shape or numpy_dtype(out.dtype) != dtype:
         raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got "
                          f"{tuple(out.shape)} {out.dtype}")
+    if not contiguous:
+        return
     if isinstance(out, np.ndarray):
         contiguous = out.flags.c_contiguous
     elif hasattr(out, "is_contiguous"):  # a torch tensor
@@ -324,13 +327,15 @@ def check_out(out, shape, dtype, name: str = "out") -> None:
 
 
 def shares_memory(a, b) -> bool:
-    """Whether two arrays (both NumPy, or both on a CUDA device) may overlap."""
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return bool(np.may_share_memory(a, b))
-    if is_cuda_array(a) and is_cuda_array(b):
+    """Whether two arrays may overlap: both on a CUDA device, or both in host
+    memory (NumPy arrays, or anything NumPy views without a copy, such as a
+    CPU torch tensor and its ``.numpy()``)."""
+    if is_cuda_array(a) or is_cuda_array(b):
+        if not (is_cuda_array(a) and is_cuda_array(b)):
+            return False
         (a0, a1), (b0, b1) = _device_span(a), _device_span(b)
         return a0 < b1 and b0 < a1
-    return False
+    return bool(np.may_share_memory(np.asarray(a), np.asarray(b)))
 
 
 def _device_span(x) -> tuple[int, int]:
@@ -447,14 +452,14 @@ def soft_targets(labels, params: MixParams, num_classes: int, smoothing: float =
                                  f"got {low if low < 0 else high}")
             if out is None:
                 out = cp.empty((labels_dev.shape[0], num_classes), cp.float32)
-            check_out(out, (params.batch_size, num_classes), np.float32)
+            check_out(out, (params.batch_size, num_classes), np.float32, contiguous=False)
         pair, lam = upload_many([(params.pair, np.int64), (params.lam, np.float32)], stream)
         targets_kernel.cuda(labels_dev, pair, lam, num_classes, smoothing, out=as_cupy(out),
                             stream=stream)
         return out
     labels = check_labels(labels, params.batch_size, num_classes)
-    if out is not None:
-        check_out(out, (params.batch_size, num_classes), np.float32)
+    if out is not None:  # the kernel writes any strides
+        check_out(out, (params.batch_size, num_classes), np.float32, contiguous=False)
     return targets_kernel.cpu(labels, params.pair, params.lam, num_classes, smoothing, out=out)
 
 
@@ -520,7 +525,8 @@ def mix_targets(targets, params: MixParams, *, smoothing: float = 0.0, toward=No
         out = np.empty(shape, np.float32)
     check_out(out, shape, np.float32)
     # a copy where out is the targets themselves: rows are read after others are written
-    y = np.array(targets, np.float32, copy=shares_memory(out, targets) or None)
+    host = np.asarray(targets)  # a view of a CPU tensor's memory, not a copy
+    y = np.array(host, np.float32, copy=shares_memory(out, host) or None)
     if smoothing:
         y = y * keep + pull
     source, blended = _target_sources(params)

@@ -133,6 +133,8 @@ def check_values(pair, lam, method, box, spatial_shape, name: str) -> None:
     are valid for a batch of ``len(pair)`` images of ``spatial_shape``
     (:func:`_first_fault`'s rules); ``name`` formats each field's name in
     the message ("params.{}", or a table's "table column {}")."""
+    if lam.dtype == np.float16:  # Numba has no float16; float32 holds every value
+        lam = lam.astype(np.float32)
     fault, i = _first_fault(pair, lam, method, box, np.asarray(spatial_shape, np.int64),
                             SALIENCYMIX, LAST_CODE)
     _raise_fault(fault, i, pair, lam, method, box, spatial_shape, name)

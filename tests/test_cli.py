@@ -188,6 +188,7 @@ def test_the_built_in_dataset_is_made_once_whole_and_never_mixed_with_another(tm
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
     assert files == [f"class_{c:02d}/img_{i:04d}.jpg" for c in range(2) for i in range(3)]
     assert sorted(p.name for p in root.parent.iterdir()) == ["data"]  # no staging folder
+    assert root.stat().st_mode & 0o777 == 0o755  # readable by others: a cache may be shared
     first = {f: (root / f).read_bytes() for f in files}
     assert make_image_folder(root, 2, 3, (24, 32)) == root
     assert {f: (root / f).read_bytes() for f in files} == first

@@ -3,6 +3,7 @@
 Same params into both; uint8 and masks must be equal, float within 1 ulp of
 float32 (in practice the CPU kernels are bit-exact)."""
 
+import dataclasses
 import zlib
 
 import numpy as np
@@ -91,12 +92,30 @@ def test_an_out_sharing_the_input_memory_is_mixed_in_place():
 
 
 def test_mix_targets_in_place_equals_out_of_place():
+    import torch
+
     rng = np.random.default_rng(7)
     targets = rng.dirichlet(np.ones(5), 9).astype(np.float32)
     params = gpumix.sample(gpumix.MixConfig(mode="elem"), 9, (4, 4), rng)
     expected = gpumix.mix_targets(targets, params)
+    tensor = torch.from_numpy(targets.copy())  # a CPU tensor, written through its NumPy view
     assert gpumix.mix_targets(targets, params, out=targets) is targets
     np.testing.assert_array_equal(targets, expected)
+    gpumix.mix_targets(tensor, params, out=tensor.numpy())
+    np.testing.assert_array_equal(tensor.numpy(), expected)
+
+
+def test_soft_targets_write_a_strided_out_and_checks_take_float16_lam():
+    rng = np.random.default_rng(8)
+    params = gpumix.sample(gpumix.MixConfig(mode="elem", num_classes=4), 6, (4, 4), rng)
+    labels = rng.integers(0, 4, 6)
+    wide = np.zeros((6, 9), np.float32)
+    gpumix.soft_targets(labels, params, 4, 0.1, out=wide[:, 2:6])
+    np.testing.assert_allclose(wide[:, 2:6], mixing.reference_soft_targets(labels, params, 4, 0.1),
+                               atol=1e-7)
+    assert not wide[:, :2].any() and not wide[:, 6:].any()
+    half = dataclasses.replace(params, lam=params.lam.astype(np.float16))
+    half.check(6, (4, 4))  # float16 lam is as valid as float32
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
