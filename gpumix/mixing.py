@@ -287,17 +287,17 @@ def _snapshot(x, scratch, stream):
 
 def _apply(x, params: MixParams, layout: str, out, paste: bool, stream, scratch=None,
            masked=MASK_METHODS):
-    if out is not None:
-        check_out(out, x.shape, x.dtype)
-    if out is not None and shares_memory(out, x):  # in place: kernels read a snapshot
-        if scratch is not None:
-            check_out(scratch, x.shape, x.dtype, "scratch")
-            if shares_memory(scratch, x) or shares_memory(scratch, out):
-                raise ValueError("scratch must not share memory with images or out")
-        source, target = _snapshot(x, scratch, stream), out
+    source, target = x, out
+    if out is None:
+        target = _empty_like(x, stream)
     else:
-        source = x
-        target = _empty_like(x, stream) if out is None else out
+        check_out(out, x.shape, x.dtype)
+        if shares_memory(out, x):  # in place: kernels read a snapshot
+            if scratch is not None:
+                check_out(scratch, x.shape, x.dtype, "scratch")
+                if shares_memory(scratch, x) or shares_memory(scratch, out):
+                    raise ValueError("scratch must not share memory with images or out")
+            source = _snapshot(x, scratch, stream)
     if is_cuda_array(x):
         _run_cuda(source, params, layout, target, paste, stream, masked)
     else:

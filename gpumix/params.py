@@ -118,10 +118,8 @@ class MixParams:
                 raise ValueError(f"params.{name} must have shape {shape}, got {got}")
         check_values(self.pair, self.lam, self.method, self.box, spatial_shape, "params.{}")
         if self.grid is not None:
-            n = np.asarray(self.grid)[np.asarray(self.method) == GRIDMIX, 0]
-            if np.any((n < 1) | (n > MAX_GRID)):
-                raise ValueError(f"params.grid must give GridMix samples n in [1, {MAX_GRID}], "
-                                 f"got {n[(n < 1) | (n > MAX_GRID)][0]}")
+            n = np.ascontiguousarray(np.asarray(self.grid)[:, 0])
+            _raise_grid_fault(_first_bad_grid(self.method, n), n, "params.grid")
         if self.samples(*masked_methods(len(spatial_shape))).size:
             if self.mask is None or tuple(self.mask.shape) != (b, *spatial_shape):
                 got = None if self.mask is None else tuple(self.mask.shape)
@@ -167,8 +165,7 @@ def check_table(rows: np.ndarray, spatial_shape) -> None:
         made_for = (int(rows[i, table.HEIGHT]), int(rows[i, table.WIDTH]))
         raise ValueError(f"images are {h} x {w} but table row {i} was made for size={made_for}")
     if fault == _BAD_GRID:
-        raise ValueError(f"table column grid must be in [1, {MAX_GRID}] for GridMix rows, "
-                         f"got {rows[i, table.GRID]} for sample {i}")
+        _raise_grid_fault(i, rows[:, table.GRID], "table column grid")
     _raise_fault(fault, i, rows[:, table.PAIR], rows[:, table.LAM], rows[:, table.METHOD],
                  rows[:, table.Y0:table.X1 + 1], (h, w), "table column {}")
 
@@ -225,11 +222,24 @@ def _table_fault(rows, sizes):
                             rows[:, table.Y0:table.X1 + 1], sizes, SALIENCYMIX, LAST_CODE)
     if fault != 0:
         return fault, i
-    for i in range(rows.shape[0]):
-        n = rows[i, table.GRID]
-        if rows[i, table.METHOD] == GRIDMIX and not (1 <= n <= MAX_GRID):
-            return _BAD_GRID, i
-    return 0, 0
+    i = _first_bad_grid(rows[:, table.METHOD], rows[:, table.GRID])
+    return (_BAD_GRID, i) if i >= 0 else (0, 0)
+
+
+@njit(cache=True, nogil=True)
+def _first_bad_grid(method, n):
+    """The first GridMix sample whose grid side n[i] is outside [1, MAX_GRID], or -1."""
+    for i in range(method.shape[0]):
+        if method[i] == GRIDMIX and not (1 <= n[i] <= MAX_GRID):
+            return i
+    return -1
+
+
+def _raise_grid_fault(i: int, n, name: str) -> None:
+    """The ValueError of :func:`_first_bad_grid`'s finding ``i`` (none when -1)."""
+    if i >= 0:
+        raise ValueError(f"{name} must give GridMix samples n in [1, {MAX_GRID}], got {n[i]} "
+                         f"for sample {i}")
 
 
 @functools.lru_cache(maxsize=64)
